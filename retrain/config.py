@@ -1,0 +1,425 @@
+"""The one configuration file, ``retrain.yaml``, validated once into typed settings.
+
+Everything else in the project receives a :class:`Settings` object; nothing below the
+entry points reads the file or the environment again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from itertools import pairwise
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from croniter import croniter
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "FUNCTION_TOPICS",
+    "METRICS",
+    "ConfigError",
+    "ModelSettings",
+    "Settings",
+    "load_settings",
+]
+
+Metric = Literal["roc_auc", "accuracy", "log_loss", "precision", "recall"]
+METRICS: tuple[str, ...] = ("roc_auc", "accuracy", "log_loss", "precision", "recall")
+ESTIMATORS = (
+    "HistGradientBoostingClassifier",
+    "GradientBoostingClassifier",
+    "RandomForestClassifier",
+    "LogisticRegression",
+)
+
+# Which Cloud Function consumes which topic (by the field name in ``topics``).
+# model-decisions has no function: the prediction server and the demo pull it.
+FUNCTION_TOPICS: dict[str, str] = {
+    "on_data_arrival": "data_arrivals",
+    "on_drift": "drift_alerts",
+    "on_schedule": "retrain_schedule",
+    "gatekeeper": "model_metrics",
+}
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+_PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
+_TOPIC = re.compile(r"^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors, and values are not silently coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Buckets(_Strict):
+    data: str = Field(description="Bucket where new data objects land.")
+    artifacts: str = Field(description="Bucket for pipeline artifacts, models and the ledger.")
+
+    @field_validator("data", "artifacts")
+    @classmethod
+    def _bucket_name(cls, value: str) -> str:
+        if not _BUCKET.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid bucket name (3-63 chars: lowercase letters, "
+                "digits, '-', '_' and '.')"
+            )
+        return value
+
+
+class Topics(_Strict):
+    data_arrivals: str = "data-arrivals"
+    drift_alerts: str = "drift-alerts"
+    retrain_schedule: str = "retrain-schedule"
+    model_metrics: str = "model-metrics"
+    model_decisions: str = "model-decisions"
+
+    @field_validator("*")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if not _TOPIC.match(value) or value.startswith("goog"):
+            raise ValueError(f"{value!r} is not a valid Pub/Sub topic name")
+        return value
+
+    def names(self) -> dict[str, str]:
+        """Field name -> topic name, in declaration order."""
+        return dict(self.model_dump())
+
+
+class Delivery(_Strict):
+    """Subscription policy shared by every push subscription."""
+
+    max_delivery_attempts: int = Field(5, ge=5, le=100)
+    ack_deadline_seconds: int = Field(60, ge=10, le=600)
+    min_backoff_seconds: float = Field(1.0, ge=0, le=600)
+    max_backoff_seconds: float = Field(10.0, ge=0, le=600)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.min_backoff_seconds > self.max_backoff_seconds:
+            raise ValueError(
+                f"min_backoff_seconds ({self.min_backoff_seconds}) must not exceed "
+                f"max_backoff_seconds ({self.max_backoff_seconds})"
+            )
+        return self
+
+
+Port = Annotated[int, Field(ge=1024, le=65535)]
+
+
+class Ports(_Strict):
+    pubsub: Port = 8085
+    gcs: Port = 4443
+    on_data_arrival: Port = 8091
+    on_drift: Port = 8092
+    on_schedule: Port = 8093
+    gatekeeper: Port = 8094
+    scheduler: Port = 8095
+    serving: Port = 8080
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        seen: dict[int, str] = {}
+        for name, port in self.model_dump().items():
+            if port in seen:
+                raise ValueError(f"port {port} is given to both {seen[port]} and {name}")
+            seen[port] = name
+        return self
+
+
+class LocalStack(_Strict):
+    host: str = "127.0.0.1"
+    state_dir: Path = Field(Path(".retrain"), description="Relative to the config file.")
+    ports: Ports = Ports()
+
+    @field_validator("host")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"{value!r} is not a loopback address; the local stack binds only there"
+            )
+        return value
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        return Path(value) if isinstance(value, str) else value
+
+
+class TrainingWindow(_Strict):
+    rows: PositiveInt | None = Field(
+        None, description="Train on the latest N rows by the order column; null means all rows."
+    )
+
+
+class Estimator(_Strict):
+    name: str = "HistGradientBoostingClassifier"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {value!r}; choose one of {', '.join(ESTIMATORS)}")
+        return value
+
+
+class Evaluation(_Strict):
+    fraction: float = Field(0.2, gt=0, lt=1, description="Newest share of the window held out.")
+    min_rows: PositiveInt = 100
+
+
+class Bound(_Strict):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Self:
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class Improvement(_Strict):
+    absolute: float | None = Field(None, ge=0)
+    relative: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if self.absolute is not None and self.relative is not None:
+            raise ValueError("give absolute or relative, not both")
+        return self
+
+
+class Gate(_Strict):
+    primary_metric: Metric = "roc_auc"
+    min_eval_rows: PositiveInt = 100
+    thresholds: dict[Metric, Bound] = Field(default_factory=dict)
+    min_improvement: Improvement = Improvement(absolute=0.0)
+    max_regression: dict[Metric, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+
+
+class Schedule(_Strict):
+    cron: str
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if not croniter.is_valid(value) or len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a valid 5-field cron expression")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"{value!r} is not a known IANA time zone (e.g. UTC, Europe/Paris)"
+            ) from exc
+        return value
+
+
+class Drift(_Strict):
+    psi_threshold: float = Field(0.2, gt=0)
+    ks_pvalue: float = Field(0.01, gt=0, lt=1)
+    min_drifted_features: PositiveInt = 1
+    degradation_margin: float = Field(0.05, ge=0, le=1)
+
+
+class ModelSettings(_Strict):
+    data_prefix: str = Field(
+        description="Objects under gs://<buckets.data>/<data_prefix> feed this model."
+    )
+    format: Literal["csv", "parquet"] = "csv"
+    label: str
+    features: list[str] | None = Field(
+        None, description="Default: all but the label and order column."
+    )
+    order_column: str
+    training_window: TrainingWindow = TrainingWindow()
+    estimator: Estimator = Estimator()
+    evaluation: Evaluation = Evaluation()
+    gate: Gate = Gate()
+    schedule: Schedule | None = None
+    arrival_policy: Literal["every_arrival", "on_drift", "on_drift_or_degradation"] = (
+        "every_arrival"
+    )
+    drift: Drift = Drift()
+    coalesce_seconds: float = Field(30.0, ge=0, le=3600)
+    lease_seconds: float = Field(3600.0, gt=0)
+
+    @field_validator("data_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or not value.endswith("/") or ".." in value:
+            raise ValueError(
+                f"{value!r} must be a relative object prefix ending in '/', without '..'"
+            )
+        return value
+
+    @field_validator("label", "order_column")
+    @classmethod
+    def _nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _columns(self) -> Self:
+        if self.label == self.order_column:
+            raise ValueError(f"label and order_column are both {self.label!r}")
+        if self.features is not None:
+            if not self.features:
+                raise ValueError("features: give at least one feature, or leave it out")
+            for reserved in (self.label, self.order_column):
+                if reserved in self.features:
+                    raise ValueError(f"features: {reserved!r} is the label or order column")
+            if len(set(self.features)) != len(self.features):
+                raise ValueError("features: listed more than once")
+        return self
+
+
+class Settings(_Strict):
+    project: str
+    region: str = "us-central1"
+    backend: Literal["local", "vertex", "kfp"] = "local"
+    buckets: Buckets
+    topics: Topics = Topics()
+    delivery: Delivery = Delivery()
+    local: LocalStack = LocalStack()
+    models: dict[str, ModelSettings] = Field(min_length=1)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str) -> str:
+        if not _PROJECT.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid project id (6-30 chars: lowercase letters, digits, '-')"
+            )
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"model name {name!r} must start with a lowercase letter and use only "
+                    "lowercase letters, digits and '-'"
+                )
+        prefixes = sorted((m.data_prefix, n) for n, m in value.items())
+        for (p1, n1), (p2, n2) in pairwise(prefixes):
+            if p2.startswith(p1):
+                raise ValueError(f"data_prefix of {n2!r} ({p2!r}) overlaps that of {n1!r} ({p1!r})")
+        return value
+
+    def model_for_object(self, bucket: str, name: str) -> str | None:
+        """The model whose data prefix holds ``gs://bucket/name``, if any."""
+        if bucket != self.buckets.data:
+            return None
+        for model, spec in self.models.items():
+            if name.startswith(spec.data_prefix):
+                return model
+        return None
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``problems`` lists (key, reason) pairs."""
+
+    def __init__(self, path: Path, problems: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  {key}: {reason}" for key, reason in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s)\n{lines}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _problems(error: ValidationError) -> Iterator[tuple[str, str]]:
+    for item in error.errors(include_url=False):
+        loc = list(item["loc"])
+        kind = item["type"]
+        if loc and loc[-1] == "[key]":
+            # A bad key of a mapping (e.g. a metric name): name the key, not pydantic's marker.
+            loc.pop()
+            expected = item.get("ctx", {}).get("expected")
+            reason = f"unknown key; expected {expected}" if expected else item["msg"]
+            yield ".".join(str(part) for part in loc), reason
+            continue
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        if kind == "extra_forbidden":
+            reason = "unknown key"
+        elif kind == "missing":
+            reason = "required key is missing"
+        else:
+            reason = item["msg"].removeprefix("Value error, ")
+            if "input" in item and kind.endswith("_type"):
+                reason += f" (got {type(item['input']).__name__} {item['input']!r})"
+        yield key, reason
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate ``path``; raise :class:`ConfigError` naming every bad key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, [("(file)", f"not UTF-8 text: {exc.reason} at byte {exc.start}")]
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(path, [("(file)", f"cannot read: {exc.strerror or exc}")]) from exc
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        raise ConfigError(
+            path, [(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")]
+        ) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [("(top level)", "expected a mapping of keys to values")])
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, list(_problems(exc))) from exc
+    state_dir = settings.local.state_dir
+    if not state_dir.is_absolute():
+        local = settings.local.model_copy(update={"state_dir": (path.parent / state_dir).resolve()})
+        settings = settings.model_copy(update={"local": local})
+    return settings
