@@ -1,0 +1,244 @@
+"""The ``retrain`` command line. Thin: parse arguments, load settings once, call the core."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from retrain.config import ConfigError, Settings, load_settings
+from retrain.localstack import Stack, StackError, StackRunning
+
+app = typer.Typer(
+    help="Event-driven retraining on Kubeflow Pipelines, locally or on Google Cloud.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate retrain.yaml.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="RETRAIN_CONFIG",
+        help="Path to retrain.yaml.",
+        show_envvar=True,
+    ),
+]
+
+
+def _load(path: Path) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        _print_config_error(exc)
+        raise typer.Exit(code=2) from exc
+
+
+def _print_config_error(exc: ConfigError) -> None:
+    err.print(f"[bold red]{escape(str(exc.path))}[/]: {len(exc.problems)} problem(s)")
+    for key, reason in exc.problems:
+        err.print(f"  [bold]{escape(key)}[/]: {escape(reason)}")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="File to check; default: --config, $RETRAIN_CONFIG or ./retrain.yaml."),
+    ] = None,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Validate a config file; print a summary, or every bad key and why (exit 2)."""
+    path = file or config
+    settings = _load(path)
+    out.print(
+        f"[green]OK[/] {escape(str(path))}: project {settings.project}, "
+        f"region {escape(settings.region)}, backend {settings.backend}"
+    )
+    out.print(
+        f"buckets: data gs://{settings.buckets.data}, artifacts gs://{settings.buckets.artifacts}"
+    )
+    out.print("topics: " + ", ".join(settings.topics.names().values()))
+    for name, model in settings.models.items():
+        gate = model.gate
+        bounds = ", ".join(
+            f"{metric}{' >= ' + str(b.min) if b.min is not None else ''}"
+            f"{' <= ' + str(b.max) if b.max is not None else ''}"
+            for metric, b in gate.thresholds.items()
+        )
+        window = model.training_window.rows
+        table = Table.grid(padding=(0, 2))
+        for key, value in (
+            ("data", f"gs://{settings.buckets.data}/{model.data_prefix} ({model.format})"),
+            ("label", model.label),
+            (
+                "features",
+                ", ".join(model.features) if model.features else "all but label and order",
+            ),
+            (
+                "window",
+                f"latest {window} rows by {model.order_column}"
+                if window
+                else f"all rows, ordered by {model.order_column}",
+            ),
+            (
+                "evaluation",
+                f"newest {model.evaluation.fraction:.0%}, at least "
+                f"{model.evaluation.min_rows} rows",
+            ),
+            ("estimator", f"{model.estimator.name} {model.estimator.params or ''}".strip()),
+            ("arrivals", f"{model.arrival_policy}, coalesce {model.coalesce_seconds:g} s"),
+            (
+                "schedule",
+                f"{model.schedule.cron} ({model.schedule.timezone})" if model.schedule else "none",
+            ),
+            (
+                "gate",
+                f"primary {gate.primary_metric}; {bounds or 'no value thresholds'}; "
+                f"min {gate.min_eval_rows} eval rows",
+            ),
+        ):
+            table.add_row(f"  {key}", escape(value))
+        out.print(f"model [bold]{escape(name)}[/]")
+        out.print(table)
+
+
+def _stack(config: Path) -> Stack:
+    return Stack(_load(config), config)
+
+
+def _print_parts(stack: Stack) -> None:
+    table = Table(box=None, pad_edge=False)
+    for column in ("part", "listens on", "pid", "state"):
+        table.add_column(column)
+    for part in stack.status():
+        state = (
+            "[green]healthy[/]"
+            if part.healthy
+            else ("[yellow]running, not answering[/]" if part.running else "[red]not running[/]")
+        )
+        table.add_row(part.name, part.url, str(part.pid or "-"), state)
+    out.print(table)
+
+
+@app.command()
+def up(
+    config: ConfigOption = Path("retrain.yaml"),
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach", "-d", help="Return once the stack is healthy; stop it with `retrain down`."
+        ),
+    ] = False,
+) -> None:
+    """Start the local stack: emulators, functions, scheduler and prediction server."""
+    stack = _stack(config)
+    try:
+        with err.status("starting the local stack") as spinner:
+            stack.up(progress=spinner.update)
+    except StackRunning as exc:
+        out.print(f"[yellow]{exc}[/]")
+        return
+    except StackError as exc:
+        err.print(f"[bold red]retrain up failed[/]: {exc}")
+        if exc.log:
+            err.print(f"[dim]last lines of the {exc.part} log:[/]")
+            err.print(exc.log, markup=False)
+        raise typer.Exit(code=1) from exc
+    out.print(f"[green]local stack is up[/] (state in {stack.state_dir})")
+    _print_parts(stack)
+    env = stack.env()
+    out.print("\nPoint clients and gcloud at it with:")
+    out.print(
+        f"  export PUBSUB_EMULATOR_HOST={env['PUBSUB_EMULATOR_HOST']} "
+        f"STORAGE_EMULATOR_HOST={env['STORAGE_EMULATOR_HOST']}\n"
+        f"  export CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB=http://{env['PUBSUB_EMULATOR_HOST']}/ "
+        f"CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE={env['STORAGE_EMULATOR_HOST']}/storage/v1/ "
+        f"CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT={stack.settings.project}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if detach:
+        out.print("Stop it with: retrain down")
+        return
+    out.print("Press Ctrl-C to stop.")
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        stopping.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with err.status("stopping the local stack"):
+            stopped = stack.down()
+        out.print(f"stopped {', '.join(stopped) or 'nothing'}")
+
+
+@app.command()
+def down(config: ConfigOption = Path("retrain.yaml")) -> None:
+    """Stop exactly the processes that `retrain up` started, by process id."""
+    stack = _stack(config)
+    with err.status("stopping the local stack"):
+        stopped = stack.down()
+    if stopped:
+        out.print(f"stopped {', '.join(stopped)}")
+    else:
+        out.print(f"no local stack is running from {stack.state_dir}")
+
+
+@app.command()
+def status(config: ConfigOption = Path("retrain.yaml")) -> None:
+    """Report each part of the local stack as healthy or not (exit 1 if any is not)."""
+    stack = _stack(config)
+    parts = stack.status()
+    if not parts:
+        out.print(f"no local stack is running from {stack.state_dir}; start it with `retrain up`")
+        raise typer.Exit(code=1)
+    _print_parts(stack)
+    if not all(part.healthy for part in parts):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def demo(config: ConfigOption = Path("retrain.yaml")) -> None:
+    """The main job on the local stack. For now: bring it up, show it healthy, bring it down."""
+    stack = _stack(config)
+    if stack.running():
+        out.print(f"using the local stack that runs from {stack.state_dir}")
+        _print_parts(stack)
+        return
+    try:
+        with err.status("starting the local stack") as spinner:
+            stack.up(progress=spinner.update)
+    except StackError as exc:
+        err.print(f"[bold red]the demo could not start the local stack[/]: {exc}")
+        if exc.log:
+            err.print(exc.log, markup=False)
+        raise typer.Exit(code=1) from exc
+    try:
+        _print_parts(stack)
+        healthy = all(part.healthy for part in stack.status())
+    finally:
+        with err.status("stopping the local stack"):
+            stopped = stack.down()
+        out.print(f"stopped {', '.join(stopped)}")
+    if not healthy:
+        raise typer.Exit(code=1)
+    out.print("[green]the local stack came up healthy and went down cleanly[/]")
+
+
+def main() -> None:
+    app()
