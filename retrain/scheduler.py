@@ -1,0 +1,120 @@
+"""The local stand-in for Cloud Scheduler: publish to ``retrain-schedule`` on each model's cron.
+
+Run by ``retrain up``; alone: ``python -m retrain.scheduler --config retrain.yaml``. The
+Pub/Sub client finds the emulator through ``PUBSUB_EMULATOR_HOST``, as in the cloud it
+would find the real service.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+import typer
+from croniter import croniter
+
+from retrain.config import Settings, load_settings
+
+__all__ = ["CronJob", "jobs", "schedule_message"]
+
+log = logging.getLogger("retrain.scheduler")
+
+
+class CronJob:
+    """One model's schedule, and the next time it fires."""
+
+    def __init__(self, model: str, cron: str, timezone: str, now: datetime) -> None:
+        self.model = model
+        self.cron = cron
+        self._iter = croniter(cron, now.astimezone(ZoneInfo(timezone)))
+        self.next: datetime = self._iter.get_next(datetime)
+
+    def advance(self) -> datetime:
+        fired = self.next
+        self.next = self._iter.get_next(datetime)
+        return fired
+
+
+def jobs(settings: Settings, now: datetime) -> list[CronJob]:
+    return [
+        CronJob(name, model.schedule.cron, model.schedule.timezone, now)
+        for name, model in settings.models.items()
+        if model.schedule is not None
+    ]
+
+
+def schedule_message(model: str, fired: datetime) -> bytes:
+    """The payload Cloud Scheduler is configured to send (see infra/terraform)."""
+    return json.dumps({"model": model, "scheduled_time": fired.isoformat()}).encode()
+
+
+def _health_server(host: str, port: int, crons: list[CronJob]) -> ThreadingHTTPServer:
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path != "/healthz":
+                self.send_error(404, "only /healthz is served here")
+                return
+            body = json.dumps(
+                {"status": "ok", "next": {j.model: j.next.isoformat() for j in crons}}
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # health probes are not worth a log line each
+
+    return ThreadingHTTPServer((host, port), Health)
+
+
+def run(settings: Settings, host: str, port: int) -> None:
+    from google.cloud import pubsub_v1  # noqa: PLC0415 (keeps --help fast)
+
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(settings.project, settings.topics.retrain_schedule)
+    crons = jobs(settings, datetime.now(UTC))
+    server = _health_server(host, port, crons)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    log.info("%d schedule(s), health on http://%s:%d/healthz", len(crons), host, port)
+    while not stopping.is_set():
+        now = datetime.now(UTC)
+        for job in crons:
+            while job.next <= now:
+                fired = job.advance()
+                future = publisher.publish(
+                    topic, schedule_message(job.model, fired), model=job.model
+                )
+                log.info("%s at %s: published %s", job.model, fired.isoformat(), future.result(30))
+        wait = min((j.next - now).total_seconds() for j in crons) if crons else 60.0
+        stopping.wait(timeout=max(0.05, min(wait, 60.0)))
+    server.shutdown()
+
+
+def main(
+    config: Annotated[
+        Path, typer.Option(envvar="RETRAIN_CONFIG", help="Path to retrain.yaml.")
+    ] = Path("retrain.yaml"),
+    host: Annotated[
+        str, typer.Option(envvar="SCHEDULER_HOST", help="Health server address.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="SCHEDULER_PORT", help="Health server port.")] = 8095,
+) -> None:
+    """Publish a schedule message for each model on its cron from retrain.yaml."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run(load_settings(config), host, port)
+
+
+if __name__ == "__main__":
+    typer.run(main)

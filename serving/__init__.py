@@ -1,0 +1,1 @@
+"""The prediction service: serves each model's champion over the Vertex AI REST shape."""
