@@ -1,0 +1,163 @@
+"""Shared fixtures: a real local stack started once per session, and uuid-named resources."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from retrain.config import Settings, load_settings
+from retrain.localstack import Stack, emulators
+from retrain.localstack.processes import ProcessRecord, http_ok, spawn, stop, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDER = ROOT / "tests" / "functions" / "recorder.py"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free now, all distinct (the sockets are held until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def write_config(directory: Path, **overrides: Any) -> Path:
+    """The shipped retrain.yaml with free ports and its state folder under ``directory``."""
+    raw = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
+    names = list(raw["local"]["ports"])
+    raw["local"]["ports"] = dict(zip(names, free_ports(len(names)), strict=True))
+    raw["local"]["state_dir"] = str(directory / "state")
+    raw["project"] = "retrain-test"
+    raw.update(overrides)
+    path = directory / "retrain.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real local stack, once per session; or a running one named by $RETRAIN_TEST_CONFIG."""
+    given = os.environ.get("RETRAIN_TEST_CONFIG")
+    if given:
+        path = Path(given)
+        running = Stack(load_settings(path), path)
+        if not running.status() or not all(p.healthy for p in running.status()):
+            pytest.fail(f"RETRAIN_TEST_CONFIG={given} names no healthy running stack")
+        yield running
+        return
+    path = write_config(tmp_path_factory.mktemp("stack"))
+    with Stack(load_settings(path), path).running_stack() as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
+def settings(stack: Stack) -> Settings:
+    return stack.settings
+
+
+@pytest.fixture
+def publisher(stack: Stack) -> Iterator[Any]:
+    client = emulators.publisher(stack.pubsub_host)
+    yield client
+    client.transport.close()
+
+
+@pytest.fixture
+def subscriber(stack: Stack) -> Iterator[Any]:
+    client = emulators.subscriber(stack.pubsub_host)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def gcs(stack: Stack) -> Any:
+    return emulators.storage_client(stack.gcs_url, stack.settings.project)
+
+
+@pytest.fixture
+def topic(stack: Stack, publisher: Any, subscriber: Any) -> Iterator[str]:
+    """A uuid-named topic, deleted after the test with its subscriptions."""
+    name = unique("t")
+    path = publisher.topic_path(stack.settings.project, name)
+    publisher.create_topic(name=path)
+    yield name
+    for sub in publisher.list_topic_subscriptions(topic=path):
+        subscriber.delete_subscription(subscription=sub)
+    publisher.delete_topic(topic=path)
+
+
+@pytest.fixture
+def bucket(gcs: Any) -> Iterator[Any]:
+    """A uuid-named bucket, emptied and deleted after the test."""
+    created = gcs.create_bucket(unique("b"))
+    yield created
+    for blob in gcs.list_blobs(created):
+        blob.delete()
+    created.delete()
+
+
+@dataclass
+class Recorder:
+    """A functions-framework process whose function writes every delivery to ``file``."""
+
+    url: str
+    file: Path
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.file.exists():
+            return []
+        return [json.loads(line) for line in self.file.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def recorder(stack: Stack, tmp_path: Path) -> Iterator[Callable[[str], Recorder]]:
+    """Start recorder functions (``record`` or ``fail``); each is stopped by its pid."""
+    started: list[ProcessRecord] = []
+
+    def start(target: str) -> Recorder:
+        (port,) = free_ports(1)
+        file = tmp_path / f"{target}-{port}.jsonl"
+        argv = [
+            sys.executable,
+            "-m",
+            "functions_framework",
+            "--target",
+            target,
+            "--source",
+            str(RECORDER),
+            "--signature-type",
+            "cloudevent",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        record = spawn(
+            argv, tmp_path / f"{target}-{port}.log", {"RECORDER_FILE": str(file)}, tmp_path
+        )
+        started.append(record)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_until(
+            lambda: http_ok(url + "/"), timeout=30, abort=lambda: not record.alive()
+        ), f"recorder {target} did not start; see {tmp_path}"
+        return Recorder(url, file)
+
+    yield start
+    for record in started:
+        stop(record)

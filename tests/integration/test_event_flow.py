@@ -1,0 +1,175 @@
+"""The cloud event flow on the real emulators: GCS -> Pub/Sub -> functions-framework."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from google.cloud import pubsub_v1
+
+from retrain.localstack import Stack
+from retrain.localstack.processes import wait_until
+from retrain.topology import PushRoute, push_subscription
+from tests.conftest import Recorder, unique
+
+pytestmark = pytest.mark.integration
+
+
+def _deliveries_for(recorder: Recorder, object_name: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in recorder.events()
+        if e["data"]["message"].get("attributes", {}).get("objectId") == object_name
+    ]
+
+
+def test_upload_becomes_cloudevent_at_function_through_push_subscription(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    recorder: Callable[[str], Recorder],
+) -> None:
+    """A file uploaded with google-cloud-storage arrives at a function as a CloudEvent."""
+    project, arrivals = stack.settings.project, stack.settings.topics.data_arrivals
+    function = recorder("record")
+    sub = subscriber.subscription_path(project, unique("s"))
+    subscriber.create_subscription(
+        name=sub,
+        topic=f"projects/{project}/topics/{arrivals}",
+        push_config=pubsub_v1.types.PushConfig(
+            push_endpoint=f"{function.url}/projects/{project}/topics/{arrivals}"
+        ),
+    )
+    try:
+        name = f"rainfall/{unique('upload')}.csv"
+        blob = gcs.bucket(stack.settings.buckets.data).blob(name)
+        blob.upload_from_string("day,rain\n1,0\n", content_type="text/csv")
+
+        assert wait_until(lambda: bool(_deliveries_for(function, name)), timeout=30), (
+            f"no CloudEvent for {name} reached the function"
+        )
+    finally:
+        subscriber.delete_subscription(subscription=sub)
+    (event,) = _deliveries_for(function, name)
+    assert event["type"] == "google.cloud.pubsub.topic.v1.messagePublished"
+    assert event["source"].endswith(f"projects/{project}/topics/{arrivals}")
+    attributes = event["data"]["message"]["attributes"]
+    assert attributes["eventType"] == "OBJECT_FINALIZE"
+    assert attributes["bucketId"] == stack.settings.buckets.data
+    assert attributes["objectGeneration"] == str(blob.generation)
+    payload = json.loads(base64.b64decode(event["data"]["message"]["data"]))
+    assert payload["name"] == name
+    assert payload["bucket"] == stack.settings.buckets.data
+
+    # The stack's own on_data_arrival function got the same notification.
+    log = stack.logs / "on_data_arrival.log"
+    assert wait_until(lambda: name in log.read_text(encoding="utf-8"), timeout=15), log
+
+
+def test_objects_outside_the_data_bucket_fire_no_notification(
+    stack: Stack,
+    bucket: Any,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+) -> None:
+    """As on GCS, only the data bucket notifies; artifacts and ledger writes stay quiet."""
+    project = stack.settings.project
+    sub = subscriber.subscription_path(project, unique("s"))
+    subscriber.create_subscription(
+        name=sub, topic=f"projects/{project}/topics/{stack.settings.topics.data_arrivals}"
+    )
+    try:
+        bucket.blob("elsewhere.csv").upload_from_string("x")
+        marker = f"rainfall/{unique('marker')}.csv"
+        gcs_data = bucket.client.bucket(stack.settings.buckets.data)
+        gcs_data.blob(marker).upload_from_string("day,rain\n1,0\n")
+        seen: list[str] = []
+
+        def pulled_marker() -> bool:
+            response = subscriber.pull(subscription=sub, max_messages=10, timeout=5)
+            seen.extend(m.message.attributes["objectId"] for m in response.received_messages)
+            if response.received_messages:
+                subscriber.acknowledge(
+                    subscription=sub, ack_ids=[m.ack_id for m in response.received_messages]
+                )
+            return marker in seen
+
+        assert wait_until(pulled_marker, timeout=30)
+        assert "elsewhere.csv" not in seen
+    finally:
+        subscriber.delete_subscription(subscription=sub)
+
+
+def test_failing_function_dead_letters_message_after_five_attempts(
+    stack: Stack,
+    topic: str,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+    recorder: Callable[[str], Recorder],
+) -> None:
+    project = stack.settings.project
+    function = recorder("fail")
+    route = PushRoute(topic, "fail")
+    publisher.create_topic(name=publisher.topic_path(project, route.dead_letter_topic))
+    dead = subscriber.subscription_path(project, unique("dead"))
+    subscriber.create_subscription(
+        name=dead, topic=publisher.topic_path(project, route.dead_letter_topic)
+    )
+    # Short backoffs keep the test quick; the policy is otherwise the product's.
+    delivery = stack.settings.delivery.model_copy(
+        update={"min_backoff_seconds": 0.1, "max_backoff_seconds": 0.5}
+    )
+    push = push_subscription(
+        project, route, f"{function.url}/projects/{project}/topics/{topic}", delivery
+    )
+    subscriber.create_subscription(request=push)
+    try:
+        message_id = publisher.publish(
+            publisher.topic_path(project, topic), b'{"poison": true}', kind="test"
+        ).result(timeout=30)
+
+        received: list[Any] = []
+
+        def dead_lettered() -> bool:
+            response = subscriber.pull(subscription=dead, max_messages=1, timeout=5)
+            received.extend(response.received_messages)
+            return bool(received)
+
+        assert wait_until(dead_lettered, timeout=90, interval=0.5), (
+            f"message {message_id} never reached {route.dead_letter_topic}; "
+            f"{len(function.events())} deliveries seen"
+        )
+    finally:
+        subscriber.delete_subscription(subscription=push.name)
+        subscriber.delete_subscription(subscription=dead)
+        publisher.delete_topic(topic=publisher.topic_path(project, route.dead_letter_topic))
+    (message,) = received
+    assert message.message.data == b'{"poison": true}'
+    assert message.message.attributes["kind"] == "test"
+    attempts = [e for e in function.events() if e["data"]["message"]["messageId"] == message_id]
+    assert len(attempts) == stack.settings.delivery.max_delivery_attempts == 5
+
+
+def test_delivery_policy_is_on_every_push_subscription(
+    stack: Stack, subscriber: pubsub_v1.SubscriberClient
+) -> None:
+    project = stack.settings.project
+    for topic_field, function in (
+        ("data_arrivals", "on_data_arrival"),
+        ("model_metrics", "gatekeeper"),
+    ):
+        route = PushRoute(getattr(stack.settings.topics, topic_field), function)
+        sub = subscriber.get_subscription(
+            subscription=subscriber.subscription_path(project, route.subscription)
+        )
+        assert sub.push_config.push_endpoint == stack.push_endpoint(route)
+        assert sub.dead_letter_policy.max_delivery_attempts == 5
+        assert sub.dead_letter_policy.dead_letter_topic.endswith(
+            f"/topics/{route.topic}-dead-letter"
+        )
+        assert sub.retry_policy.minimum_backoff == timedelta(seconds=1)
+        assert sub.retry_policy.maximum_backoff == timedelta(seconds=10)
