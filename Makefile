@@ -1,0 +1,48 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is a step of those.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help prereqs install lint test demo up down status clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+prereqs: ## check for gcloud with the pubsub-emulator component, and Java
+	@scripts/check-prereqs
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the pinned requirements and the project
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: install prereqs lint ## run every test tier but benchmarks (the tests start the emulators)
+	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
+
+demo: install prereqs ## the main job on the local stack
+	$(BIN)/retrain demo
+
+up: install prereqs ## start the local stack in the background
+	$(BIN)/retrain up --detach
+
+down: install ## stop the local stack
+	$(BIN)/retrain down
+
+status: install ## health of each part of the local stack
+	$(BIN)/retrain status
+
+clean: ## remove the local stack state and caches (not .venv)
+	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info
