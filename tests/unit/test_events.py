@@ -50,7 +50,7 @@ def test_malformed_messages_name_the_problem(data: dict[str, Any], problem: str)
 
 
 def test_other_event_types_are_refused() -> None:
-    with pytest.raises(EventError, match="is not google.cloud.pubsub"):
+    with pytest.raises(EventError, match=r"is not google\.cloud\.pubsub"):
         decode_pubsub("google.cloud.storage.object.v1.finalized", "src", {"message": {}})
 
 
