@@ -1,0 +1,114 @@
+"""The JSON messages on Pub/Sub, each with a ``schema_version`` (DESIGN.md, "Messages").
+
+Parsing is strict: an unknown field, a wrong type or a missing field is a
+:class:`MessageError` naming the message kind and the field, never a half-read message.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Decision",
+    "EvaluatedModel",
+    "MessageError",
+    "MetricsReport",
+    "RetrainRequest",
+    "decode",
+    "encode",
+]
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 1_000_000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class RetrainRequest(_Message):
+    model: str = Field(min_length=1)
+    reason: Literal["data", "drift", "schedule", "manual"]
+    data_uris: list[str] = Field(default_factory=list)
+    dedupe_key: str = Field(min_length=1)
+    trigger_event_id: str = Field(min_length=1)
+    time: datetime = Field(default_factory=_now)
+
+
+class EvaluatedModel(_Message):
+    """One model's metrics on the run's evaluation rows."""
+
+    artifact_uri: str
+    version: str | None = None
+    metrics: dict[str, float]
+
+
+class MetricsReport(_Message):
+    model: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)
+    request: RetrainRequest
+    status: Literal["succeeded", "failed"]
+    error: str | None = None
+    failed_step: str | None = None
+    candidate: EvaluatedModel | None = None
+    champion: EvaluatedModel | None = None
+    eval_data_uris: list[str] = Field(default_factory=list)
+    train_data_uris: list[str] = Field(default_factory=list)
+    train_rows: dict[str, int] = Field(default_factory=dict)
+    time: datetime = Field(default_factory=_now)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.status == "failed" and not self.error:
+            raise ValueError("a failed report must carry the error")
+        if self.status == "succeeded" and self.candidate is None:
+            raise ValueError("a succeeded report must carry the candidate's metrics")
+        return self
+
+
+class Decision(_Message):
+    model: str = Field(min_length=1)
+    run_id: str = Field(min_length=1)
+    verdict: Literal["promoted", "rejected"]
+    reasons: list[str] = Field(min_length=1)
+    new_version: str | None = None
+    previous_champion: str | None = None
+    time: datetime = Field(default_factory=_now)
+
+
+class MessageError(ValueError):
+    """A message that does not match its schema; the text names the field and the reason."""
+
+
+M = TypeVar("M", bound=_Message)
+
+
+def encode(message: _Message) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(kind: type[M], data: bytes) -> M:
+    """Parse ``data`` as a ``kind`` message, or raise :class:`MessageError`."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise MessageError(
+            f"{kind.__name__}: {len(data)} bytes is over the {MAX_MESSAGE_BYTES} limit"
+        )
+    try:
+        return kind.model_validate_json(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(message)'}: "
+            f"{'unknown field' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise MessageError(f"{kind.__name__}: {problems}") from exc
