@@ -22,7 +22,7 @@ __all__ = [
     "encode",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 1_000_000
 
 
