@@ -8,19 +8,10 @@ from typing import Annotated, NoReturn
 import typer
 
 from retrain.config import ConfigError, ModelSettings, load_settings
+from retrain.options import ConfigOption
 
 __all__ = ["ConfigOption", "ModelOption", "fail", "model_settings"]
 
-ConfigOption = Annotated[
-    Path,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="RETRAIN_CONFIG",
-        show_envvar=True,
-        help="Path to retrain.yaml.",
-    ),
-]
 ModelOption = Annotated[
     str,
     typer.Option(

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from retrain.config import ConfigError, Settings, load_settings
 from retrain.localstack import Stack, StackError, StackRunning
+from retrain.options import ConfigOption
 
 app = typer.Typer(
     help="Event-driven retraining on Kubeflow Pipelines, locally or on Google Cloud.",
@@ -26,17 +27,6 @@ app.add_typer(config_app, name="config")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
-
-ConfigOption = Annotated[
-    Path,
-    typer.Option(
-        "--config",
-        "-c",
-        envvar="RETRAIN_CONFIG",
-        help="Path to retrain.yaml.",
-        show_envvar=True,
-    ),
-]
 
 
 def _load(path: Path) -> Settings:

@@ -21,6 +21,7 @@ import typer
 from croniter import croniter
 
 from retrain.config import Settings, load_settings
+from retrain.options import ConfigOption
 
 __all__ = ["CronJob", "jobs", "schedule_message"]
 
@@ -103,9 +104,7 @@ def run(settings: Settings, host: str, port: int) -> None:
 
 
 def main(
-    config: Annotated[
-        Path, typer.Option(envvar="RETRAIN_CONFIG", help="Path to retrain.yaml.")
-    ] = Path("retrain.yaml"),
+    config: ConfigOption = Path("retrain.yaml"),
     host: Annotated[
         str, typer.Option(envvar="SCHEDULER_HOST", help="Health server address.")
     ] = "127.0.0.1",

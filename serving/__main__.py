@@ -9,13 +9,12 @@ import typer
 import uvicorn
 
 from retrain.config import load_settings
+from retrain.options import ConfigOption
 from serving.app import create_app
 
 
 def main(
-    config: Annotated[
-        Path, typer.Option(envvar="RETRAIN_CONFIG", help="Path to retrain.yaml.")
-    ] = Path("retrain.yaml"),
+    config: ConfigOption = Path("retrain.yaml"),
     host: Annotated[
         str, typer.Option(envvar="SERVING_HOST", help="Address to bind.")
     ] = "127.0.0.1",

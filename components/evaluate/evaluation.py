@@ -8,7 +8,6 @@ Each model directory is what the train component writes: ``model.joblib`` and
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from sklearn.metrics import (
 
 from components.artifacts import METADATA_FILE, MODEL_FILE, read_json
 from components.dataio import DataReadError, read_table
+from components.rules import RuleError
 
 __all__ = ["EvaluationError", "EvaluationResult", "ModelMetrics", "evaluate"]
 
@@ -33,16 +33,8 @@ THRESHOLD = 0.5
 _LOAD_ERRORS = (OSError, EOFError, pickle.UnpicklingError, ImportError, AttributeError, ValueError)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(RuleError):
     """Evaluation data or a model that cannot be scored; names the object, columns and rule."""
-
-    def __init__(self, obj: str, columns: Sequence[str], rule: str, detail: str) -> None:
-        self.obj = obj
-        self.columns = tuple(columns)
-        self.rule = rule
-        named = ", ".join(repr(c) for c in self.columns)
-        where = f"column{'s' if len(self.columns) > 1 else ''} {named}: " if named else ""
-        super().__init__(f"{obj}: {where}rule {rule}: {detail}")
 
 
 @dataclass(frozen=True)

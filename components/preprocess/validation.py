@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from components.dataio import DataReadError, read_table
+from components.rules import RuleError
 from retrain.config import ModelSettings
 
 __all__ = ["Inputs", "Rule", "ValidationError", "check_split", "read_inputs"]
@@ -35,16 +36,8 @@ class Rule(StrEnum):
     SINGLE_CLASS = "single_class"
 
 
-class ValidationError(ValueError):
+class ValidationError(RuleError):
     """Input data that breaks a rule; ``obj``, ``columns`` and ``rule`` say where and which."""
-
-    def __init__(self, obj: str, columns: Sequence[str], rule: Rule, detail: str) -> None:
-        self.obj = obj
-        self.columns = tuple(columns)
-        self.rule = rule
-        named = ", ".join(repr(c) for c in self.columns)
-        where = f"column{'s' if len(self.columns) > 1 else ''} {named}: " if named else ""
-        super().__init__(f"{obj}: {where}rule {rule}: {detail}")
 
 
 @dataclass(frozen=True)
