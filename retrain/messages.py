@@ -15,6 +15,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Decision",
     "EvaluatedModel",
+    "Message",
     "MessageError",
     "MetricsReport",
     "RetrainRequest",
@@ -30,13 +31,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-class _Message(BaseModel):
+class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
-class RetrainRequest(_Message):
+class RetrainRequest(Message):
     model: str = Field(min_length=1)
     reason: Literal["data", "drift", "schedule", "manual"]
     data_uris: list[str] = Field(default_factory=list)
@@ -45,7 +46,7 @@ class RetrainRequest(_Message):
     time: datetime = Field(default_factory=_now)
 
 
-class EvaluatedModel(_Message):
+class EvaluatedModel(Message):
     """One model's metrics on the run's evaluation rows."""
 
     artifact_uri: str
@@ -53,10 +54,11 @@ class EvaluatedModel(_Message):
     metrics: dict[str, float]
 
 
-class MetricsReport(_Message):
+class MetricsReport(Message):
     model: str = Field(min_length=1)
     run_id: str = Field(min_length=1)
-    request: RetrainRequest
+    request_id: str = Field(min_length=1, description="The dedupe key of the RetrainRequest.")
+    reason: Literal["data", "drift", "schedule", "manual"]
     status: Literal["succeeded", "failed"]
     error: str | None = None
     failed_step: str | None = None
@@ -76,7 +78,7 @@ class MetricsReport(_Message):
         return self
 
 
-class Decision(_Message):
+class Decision(Message):
     model: str = Field(min_length=1)
     run_id: str = Field(min_length=1)
     verdict: Literal["promoted", "rejected"]
@@ -90,10 +92,10 @@ class MessageError(ValueError):
     """A message that does not match its schema; the text names the field and the reason."""
 
 
-M = TypeVar("M", bound=_Message)
+M = TypeVar("M", bound=Message)
 
 
-def encode(message: _Message) -> bytes:
+def encode(message: Message) -> bytes:
     return message.model_dump_json().encode()
 
 

@@ -31,7 +31,8 @@ def test_round_trip_of_each_message() -> None:
     report = MetricsReport(
         model="rainfall",
         run_id="run-1",
-        request=REQUEST,
+        request_id=REQUEST.dedupe_key,
+        reason=REQUEST.reason,
         status="succeeded",
         candidate=EvaluatedModel(artifact_uri="gs://a/m", metrics={"roc_auc": 0.81, "rows": 600}),
         champion=EvaluatedModel(artifact_uri="gs://a/c", version="3", metrics={"roc_auc": 0.79}),
@@ -86,10 +87,13 @@ def test_failed_report_needs_its_error_and_oversized_payloads_are_refused() -> N
     failed = {
         "model": "m",
         "run_id": "r",
-        "request": json.loads(encode(REQUEST)),
+        "request_id": "k",
+        "reason": "data",
         "status": "failed",
     }
     with pytest.raises(MessageError, match="a failed report must carry the error"):
         decode(MetricsReport, json.dumps(failed).encode())
+    failed["error"] = "train: estimator did not converge"
+    assert decode(MetricsReport, json.dumps(failed).encode()).status == "failed"
     with pytest.raises(MessageError, match="over the 1000000 limit"):
         decode(RetrainRequest, b" " * 1_000_001)
