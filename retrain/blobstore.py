@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from google.cloud import storage
 
-__all__ = ["download_dir", "join", "read_bytes", "split_uri", "upload_dir", "write_bytes"]
+__all__ = [
+    "download_dir",
+    "join",
+    "read_bytes",
+    "split_uri",
+    "upload_dir",
+    "upload_file",
+    "write_bytes",
+]
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -50,6 +58,12 @@ def upload_dir(local: Path, uri: str, client: Any | None = None) -> list[str]:
     if not uploaded:
         raise ValueError(f"{local}: no files to upload")
     return uploaded
+
+
+def upload_file(local: Path, uri: str, client: Any | None = None) -> str:
+    bucket, name = split_uri(uri)
+    _client(client).bucket(bucket).blob(name).upload_from_filename(str(local))
+    return uri
 
 
 def download_dir(uri: str, local: Path, client: Any | None = None) -> list[Path]:

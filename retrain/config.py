@@ -249,6 +249,16 @@ class Drift(_Strict):
     degradation_margin: float = Field(0.05, ge=0, le=1)
 
 
+class CustomComponents(_Strict):
+    """Bring your own step: a ``component.yaml`` (path, relative to this file, or URL)."""
+
+    preprocess: str | None = None
+    train: str | None = None
+
+    def items(self) -> dict[str, str]:
+        return {step: ref for step, ref in self.model_dump().items() if ref}
+
+
 class ModelSettings(_Strict):
     data_prefix: str = Field(
         description="Objects under gs://<buckets.data>/<data_prefix> feed this model."
@@ -268,6 +278,7 @@ class ModelSettings(_Strict):
         "every_arrival"
     )
     drift: Drift = Drift()
+    components: CustomComponents = CustomComponents()
     coalesce_seconds: float = Field(30.0, ge=0, le=3600)
     lease_seconds: float = Field(3600.0, gt=0)
 
@@ -418,8 +429,21 @@ def load_settings(path: Path) -> Settings:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(path, list(_problems(exc))) from exc
+    return _resolve_paths(settings, path.parent)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Relative paths in the file are relative to the file, not to the working directory."""
     state_dir = settings.local.state_dir
     if not state_dir.is_absolute():
-        local = settings.local.model_copy(update={"state_dir": (path.parent / state_dir).resolve()})
+        local = settings.local.model_copy(update={"state_dir": (base / state_dir).resolve()})
         settings = settings.model_copy(update={"local": local})
-    return settings
+    models = {}
+    for name, model in settings.models.items():
+        refs = {
+            step: ref if "://" in ref or Path(ref).is_absolute() else str((base / ref).resolve())
+            for step, ref in model.components.items().items()
+        }
+        components = model.components.model_copy(update=refs)
+        models[name] = model.model_copy(update={"components": components})
+    return settings.model_copy(update={"models": models})

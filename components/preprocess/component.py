@@ -17,6 +17,9 @@ def preprocess_data(
     config_yaml: str,
     model: str,
     data_uris: list[str],
+    run_id: str,
+    request_id: str,
+    reason: str,
     train_data: Output[Dataset],
     eval_data: Output[Dataset],
     summary: Output[Artifact],
@@ -26,11 +29,16 @@ def preprocess_data(
     import tempfile
     from pathlib import Path
 
+    from components.evaluate.report import RunContext
     from components.preprocess import preprocess
-    from pipelines.runtime import model_settings
+    from pipelines.runtime import step
 
-    settings = model_settings(config_yaml, model)
-    with tempfile.TemporaryDirectory() as tmp:
+    run = RunContext.parse(model, run_id, request_id, reason)
+
+    with (
+        step("preprocess", config_yaml, run) as (_, settings),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         result = preprocess(data_uris, settings, Path(tmp))
         shutil.copyfile(result.train_path, train_data.path)
         shutil.copyfile(result.eval_path, eval_data.path)

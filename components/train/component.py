@@ -16,6 +16,9 @@ def train_model(
     *,
     config_yaml: str,
     model: str,
+    run_id: str,
+    request_id: str,
+    reason: str,
     train_data: Input[Dataset],
     summary: Input[Artifact],
     model_artifact: Output[Model],
@@ -23,13 +26,16 @@ def train_model(
     """Fit the model's estimator; the artifact is a directory (model.joblib, metadata.json)."""
     from pathlib import Path
 
+    from components.evaluate.report import RunContext
     from components.train import train
-    from pipelines.runtime import model_settings
+    from pipelines.runtime import step
 
-    settings = model_settings(config_yaml, model)
-    result = train(
-        train_data.path, settings, Path(model_artifact.path), summary_path=Path(summary.path)
-    )
+    run = RunContext.parse(model, run_id, request_id, reason)
+
+    with step("train", config_yaml, run) as (_, settings):
+        result = train(
+            train_data.path, settings, Path(model_artifact.path), summary_path=Path(summary.path)
+        )
     model_artifact.metadata.update(
         {
             "framework": "scikit-learn",

@@ -1,25 +1,29 @@
-"""The compiled pipeline and component YAML are current, and the pipeline runs locally."""
+"""The compiled pipeline and component YAML are current; custom components are checked."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
-from kfp import local
 from typer.testing import CliRunner
 
-from pipelines.compile import COMPONENT_FILES, PIPELINE_FILE, ROOT, app, compile_all
+from pipelines.byo import ComponentMismatch, ContainerComponentLocally, load_custom
+from pipelines.compile import (
+    COMPONENT_FILES,
+    EXAMPLE_PIPELINE_FILE,
+    PIPELINE_FILE,
+    ROOT,
+    app,
+    compile_all,
+)
 from pipelines.image import COMPONENT_IMAGE
-from pipelines.retrain_pipeline import retrain_pipeline
+from retrain.config import load_settings
 
 pytestmark = pytest.mark.unit
 
 REGENERATE = "python -m pipelines.compile"
-GOLDEN = [PIPELINE_FILE, *(path for path, _ in COMPONENT_FILES.values())]
-DATA = ROOT / "data" / "rainfall.csv.gz"
+GOLDEN = [PIPELINE_FILE, EXAMPLE_PIPELINE_FILE, *(path for path, _ in COMPONENT_FILES.values())]
 
 
 def _images(path: Path) -> set[str]:
@@ -55,7 +59,10 @@ def test_image_option_sets_base_image(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["--image", image, "--out-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     for relative in GOLDEN:
-        assert _images(tmp_path / relative) == {image}, relative
+        expected = {image}
+        if relative == EXAMPLE_PIPELINE_FILE:  # a container component keeps its own image
+            expected.add("retrain-components:latest")
+        assert _images(tmp_path / relative) == expected, relative
         assert f"wrote {tmp_path / relative}" in result.output
 
 
@@ -66,36 +73,88 @@ def test_help_names_the_options() -> None:
     assert "--out-dir" in result.output
 
 
-@pytest.mark.integration
-# SubprocessRunner warns for any base image without "python" in its name. Here the tasks
-# run in this venv, where the project is installed, so the custom image does not matter.
-@pytest.mark.filterwarnings(
-    "ignore:You may be attemping to run a task that uses custom:RuntimeWarning:kfp.local.*"
-)
-def test_pipeline_runs_locally(tmp_path: Path) -> None:
-    csv = tmp_path / "rainfall.csv"
-    frame = pd.read_csv(DATA, nrows=3000).rename(columns={"Unnamed: 0": "day"})
-    frame.to_csv(csv, index=False)
-    config = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
-    config["models"]["rainfall"]["estimator"]["params"]["max_iter"] = 20
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+# --- bring your own component ---------------------------------------------------------
 
-    task = retrain_pipeline(
-        model="rainfall",
-        data_uris=[str(csv)],
-        request_id="test-request",
-        reason="test",
-        config_yaml=yaml.safe_dump(config, sort_keys=False),
+EXAMPLE = ROOT / "components" / "examples" / "train-container.yaml"
+
+
+def _component(tmp_path: Path, inputs: str, outputs: str) -> Path:
+    path = tmp_path / "component.yaml"
+    path.write_text(
+        f"""name: custom
+inputs:
+{inputs}
+outputs:
+{outputs}
+implementation:
+  container:
+    image: example.com/trainer:1
+    command: [train]
+""",
+        encoding="utf-8",
     )
+    return path
 
-    report = json.loads(Path(task.output.path).read_text(encoding="utf-8"))
-    assert report["champion"] is None
-    assert report["candidate"]["rows"] == 600
-    assert report["candidate"]["roc_auc"] > 0.6
-    # Output[Metrics] writes no file: the logged values are in the task's executor output.
-    outputs = list((tmp_path / "root").rglob("evaluate-model/executor_output.json"))
-    assert len(outputs) == 1
-    metrics = json.loads(outputs[0].read_text(encoding="utf-8"))["artifacts"]["metrics"]
-    logged = metrics["artifacts"][0]["metadata"]
-    assert set(logged) == {"roc_auc", "accuracy", "log_loss", "precision", "recall", "rows"}
-    assert logged["roc_auc"] == pytest.approx(report["candidate"]["roc_auc"])
+
+def test_example_container_component_fits_train_but_not_a_local_run() -> None:
+    assert callable(load_custom("train", str(EXAMPLE), local_run=False))
+    with pytest.raises(ContainerComponentLocally, match="support Python components only"):
+        load_custom("train", str(EXAMPLE), local_run=True)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "problem"),
+    [
+        (
+            "- {name: train_data, type: Dataset}\n- {name: summary, type: Artifact}",
+            "- {name: weights, type: Model}",
+            "output 'model_artifact' (system.Model@0.0.1) is missing",
+        ),
+        (
+            "- {name: train_data, type: Model}\n- {name: summary, type: Artifact}",
+            "- {name: model_artifact, type: Model}",
+            "input 'train_data' has type system.Model@0.0.1, the step gives system.Dataset@0.0.1",
+        ),
+        (
+            "- {name: train_data, type: Dataset}\n- {name: summary, type: Artifact}\n"
+            "- {name: epochs, type: Integer}",
+            "- {name: model_artifact, type: Model}",
+            "input 'epochs' is not one of the step's inputs",
+        ),
+        (
+            "- {name: summary, type: Artifact}",
+            "- {name: model_artifact, type: Model}",
+            "input artifact 'train_data' (system.Dataset@0.0.1) is not taken",
+        ),
+    ],
+)
+def test_mismatched_component_is_refused_naming_the_port(
+    tmp_path: Path, inputs: str, outputs: str, problem: str
+) -> None:
+    path = _component(tmp_path, inputs, outputs)
+    with pytest.raises(ComponentMismatch) as error:
+        load_custom("train", str(path), local_run=False)
+    assert f"{path} cannot replace the train step" in str(error.value)
+    assert problem in str(error.value)
+
+
+def test_unloadable_component_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\nimplementation: 5\n", encoding="utf-8")
+    with pytest.raises(ComponentMismatch, match=r"broken\.yaml: cannot load a component"):
+        load_custom("preprocess", str(path), local_run=False)
+
+
+def test_config_with_custom_train_compiles_a_pipeline_of_its_own(tmp_path: Path) -> None:
+    config = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
+    config["models"]["rainfall"]["components"] = {"train": str(EXAMPLE)}
+    path = tmp_path / "retrain.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    written = compile_all(tmp_path / "out", settings=load_settings(path))
+
+    custom = tmp_path / "out" / "pipelines" / "retrain_pipeline.rainfall.yaml"
+    assert custom in written
+    spec = yaml.safe_load(custom.read_text(encoding="utf-8"))
+    assert "exec-train-in-a-plain-container" in spec["deploymentSpec"]["executors"]
+    assert "exec-train-model" not in spec["deploymentSpec"]["executors"]

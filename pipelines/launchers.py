@@ -1,0 +1,144 @@
+"""The ``PipelineLauncher`` port and its local adapter.
+
+The local adapter runs the pipeline with kfp.local in a worker process
+(``python -m pipelines.local_run``), so the caller never blocks on the pipeline unless it
+asks to follow it. The Vertex AI and Kubeflow adapters arrive with the Google Cloud issue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
+from pipelines.local_run import LOG_FILE, RESULT_FILE, RunResult, parse_progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from retrain.localstack import Stack
+
+__all__ = ["LocalRunError", "PipelineLauncher", "new_run_id", "run_and_follow"]
+
+EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
+
+
+class LocalRunError(RuntimeError):
+    """A local run that could not start; the message says what to do."""
+
+
+class PipelineLauncher(Protocol):
+    def submit(self, model: str, data_uris: list[str], request_id: str, reason: str) -> str:
+        """Start a run and return its id at once; never wait for the run itself."""
+        ...
+
+
+def new_run_id(model: str) -> str:
+    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _environment(stack: Stack) -> dict[str, str]:
+    """The stack's emulators if it runs; else the caller's own environment must name them."""
+    if stack.running():
+        return {**os.environ, **stack.env()}
+    if all(os.environ.get(v) for v in EMULATOR_VARIABLES):
+        return dict(os.environ)
+    raise LocalRunError(
+        f"the local stack is not running from {stack.state_dir}: start it with "
+        "`retrain up --detach` (or set PUBSUB_EMULATOR_HOST and STORAGE_EMULATOR_HOST)"
+    )
+
+
+def _check_pipeline(stack: Stack, model: str, image: str) -> None:
+    try:
+        pipeline_for(stack.settings, model, image, local_run=True)
+    except (ComponentMismatch, ContainerComponentLocally) as exc:
+        raise LocalRunError(str(exc)) from exc
+
+
+def run_and_follow(
+    stack: Stack,
+    model: str,
+    data_uris: list[str],
+    *,
+    reason: str = "manual",
+    run_id: str | None = None,
+    request_id: str | None = None,
+    image: str = "retrain-components:latest",
+    console: Console | None = None,
+    timeout: float = 3600.0,
+) -> RunResult:
+    """Run the pipeline in a worker process and follow it step by step until it ends."""
+    _check_pipeline(stack, model, image)
+    env = _environment(stack)
+    run_id = run_id or new_run_id(model)
+    workdir = stack.state_dir / "runs" / run_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        sys.executable, "-m", "pipelines.local_run",
+        "--config", str(stack.config_path),
+        "--model", model,
+        "--run-id", run_id,
+        "--request-id", request_id or f"manual-{run_id}",
+        "--reason", reason,
+        "--workdir", str(workdir),
+        "--image", image,
+    ]  # fmt: skip
+    for uri in data_uris:
+        argv += ["--data", uri]
+    log = workdir / LOG_FILE
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+    shown = 0
+    started: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    with _status(console, f"run {run_id}: starting") as status:
+        while True:
+            finished = worker.poll() is not None
+            events = list(parse_progress(log.read_text(encoding="utf-8", errors="replace")))
+            for event in events[shown:]:
+                if event.status == "running":
+                    started[event.task] = time.monotonic()
+                    status.update(f"run {run_id}: {event.task}")
+                elif console is not None:
+                    took = time.monotonic() - started.get(event.task, time.monotonic())
+                    mark = "[green]ok[/]" if event.status == "SUCCESS" else "[red]FAILED[/]"
+                    console.print(f"  {event.task}: {mark} ({took:.1f} s)")
+            shown = len(events)
+            if finished:
+                break
+            if time.monotonic() > deadline:
+                worker.kill()
+                worker.wait()
+                raise LocalRunError(f"run {run_id} did not end within {timeout:g} s; see {log}")
+            time.sleep(0.2)
+    result_file = workdir / RESULT_FILE
+    if not result_file.exists():
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-20:])
+        raise LocalRunError(f"the run worker exited {worker.returncode} without a result:\n{tail}")
+    return RunResult(**json.loads(result_file.read_text(encoding="utf-8")))
+
+
+class _NoStatus:
+    def __enter__(self) -> _NoStatus:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def update(self, _: str) -> None:
+        return None
+
+
+def _status(console: Console | None, text: str) -> _NoStatus:
+    if console is None:
+        return _NoStatus()
+    return console.status(text)  # type: ignore[return-value]

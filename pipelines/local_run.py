@@ -1,0 +1,184 @@
+"""Run the pipeline on this machine with kfp.local, as the local ``PipelineLauncher`` does.
+
+``python -m pipelines.local_run`` is the worker process: it runs one pipeline under
+``SubprocessRunner(use_venv=False)``, with kfp's log on its stdout, and writes
+``result.json`` into its run folder when the run ends. ``retrain run`` starts it and
+follows that log to show progress step by step; the trigger functions start it detached.
+The storage and Pub/Sub clients in the tasks find the emulators (or Google Cloud) by
+their usual environment variables, which the tasks inherit from this process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from retrain.config import Settings, load_settings
+from retrain.options import ConfigOption
+
+__all__ = [
+    "RESULT_FILE",
+    "RunResult",
+    "StepEvent",
+    "parse_progress",
+    "run_locally",
+]
+
+RESULT_FILE = "result.json"
+LOG_FILE = "run.log"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")
+_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>[A-Z]+)")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    model: str
+    state: str  # "succeeded" | "failed"
+    seconds: float
+    outputs: str  # where kfp.local keeps the task artifacts
+    report_uri: str | None
+    message_id: str | None
+    report: dict[str, Any] | None
+    error: str | None = None
+    failed_step: str | None = None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    task: str
+    status: str  # "running" | "SUCCESS" | "FAILURE"
+
+
+def parse_progress(log_text: str) -> Iterator[StepEvent]:
+    """The task starts and ends in a kfp.local log, in order."""
+    for line in _ANSI.sub("", log_text).splitlines():
+        if started := _STARTED.search(line):
+            yield StepEvent(started["task"], "running")
+        elif finished := _FINISHED.search(line):
+            yield StepEvent(finished["task"], finished["status"])
+
+
+def run_locally(
+    settings: Settings,
+    config_text: str,
+    *,
+    model: str,
+    data_uris: list[str],
+    run_id: str,
+    request_id: str,
+    reason: str,
+    workdir: Path,
+    image: str,
+) -> RunResult:
+    """Run the pipeline to its end under kfp.local and read back the report it published."""
+    from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
+
+    from components.evaluate.report import RunContext, read_failure, report_uri  # noqa: PLC0415
+    from pipelines.byo import pipeline_for  # noqa: PLC0415
+    from retrain import blobstore  # noqa: PLC0415
+
+    run = RunContext.parse(model, run_id, request_id, reason)
+    pipeline = pipeline_for(settings, model, image, local_run=True)
+    outputs = workdir / "outputs"
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(outputs),
+        raise_on_error=False,
+    )
+    started = time.monotonic()
+    with warnings.catch_warnings():
+        # kfp warns for any base_image without "python" in its name; ours is the project's
+        # image, which has Python, and SubprocessRunner does not use images anyway.
+        warnings.filterwarnings("ignore", message=".*base_image.*", category=RuntimeWarning)
+        pipeline(
+            model=model,
+            data_uris=data_uris,
+            request_id=request_id,
+            reason=reason,
+            run_id=run_id,
+            config_yaml=config_text,
+        )
+    seconds = time.monotonic() - started
+    uri = report_uri(settings, run)
+    raw = blobstore.read_bytes(uri)
+    record = json.loads(raw) if raw is not None else None
+    report = record["report"] if record else None
+    state = report["status"] if report else "failed"
+    failure = read_failure(settings, run) if state == "failed" else None
+    error = (report or {}).get("error") or (failure or {}).get("error")
+    if state == "failed" and error is None:
+        error = "the run failed before it could report; see the run log"
+    return RunResult(
+        run_id=run_id,
+        model=model,
+        state=state,
+        seconds=seconds,
+        outputs=str(outputs),
+        report_uri=uri if record else None,
+        message_id=record["message_id"] if record else None,
+        report=report,
+        error=error,
+        failed_step=(report or {}).get("failed_step") or (failure or {}).get("step"),
+    )
+
+
+def main(
+    config: ConfigOption = Path("retrain.yaml"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name in retrain.yaml.")] = "",
+    data: Annotated[
+        list[str] | None, typer.Option("--data", help="Data URI (gs:// or a path); repeat.")
+    ] = None,
+    run_id: Annotated[str, typer.Option(help="Run id; names the run's objects.")] = "",
+    request_id: Annotated[str, typer.Option(help="Dedupe key of the request.")] = "",
+    reason: Annotated[str, typer.Option(help="data | drift | schedule | manual")] = "manual",
+    workdir: Annotated[Path, typer.Option(help="Folder for outputs and result.json.")] = Path("."),
+    image: Annotated[str, typer.Option(help="Component image (recorded, not used locally).")] = (
+        "retrain-components:latest"
+    ),
+) -> None:
+    """Worker: run one pipeline with kfp.local and write result.json into --workdir."""
+    settings = load_settings(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_locally(
+            settings,
+            config.read_text(encoding="utf-8"),
+            model=model,
+            data_uris=list(data or []),
+            run_id=run_id,
+            request_id=request_id or run_id,
+            reason=reason,
+            workdir=workdir,
+            image=image,
+        )
+    except Exception as exc:
+        result = RunResult(
+            run_id=run_id,
+            model=model,
+            state="failed",
+            seconds=0.0,
+            outputs=str(workdir / "outputs"),
+            report_uri=None,
+            message_id=None,
+            report=None,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        (workdir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+        raise
+    (workdir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    sys.exit(0 if result.state == "succeeded" else 1)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,312 @@
+"""`retrain run` on the real local stack: kfp.local, fake-gcs-server and the Pub/Sub emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import joblib
+import pandas as pd
+import pytest
+import yaml
+from google.cloud import pubsub_v1
+from sklearn.datasets import load_breast_cancer
+
+from retrain.localstack import Stack
+from retrain.messages import MetricsReport, decode
+from tests.conftest import ROOT, unique
+
+pytestmark = pytest.mark.integration
+
+RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=4000).rename(
+    columns={"Unnamed: 0": "day"}
+)
+METRICS = {"roc_auc", "accuracy", "log_loss", "precision", "recall", "rows"}
+
+
+@pytest.fixture
+def config_with(stack: Stack, tmp_path: Path) -> Callable[..., tuple[Path, str]]:
+    """A config for the running stack plus one uuid-named model, so registry state is its own."""
+
+    def make(base: str = "rainfall", **changes: Any) -> tuple[Path, str]:
+        raw = yaml.safe_load(stack.config_path.read_text(encoding="utf-8"))
+        name = unique(base)
+        raw["models"] = {name: {**raw["models"]["rainfall"], "data_prefix": f"{name}/", **changes}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        return path, name
+
+    return make
+
+
+@pytest.fixture
+def metrics_subscription(
+    stack: Stack, subscriber: pubsub_v1.SubscriberClient
+) -> Iterator[str]:
+    """A pull subscription of our own on model-metrics (the gatekeeper has its push one)."""
+    project = stack.settings.project
+    name = subscriber.subscription_path(project, unique("metrics"))
+    subscriber.create_subscription(
+        name=name, topic=f"projects/{project}/topics/{stack.settings.topics.model_metrics}"
+    )
+    yield name
+    subscriber.delete_subscription(subscription=name)
+
+
+def pull_report(
+    subscriber: pubsub_v1.SubscriberClient, subscription: str, run_id: str
+) -> tuple[MetricsReport, dict[str, str], str]:
+    for _ in range(10):
+        response = subscriber.pull(subscription=subscription, max_messages=10, timeout=10)
+        for received in response.received_messages:
+            subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
+            report = decode(MetricsReport, received.message.data)
+            if report.run_id == run_id:
+                return report, dict(received.message.attributes), received.message.message_id
+    pytest.fail(f"no MetricsReport for run {run_id}")
+
+
+def retrain_run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "retrain", "run", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
+    bucket = stack.settings.buckets.data
+    gcs.bucket(bucket).blob(name).upload_from_string(frame.to_csv(index=False))
+    return f"gs://{bucket}/{name}"
+
+
+def test_run_publishes_a_metrics_report_that_checks_out_field_by_field(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    metrics_subscription: str,
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    config, model = config_with()
+    uri = upload(gcs, stack, f"{model}/rows-0-2999.csv", RAINFALL.iloc[:3000])
+    run_id = unique("run")
+
+    result = retrain_run(config, model, "--data", uri, "--run-id", run_id)
+
+    assert result.returncode == 0, result.stderr
+    for step in ("preprocess-data", "train-model", "evaluate-model"):
+        assert f"{step}: ok" in result.stderr
+    report, attributes, message_id = pull_report(subscriber, metrics_subscription, run_id)
+    assert f"message {message_id}" in result.stdout
+    assert attributes == {"model": model, "schema_version": "1"}
+    assert report.model == model
+    assert report.run_id == run_id
+    assert report.request_id == f"manual-{run_id}"
+    assert report.reason == "manual"
+    assert report.status == "succeeded"
+    assert report.error is None
+    assert report.failed_step is None
+    prefix = f"gs://{stack.settings.buckets.artifacts}/runs/{model}/{run_id}"
+    assert report.candidate is not None
+    assert report.candidate.artifact_uri == f"{prefix}/model"
+    assert set(report.candidate.metrics) == METRICS
+    assert report.candidate.metrics["rows"] == 600  # the newest 20 % of 3,000
+    assert 0.75 < report.candidate.metrics["roc_auc"] <= 1
+    assert 0.6 < report.candidate.metrics["accuracy"] <= 1
+    assert report.champion is None  # a new model
+    assert report.eval_data_uris == [f"{prefix}/eval.parquet"]
+    assert report.train_data_uris == [uri]
+    assert report.train_rows == {uri: 3000}
+    artifacts = gcs.bucket(stack.settings.buckets.artifacts)
+    stored = {b.name for b in artifacts.list_blobs(prefix=f"runs/{model}/{run_id}/")}
+    assert stored == {
+        f"runs/{model}/{run_id}/{name}"
+        for name in ("model/model.joblib", "model/metadata.json", "eval.parquet", "report.json")
+    }
+    kept = json.loads(artifacts.blob(f"runs/{model}/{run_id}/report.json").download_as_bytes())
+    assert kept["message_id"] == message_id
+    assert MetricsReport.model_validate(kept["report"]) == report
+
+
+def test_failed_step_publishes_a_failure_report_and_exits_non_zero(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    metrics_subscription: str,
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    config, model = config_with()
+    bad = RAINFALL.iloc[:3000].copy()
+    bad.loc[bad.index[:5], "rain"] = 2
+    uri = upload(gcs, stack, f"{model}/three-classes.csv", bad)
+    run_id = unique("run")
+
+    result = retrain_run(config, model, "--data", uri, "--run-id", run_id)
+
+    assert result.returncode == 1
+    assert "preprocess-data: FAILED" in result.stderr
+    assert "train-model" not in result.stderr, "nothing runs after a validation failure"
+    said = " ".join(result.stderr.split())
+    assert f"step preprocess failed: ValidationError: {uri}: column 'rain'" in said
+    assert "rule label_not_binary" in said
+    report, _, message_id = pull_report(subscriber, metrics_subscription, run_id)
+    assert f"message {message_id}" in result.stdout
+    assert report.status == "failed"
+    assert report.failed_step == "preprocess"
+    assert report.error is not None
+    assert "label_not_binary" in report.error
+    assert report.candidate is None
+
+
+def test_champion_is_scored_on_the_same_rows(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    metrics_subscription: str,
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    config, model = config_with()
+    uri = upload(gcs, stack, f"{model}/rows.csv", RAINFALL.iloc[:3000])
+    first = unique("run")
+    assert retrain_run(config, model, "--data", uri, "--run-id", first).returncode == 0
+    # Make the first candidate the champion, as the gatekeeper will (registry layout).
+    artifacts = gcs.bucket(stack.settings.buckets.artifacts)
+    champion_uri = f"gs://{artifacts.name}/runs/{model}/{first}/model"
+    record = {"version": "1", "artifact_uri": champion_uri, "metrics": {}, "run_id": first}
+    artifacts.blob(f"registry/{model}/versions/1.json").upload_from_string(json.dumps(record))
+    artifacts.blob(f"registry/{model}/champion.json").upload_from_string('{"version": "1"}')
+    second = unique("run")
+
+    result = retrain_run(config, model, "--data", uri, "--run-id", second)
+
+    assert result.returncode == 0, result.stderr
+    assert "champion v1" in result.stdout
+    report, _, _ = pull_report(subscriber, metrics_subscription, second)
+    assert report.champion is not None
+    assert report.candidate is not None
+    assert report.champion.version == "1"
+    assert report.champion.artifact_uri == champion_uri
+    # Same data and seed give the same model, so identical scores prove the same rows.
+    assert report.champion.metrics == report.candidate.metrics
+
+
+def test_another_dataset_works_by_configuration_alone(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    metrics_subscription: str,
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    cancer = load_breast_cancer(as_frame=True).frame
+    cancer.insert(0, "seq", range(len(cancer)))  # a made-up order column
+    config, model = config_with(
+        base="cancer",
+        label="target",
+        order_column="seq",
+        training_window={"rows": None},
+        evaluation={"fraction": 0.25, "min_rows": 100},
+        gate={"primary_metric": "roc_auc", "min_eval_rows": 100},
+        estimator={"name": "RandomForestClassifier", "params": {"n_estimators": 50}},
+        arrival_policy="every_arrival",
+        schedule=None,
+    )
+    uri = upload(gcs, stack, f"{model}/cancer.csv", cancer)
+    run_id = unique("run")
+
+    result = retrain_run(config, model, "--data", uri, "--run-id", run_id)
+
+    assert result.returncode == 0, result.stderr
+    report, _, _ = pull_report(subscriber, metrics_subscription, run_id)
+    assert report.candidate is not None
+    assert report.candidate.metrics["rows"] == round(0.25 * len(cancer))
+    assert report.candidate.metrics["roc_auc"] > 0.95
+
+
+def test_component_clis_give_the_same_artifacts_as_the_pipeline(
+    stack: Stack,
+    gcs: Any,
+    tmp_path: Path,
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    config, model = config_with()
+    frame = RAINFALL.iloc[:3000]
+    uri = upload(gcs, stack, f"{model}/rows.csv", frame)
+    run_id = unique("run")
+    assert retrain_run(config, model, "--data", uri, "--run-id", run_id).returncode == 0
+    outputs = stack.state_dir / "runs" / run_id / "outputs"
+    local_copy = tmp_path / "rows.csv"
+    frame.to_csv(local_copy, index=False)
+
+    def cli(component: str, *args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", f"components.{component}", "--config", str(config),
+             *args],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, **stack.env()},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    cli("preprocess", "--model", model, "--input", uri, "--output-dir", str(tmp_path / "pre"))
+    cli("train", "--model", model, "--train-data", str(tmp_path / "pre" / "train.parquet"),
+        "--summary", str(tmp_path / "pre" / "summary.json"), "--output-dir",
+        str(tmp_path / "model"))  # fmt: skip
+    metrics_file = tmp_path / "metrics.json"
+    subprocess.run(
+        [sys.executable, "-m", "components.evaluate", "--candidate", str(tmp_path / "model"),
+         "--eval-data", str(tmp_path / "pre" / "eval.parquet"), "--output", str(metrics_file)],
+        check=True, capture_output=True, timeout=120, env={**os.environ, **stack.env()},
+    )  # fmt: skip
+
+    (pipeline_train,) = outputs.rglob("preprocess-data/train_data")
+    (pipeline_eval,) = outputs.rglob("preprocess-data/eval_data")
+    (pipeline_summary,) = outputs.rglob("preprocess-data/summary")
+    (pipeline_model,) = outputs.rglob("train-model/model_artifact")
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(pipeline_train), pd.read_parquet(tmp_path / "pre" / "train.parquet")
+    )
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(pipeline_eval), pd.read_parquet(tmp_path / "pre" / "eval.parquet")
+    )
+    assert json.loads(pipeline_summary.read_text(encoding="utf-8")) == json.loads(
+        (tmp_path / "pre" / "summary.json").read_text(encoding="utf-8")
+    )
+    in_pipeline, by_cli = (
+        json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+        for folder in (pipeline_model, tmp_path / "model")
+    )
+    for metadata in (in_pipeline, by_cli):  # where the local train file sat differs, by design
+        assert metadata["training_data"].pop("file").endswith(("train_data", "train.parquet"))
+    assert in_pipeline == by_cli
+    rows = pd.read_parquet(pipeline_eval).drop(columns=["day", "rain"])
+    ours = joblib.load(pipeline_model / "model.joblib").predict_proba(rows)
+    theirs = joblib.load(tmp_path / "model" / "model.joblib").predict_proba(rows)
+    assert (ours == theirs).all()
+    kept = json.loads(
+        gcs.bucket(stack.settings.buckets.artifacts)
+        .blob(f"runs/{model}/{run_id}/report.json")
+        .download_as_bytes()
+    )
+    cli_metrics = json.loads(metrics_file.read_text(encoding="utf-8"))["candidate"]
+    assert kept["report"]["candidate"]["metrics"] == pytest.approx(cli_metrics)
+
+
+def test_container_component_is_refused_for_a_local_run_with_a_clear_message(
+    config_with: Callable[..., tuple[Path, str]],
+) -> None:
+    example = ROOT / "components" / "examples" / "train-container.yaml"
+    config, model = config_with(components={"train": str(example)})
+
+    result = retrain_run(config, model, "--data", "gs://unused/x.csv")
+
+    assert result.returncode == 2
+    said = " ".join(result.stderr.split())
+    assert "local runs (kfp.local's SubprocessRunner) support Python components only" in said
+    assert "Traceback" not in result.stderr
