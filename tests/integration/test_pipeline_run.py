@@ -45,9 +45,7 @@ def config_with(stack: Stack, tmp_path: Path) -> Callable[..., tuple[Path, str]]
 
 
 @pytest.fixture
-def metrics_subscription(
-    stack: Stack, subscriber: pubsub_v1.SubscriberClient
-) -> Iterator[str]:
+def metrics_subscription(stack: Stack, subscriber: pubsub_v1.SubscriberClient) -> Iterator[str]:
     """A pull subscription of our own on model-metrics (the gatekeeper has its push one)."""
     project = stack.settings.project
     name = subscriber.subscription_path(project, unique("metrics"))
