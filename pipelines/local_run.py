@@ -84,7 +84,7 @@ def run_locally(
     """Run the pipeline to its end under kfp.local and read back the report it published."""
     from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
 
-    from components.evaluate.report import RunContext, read_failure, report_uri  # noqa: PLC0415
+    from components.runs import RunContext, read_failure, report_uri  # noqa: PLC0415
     from pipelines.byo import pipeline_for  # noqa: PLC0415
     from retrain import blobstore  # noqa: PLC0415
 

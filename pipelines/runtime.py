@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.evaluate.report import RunContext, record_failure
+from components.runs import RunContext, record_failure
 from retrain.config import ModelSettings, Settings, load_settings
 
 __all__ = ["load", "model_settings", "step"]

@@ -31,7 +31,8 @@ def evaluate_model(
     import json
     from pathlib import Path
 
-    from components.evaluate.report import RunContext, evaluate_and_report
+    from components.evaluate.report import evaluate_and_report
+    from components.runs import RunContext
     from pipelines.runtime import step
     from retrain.bus import PubsubBus
     from serving.registry import GcsRegistry
@@ -68,7 +69,7 @@ def report_failure(
 ) -> str:
     """Exit handler: publish ``status: failed`` when the run did not succeed; return the id."""
 
-    from components.evaluate.report import RunContext, failure_report
+    from components.runs import RunContext, failure_report
     from pipelines.runtime import load
     from retrain.bus import PubsubBus
 

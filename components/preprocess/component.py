@@ -29,8 +29,8 @@ def preprocess_data(
     import tempfile
     from pathlib import Path
 
-    from components.evaluate.report import RunContext
     from components.preprocess import preprocess
+    from components.runs import RunContext
     from pipelines.runtime import step
 
     run = RunContext.parse(model, run_id, request_id, reason)

@@ -26,7 +26,7 @@ def train_model(
     """Fit the model's estimator; the artifact is a directory (model.joblib, metadata.json)."""
     from pathlib import Path
 
-    from components.evaluate.report import RunContext
+    from components.runs import RunContext
     from components.train import train
     from pipelines.runtime import step
 
