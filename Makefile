@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help prereqs install lint test demo up down status clean
+.PHONY: help prereqs install lint test demo bench up down status clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test: install prereqs lint ## run every test tier but benchmarks (the tests star
 
 demo: install prereqs ## the main job on the local stack
 	$(BIN)/retrain demo
+
+bench: install prereqs ## benchmarks: print the figures (not part of make test)
+	$(BIN)/python -m pytest -m bench -s -p no:cacheprovider bench $(PYTEST_ARGS)
 
 up: install prereqs ## start the local stack in the background
 	$(BIN)/retrain up --detach
