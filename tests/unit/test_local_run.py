@@ -1,0 +1,45 @@
+"""Following a kfp.local run from its log, and the run's identity."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.runs import RunContext
+from pipelines.local_run import StepEvent, parse_progress
+
+pytestmark = pytest.mark.unit
+
+# As kfp.local 2.17 writes it, colours included.
+TASK = "\x1b[96m'{}'\x1b[0m"
+LOG = "\n".join(
+    [
+        "12:27:33.662 - INFO - Running pipeline: \x1b[95m'retrain'\x1b[0m",
+        f"12:27:33.665 - INFO - Executing task {TASK.format('preprocess-data')}",
+        "12:27:33.665 - INFO - Streamed logs:",
+        "    some output of the task",
+        f"12:27:34.377 - INFO - Task {TASK.format('preprocess-data')} finished with status "
+        "\x1b[92mSUCCESS\x1b[0m",
+        f"12:27:34.379 - INFO - Executing task {TASK.format('train-model')}",
+        f"12:27:36.296 - ERROR - Task {TASK.format('train-model')} finished with status "
+        "\x1b[91mFAILURE\x1b[0m",
+    ]
+)
+
+
+def test_progress_is_read_from_the_kfp_log() -> None:
+    assert list(parse_progress(LOG)) == [
+        StepEvent("preprocess-data", "running"),
+        StepEvent("preprocess-data", "SUCCESS"),
+        StepEvent("train-model", "running"),
+        StepEvent("train-model", "FAILURE"),
+    ]
+
+
+def test_partial_log_gives_what_happened_so_far() -> None:
+    assert list(parse_progress(LOG.splitlines()[1])) == [StepEvent("preprocess-data", "running")]
+
+
+def test_run_context_refuses_an_unknown_reason() -> None:
+    assert RunContext.parse("m", "r", "k", "drift").reason == "drift"
+    with pytest.raises(ValueError, match="reason 'whim' is not one of data, drift"):
+        RunContext.parse("m", "r", "k", "whim")
