@@ -298,7 +298,7 @@ def run(
         err.print(f"[bold red]retrain run[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     out.print(f"run {result.run_id}: [bold]{result.state}[/] in {result.seconds:.1f} s")
-    out.print(f"artifacts (kfp.local): {result.outputs}", markup=False)
+    out.print(f"artifacts (kfp.local): {result.outputs}", markup=False, soft_wrap=True)
     if result.state != "succeeded":
         err.print(
             f"[bold red]step {escape(result.failed_step or '?')} failed[/]: "
@@ -310,7 +310,7 @@ def run(
     report = result.report or {}
     candidate = report.get("candidate") or {}
     champion = report.get("champion")
-    out.print(f"candidate model: {candidate.get('artifact_uri')}", markup=False)
+    out.print(f"candidate model: {candidate.get('artifact_uri')}", markup=False, soft_wrap=True)
     table = Table(box=None, pad_edge=False)
     table.add_column("metric")
     table.add_column("candidate", justify="right")
@@ -326,6 +326,7 @@ def run(
         f"MetricsReport published to {settings.topics.model_metrics}: message "
         f"{result.message_id}; kept at {result.report_uri}",
         markup=False,
+        soft_wrap=True,
     )
 
 
