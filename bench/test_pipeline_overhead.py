@@ -68,9 +68,7 @@ def test_local_pipeline_overhead(
     rows = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=3000)
     rows = rows.rename(columns={"Unnamed: 0": "day"})
     name = f"rainfall/bench-{time.time_ns()}.csv"
-    gcs.bucket(stack.settings.buckets.data).blob(name).upload_from_string(
-        rows.to_csv(index=False)
-    )
+    gcs.bucket(stack.settings.buckets.data).blob(name).upload_from_string(rows.to_csv(index=False))
     uri = f"gs://{stack.settings.buckets.data}/{name}"
 
     _compute(stack, uri, tmp_path / "warm-up")
