@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
@@ -24,9 +25,10 @@ if TYPE_CHECKING:
 
     from retrain.localstack import Stack
 
-__all__ = ["LocalRunError", "PipelineLauncher", "new_run_id", "run_and_follow"]
+__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "new_run_id", "run_and_follow"]
 
 EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
+DEFAULT_IMAGE = "retrain-components:latest"
 
 
 class LocalRunError(RuntimeError):
@@ -34,9 +36,44 @@ class LocalRunError(RuntimeError):
 
 
 class PipelineLauncher(Protocol):
-    def submit(self, model: str, data_uris: list[str], request_id: str, reason: str) -> str:
-        """Start a run and return its id at once; never wait for the run itself."""
+    def submit(self, model: str, run_id: str) -> None:
+        """Start run ``run_id``, which holds the model's lease, and return at once; the run
+        waits out the coalescing window, takes the pending events from the ledger, and runs."""
         ...
+
+
+class LocalLauncher:
+    """Runs each pipeline with kfp.local in a detached worker (``pipelines.local_run``)."""
+
+    def __init__(self, config_path: Path, state_dir: Path, image: str = DEFAULT_IMAGE) -> None:
+        self.config_path = config_path
+        self.state_dir = state_dir
+        self.image = image
+        self._workers: list[subprocess.Popen[bytes]] = []
+
+    def submit(self, model: str, run_id: str) -> None:
+        self._workers = [w for w in self._workers if w.poll() is None]  # reap the finished
+        workdir = self.state_dir / "runs" / run_id
+        workdir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "pipelines.local_run",
+            "--config", str(self.config_path),
+            "--model", model,
+            "--run-id", run_id,
+            "--from-ledger",
+            "--workdir", str(workdir),
+            "--image", self.image,
+        ]  # fmt: skip
+        with (workdir / LOG_FILE).open("wb") as log:
+            self._workers.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # outlives the request that started it
+                )
+            )
 
 
 def new_run_id(model: str) -> str:

@@ -133,6 +133,33 @@ def run_locally(
     )
 
 
+def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str], str, str]:
+    """Wait out the coalescing window, then take every pending event of the model."""
+    import threading  # noqa: PLC0415
+
+    from retrain.data_objects import data_window  # noqa: PLC0415
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+
+    threading.Event().wait(settings.models[model].coalesce_seconds)
+    ledger = GcsLedger(settings.buckets.artifacts)
+    requests = ledger.collect(model, run_id)
+    if not requests:
+        raise LookupError(f"no pending events for {model}; another run covered them")
+    uris = data_window(settings, model, requests)
+    ledger.start(model, run_id, uris)
+    return uris, requests[0].dedupe_key, requests[0].reason
+
+
+def _report_crash(settings: Settings, model: str, run_id: str, request_id: str, reason: str,
+                  error: str) -> None:  # fmt: skip
+    """The pipeline never reported: publish its failure, so the lease is released."""
+    from components.runs import RunContext, failure_report  # noqa: PLC0415
+    from retrain.bus import PubsubBus  # noqa: PLC0415
+
+    run = RunContext.parse(model, run_id, request_id, reason)
+    failure_report(settings, run, "FAILED", error, PubsubBus(settings.project))
+
+
 def main(
     config: ConfigOption = Path("retrain.yaml"),
     model: Annotated[str, typer.Option("--model", "-m", help="Model name in retrain.yaml.")] = "",
@@ -142,6 +169,14 @@ def main(
     run_id: Annotated[str, typer.Option(help="Run id; names the run's objects.")] = "",
     request_id: Annotated[str, typer.Option(help="Dedupe key of the request.")] = "",
     reason: Annotated[str, typer.Option(help="data | drift | schedule | manual")] = "manual",
+    from_ledger: Annotated[
+        bool,
+        typer.Option(
+            "--from-ledger",
+            help="Take the data, request and reason from the ledger's pending events, after "
+            "the model's coalescing window (this run must hold the model's lease).",
+        ),
+    ] = False,
     workdir: Annotated[Path, typer.Option(help="Folder for outputs and result.json.")] = Path("."),
     image: Annotated[str, typer.Option(help="Component image (recorded, not used locally).")] = (
         "retrain-components:latest"
@@ -150,12 +185,22 @@ def main(
     """Worker: run one pipeline with kfp.local and write result.json into --workdir."""
     settings = load_settings(config)
     workdir.mkdir(parents=True, exist_ok=True)
+    data_uris = list(data or [])
+    if from_ledger:
+        try:
+            data_uris, request_id, reason = _from_ledger(settings, model, run_id)
+        except LookupError as exc:
+            from retrain.ledger import GcsLedger  # noqa: PLC0415
+
+            GcsLedger(settings.buckets.artifacts).finish(model, run_id, "abandoned", str(exc))
+            return
+    result = None
     try:
         result = run_locally(
             settings,
             config.read_text(encoding="utf-8"),
             model=model,
-            data_uris=list(data or []),
+            data_uris=data_uris,
             run_id=run_id,
             request_id=request_id or run_id,
             reason=reason,
@@ -174,9 +219,14 @@ def main(
             report=None,
             error=f"{type(exc).__name__}: {exc}",
         )
-        (workdir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
         raise
-    (workdir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2), encoding="utf-8")
+    finally:
+        if result is not None:
+            (workdir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2), "utf-8")
+            if result.message_id is None and from_ledger:
+                _report_crash(
+                    settings, model, run_id, request_id or run_id, reason, result.error or "?"
+                )
     sys.exit(0 if result.state == "succeeded" else 1)
 
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EventError", "PubsubMessage", "decode_pubsub"]
+__all__ = [
+    "EventError",
+    "ObjectEvent",
+    "PubsubMessage",
+    "decode_pubsub",
+    "json_object",
+    "object_event",
+]
 
 PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
+FINALIZED = "google.cloud.storage.object.v1.finalized"
+FINALIZE_KINDS = frozenset({"OBJECT_FINALIZE", FINALIZED})
+MAX_PAYLOAD_BYTES = 1_000_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOPIC_SOURCE = re.compile(r"projects/(?P<project>[^/]+)/topics/(?P<topic>[^/]+)$")
 
 
@@ -64,3 +76,72 @@ def decode_pubsub(event_type: str, source: str, data: Any) -> PubsubMessage:
         topic=match.group("topic") if match else None,
         delivery_attempt=attempt if isinstance(attempt, int) else None,
     )
+
+
+def json_object(message: PubsubMessage) -> dict[str, Any]:
+    """The message's data as a JSON object, within the size limit."""
+    if len(message.data) > MAX_PAYLOAD_BYTES:
+        raise EventError(
+            f"message {message.message_id}: {len(message.data)} bytes is over the "
+            f"{MAX_PAYLOAD_BYTES} limit"
+        )
+    try:
+        value = json.loads(message.data)
+    except ValueError as exc:
+        raise EventError(f"message {message.message_id}: data is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise EventError(f"message {message.message_id}: data is JSON but not an object")
+    return value
+
+
+@dataclass(frozen=True)
+class ObjectEvent:
+    """A GCS object event, from a Pub/Sub notification or a direct storage CloudEvent."""
+
+    event_id: str
+    kind: str
+    bucket: str
+    name: str
+    generation: str
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+    @property
+    def dedupe_key(self) -> str:
+        return f"{self.bucket}/{self.name}#{self.generation}"
+
+    @property
+    def is_finalize(self) -> bool:
+        return self.kind in FINALIZE_KINDS
+
+
+def object_event(event_type: str, source: str, event_id: str, data: Any) -> ObjectEvent:
+    """Decode an OBJECT_FINALIZE notification wrapped in ``messagePublished``, or a direct
+    ``google.cloud.storage.object.v1.finalized`` event; refuse unsafe object names."""
+    if event_type == PUBLISHED:
+        message = decode_pubsub(event_type, source, data)
+        attributes = message.attributes
+        payload: dict[str, Any] = {}
+        if message.data:
+            payload = json_object(message)
+        kind = attributes.get("eventType", "")
+        bucket = attributes.get("bucketId") or payload.get("bucket")
+        name = attributes.get("objectId") or payload.get("name")
+        generation = attributes.get("objectGeneration") or payload.get("generation")
+        event_id = message.message_id
+    elif event_type == FINALIZED or event_type.startswith("google.cloud.storage.object.v1."):
+        if not isinstance(data, dict):
+            raise EventError(f"event {event_id}: storage event data is not an object")
+        kind = event_type
+        bucket, name, generation = data.get("bucket"), data.get("name"), data.get("generation")
+    else:
+        raise EventError(f"event {event_id}: type {event_type!r} is not a storage notification")
+    for field_name, value in (("bucket", bucket), ("name", name), ("generation", generation)):
+        if not isinstance(value, str | int) or value == "":
+            raise EventError(f"event {event_id}: object {field_name} is missing")
+    name = str(name)
+    if ".." in name.split("/") or _CONTROL.search(name) or len(name.encode()) > 1024:
+        raise EventError(f"event {event_id}: object name {name!r} is not a safe object name")
+    return ObjectEvent(event_id, kind, str(bucket), name, str(generation))

@@ -7,18 +7,20 @@ Parsing is strict: an unknown field, a wrong type or a missing field is a
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "SCHEMA_VERSION",
     "Decision",
+    "DriftAlert",
     "EvaluatedModel",
     "Message",
     "MessageError",
     "MetricsReport",
     "RetrainRequest",
+    "ScheduleMessage",
     "decode",
     "encode",
 ]
@@ -86,6 +88,31 @@ class Decision(Message):
     new_version: str | None = None
     previous_champion: str | None = None
     time: datetime = Field(default_factory=_now)
+
+
+class DriftAlert(Message):
+    """Our own drift alert, published to ``drift-alerts`` by the data-arrival check."""
+
+    model: str = Field(min_length=1)
+    kind: Literal["drift", "degradation"]
+    data_uris: list[str] = Field(default_factory=list)
+    summary: str
+    details: dict[str, Any] = Field(default_factory=dict)
+    time: datetime = Field(default_factory=_now)
+
+
+class ScheduleMessage(Message):
+    """What Cloud Scheduler (or the local scheduler, or an operator) sends to retrain-schedule.
+
+    ``schema_version`` may be left out, so that a hand-written
+    ``gcloud pubsub topics publish retrain-schedule --message='{"model": "rainfall"}'`` works.
+    """
+
+    model: str = Field(min_length=1)
+    reason: Literal["schedule", "manual"] = "schedule"
+    scheduled_time: datetime | None = None
+    dedupe_key: str | None = Field(None, min_length=1)
+    data_uris: list[str] = Field(default_factory=list)
 
 
 class MessageError(ValueError):

@@ -54,39 +54,96 @@ def test_other_event_types_are_refused() -> None:
         decode_pubsub("google.cloud.storage.object.v1.finalized", "src", {"message": {}})
 
 
-@pytest.mark.parametrize("function", ["on_data_arrival", "on_drift", "on_schedule", "gatekeeper"])
-def test_each_function_logs_the_decoded_event(
-    function: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    client = create_app(function, str(TRIGGERS), "cloudevent").test_client()
-    event = event_fixture("gcs_finalize_pubsub.json")
-    response = client.post(
-        "/", json=event, headers={"Content-Type": "application/cloudevents+json"}
-    )
-    assert response.status_code == 200
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line == {
-        "severity": "INFO",
-        "function": function,
-        "event_id": "12345",
-        "topic": "data-arrivals",
-        "message_id": "12345",
-        "attributes": event["data"]["message"]["attributes"],
-        "size": len(base64.b64decode(event["data"]["message"]["data"])),
-    }
+SHIPPED = Path(__file__).resolve().parents[2] / "retrain.yaml"
 
 
-def test_function_acks_a_malformed_event_with_one_error_line(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    client = create_app("on_drift", str(TRIGGERS), "cloudevent").test_client()
-    event = event_fixture("gcs_finalize_pubsub.json")
-    event["data"]["message"]["data"] = "%%%"
-    response = client.post(
-        "/", json=event, headers={"Content-Type": "application/cloudevents+json"}
-    )
-    assert response.status_code == 200  # acked: redelivery would never succeed
+@pytest.fixture
+def client(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A function's app, in-process; these events never need the ledger or the bus."""
+    monkeypatch.setenv("RETRAIN_CONFIG", str(SHIPPED))
+
+    def make(function: str) -> Any:
+        return create_app(function, str(TRIGGERS), "cloudevent").test_client()
+
+    return make
+
+
+def post(client: Any, event: dict[str, Any]) -> Any:
+    return client.post("/", json=event, headers={"Content-Type": "application/cloudevents+json"})
+
+
+def logged(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     (line,) = capsys.readouterr().out.strip().splitlines()
-    logged = json.loads(line)
-    assert logged["severity"] == "ERROR"
-    assert "not valid base64" in logged["error"]
+    value: dict[str, Any] = json.loads(line)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("attributes", "why"),
+    [
+        ({"objectId": "elsewhere/x.csv"}, "belongs to no model's data prefix"),
+        ({"bucketId": "another-bucket"}, "belongs to no model's data prefix"),
+        ({"objectId": "rainfall/folder/"}, "is a folder"),
+        ({"eventType": "OBJECT_DELETE"}, "is not a finalize"),
+        ({"objectId": "gcloud/tmp/parallel_composite_uploads/x"}, "gcloud temporary object"),
+    ],
+)
+def test_objects_that_start_no_run_are_ignored_with_one_line(
+    client: Any, capsys: pytest.CaptureFixture[str], attributes: dict[str, str], why: str
+) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    event["data"]["message"]["attributes"].update(attributes)
+    event["data"]["message"]["data"] = ""
+    assert post(client("on_data_arrival"), event).status_code == 200
+    line = logged(capsys)
+    assert line["action"] == "ignored"
+    assert why in line["detail"]
+
+
+@pytest.mark.parametrize(
+    ("function", "change", "problem"),
+    [
+        ("on_data_arrival", {"data": "%%%"}, "not valid base64"),
+        ("on_data_arrival", {"attributes": {"objectId": "rainfall/../x.csv", "bucketId": "b",
+                                            "objectGeneration": "1"}}, "not a safe object name"),
+        ("on_data_arrival", {"attributes": {"objectId": "rainfall/a\x07.csv", "bucketId": "b",
+                                            "objectGeneration": "1"}}, "not a safe object name"),
+        ("on_schedule", {"data": base64.b64encode(b"[1, 2]").decode()}, "JSON but not an object"),
+        ("on_schedule", {"data": base64.b64encode(b"{nope").decode()}, "data is not JSON"),
+        ("on_schedule", {"data": base64.b64encode(b'{"model": "rainfall", "x": 1}').decode()},
+         "Extra inputs are not permitted"),
+        ("on_schedule", {"data": base64.b64encode(b'{"cron": "daily"}').decode()},
+         "model\n  Field required"),
+        ("on_schedule", {"data": base64.b64encode(b'{"model": "nope"}').decode()},
+         "model 'nope' is not in retrain.yaml"),
+        ("on_drift", {"data": base64.b64encode(b" " * 1_000_001).decode()}, "over the 1000000"),
+        ("on_drift", {"data": base64.b64encode(b'{"incident": {"summary": "x"}}').decode()},
+         "no policy user label 'retrain_model'"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_logged_once_and_acked(
+    client: Any,
+    capsys: pytest.CaptureFixture[str],
+    function: str,
+    change: dict[str, Any],
+    problem: str,
+) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    event["data"]["message"].update(change)
+    response = post(client(function), event)
+    assert response.status_code == 200  # acked: redelivery would never succeed
+    line = logged(capsys)
+    assert line["severity"] == "ERROR"
+    assert problem in line["error"]
+
+
+def test_a_report_that_fails_its_schema_is_not_acked(
+    client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    event["data"]["message"]["data"] = base64.b64encode(b'{"model": "rainfall"}').decode()
+    response = post(client("gatekeeper"), event)
+    assert response.status_code == 500  # retried, then dead-lettered; the champion untouched
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert line["severity"] == "ERROR"
+    assert "MetricsReport: run_id: Field required" in line["error"]

@@ -1,0 +1,304 @@
+"""The ``RunLedger``: one claim per event, one run per model at a time, nothing lost.
+
+Backed by GCS objects created with ``if_generation_match=0`` (create only), which real GCS
+and fake-gcs-server both enforce. Layout under ``gs://<artifacts>/ledger/<model>/``::
+
+    events/<h>.json    the claim of one event (h = sha256 of its dedupe key), create-only
+    arrivals/<h>.json  a data arrival that a drift policy checked, and what it decided
+    pending/<h>.json   the event waits for a run; removed by the run that covers it
+    lease.json         the model's single-flight lease: which run holds it, until when
+    runs/<run id>.json the run: its events, data, state, and when it started and ended
+
+A claimed event is *done* once its pending marker is gone: a duplicate then does nothing.
+A duplicate that finds the marker still there only nudges the lease, so an event whose
+first delivery died half-way is still covered, by exactly one run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from retrain.messages import RetrainRequest
+
+if TYPE_CHECKING:
+    from google.cloud import storage
+
+__all__ = ["Claim", "GcsLedger", "Lease", "RunLedger", "RunRecord", "event_hash"]
+
+Claim = Literal["new", "pending", "done"]
+RunState = Literal["gathering", "running", "succeeded", "failed", "abandoned"]
+
+
+def event_hash(dedupe_key: str) -> str:
+    return hashlib.sha256(dedupe_key.encode()).hexdigest()[:40]
+
+
+@dataclass(frozen=True)
+class Lease:
+    run_id: str
+    acquired_at: float
+    expires_at: float
+    generation: int
+
+
+@dataclass
+class RunRecord:
+    model: str
+    run_id: str
+    state: RunState
+    reason: str = ""
+    request_id: str = ""
+    events: list[dict[str, Any]] = field(default_factory=list)
+    data_uris: list[str] = field(default_factory=list)
+    created_at: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2).encode()
+
+
+class RunLedger(Protocol):
+    def claim(self, request: RetrainRequest) -> Claim: ...
+    def try_acquire(self, model: str, run_id: str, ttl: float) -> bool: ...
+    def collect(self, model: str, run_id: str) -> list[RetrainRequest]: ...
+    def finish(
+        self, model: str, run_id: str, state: RunState, error: str | None = None
+    ) -> bool: ...
+    def has_pending(self, model: str) -> bool: ...
+
+
+class GcsLedger:
+    """The ledger in ``gs://bucket/ledger/``; the storage client is made on first use."""
+
+    def __init__(
+        self,
+        bucket: str,
+        client: storage.Client | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bucket_name = bucket
+        self._client = client
+        self.clock = clock
+
+    # -- plumbing ------------------------------------------------------------------
+
+    @property
+    def bucket(self) -> storage.Bucket:
+        if self._client is None:
+            from google.cloud import storage  # noqa: PLC0415 (kept off the import path)
+
+            self._client = storage.Client()
+        return self._client.bucket(self.bucket_name)
+
+    @staticmethod
+    def _path(model: str, *parts: str) -> str:
+        return "/".join(["ledger", model, *parts])
+
+    def _create(self, name: str, body: bytes) -> bool:
+        """Create ``name`` only if it does not exist; False if it did."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        try:
+            self.bucket.blob(name).upload_from_string(
+                body, content_type="application/json", if_generation_match=0
+            )
+        except PreconditionFailed:
+            return False
+        return True
+
+    def _read(self, name: str) -> tuple[dict[str, Any], int] | None:
+        from google.api_core.exceptions import NotFound  # noqa: PLC0415
+
+        blob = self.bucket.blob(name)
+        try:
+            body = blob.download_as_bytes()
+        except NotFound:
+            return None
+        value: dict[str, Any] = json.loads(body)
+        return value, int(blob.generation)
+
+    def _exists(self, name: str) -> bool:
+        return bool(self.bucket.blob(name).exists())
+
+    def _delete(self, name: str, generation: int | None = None) -> bool:
+        from google.api_core.exceptions import NotFound, PreconditionFailed  # noqa: PLC0415
+
+        try:
+            self.bucket.blob(name).delete(if_generation_match=generation)
+        except (NotFound, PreconditionFailed):
+            return False
+        return True
+
+    # -- events --------------------------------------------------------------------
+
+    def claim(self, request: RetrainRequest) -> Claim:
+        """Record ``request`` once. ``new``: first sight; ``pending``: seen, not yet covered
+        by a run; ``done``: a run covered it (or is covering it)."""
+        h = event_hash(request.dedupe_key)
+        pending = self._path(request.model, "pending", f"{h}.json")
+        claim = self._path(request.model, "events", f"{h}.json")
+        if self._exists(claim):
+            return "pending" if self._exists(pending) else "done"
+        # Marker first, then the claim: a delivery that dies in between leaves a marker, and
+        # its redelivery finds no claim and finishes the job; the names make both idempotent.
+        body = json.dumps(
+            {"request": json.loads(request.model_dump_json()), "received_at": self.clock()}
+        ).encode()
+        self._create(pending, body)
+        return "new" if self._create(claim, body) else "pending"
+
+    def record_arrival(self, request: RetrainRequest) -> bool:
+        """For arrival policies that look at the data first: True the first time only."""
+        body = json.dumps(
+            {
+                "request": json.loads(request.model_dump_json()),
+                "received_at": self.clock(),
+                "outcome": None,
+            }
+        ).encode()
+        return self._create(self._arrival(request), body)
+
+    def settle_arrival(self, request: RetrainRequest, outcome: str, **fields: Any) -> None:
+        """What the check of an arrival decided (``no_drift``, ``drift``, ``first_model``...)."""
+        self._update(self._arrival(request), outcome=outcome, settled_at=self.clock(), **fields)
+
+    def arrival(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
+        found = self._read(self._path(model, "arrivals", f"{event_hash(dedupe_key)}.json"))
+        return found[0] if found else None
+
+    def _arrival(self, request: RetrainRequest) -> str:
+        return self._path(request.model, "arrivals", f"{event_hash(request.dedupe_key)}.json")
+
+    def _update(self, name: str, **fields: Any) -> None:
+        found = self._read(name)
+        if found is None:
+            raise KeyError(f"gs://{self.bucket_name}/{name} does not exist")
+        value, generation = found
+        value.update(fields)
+        self.bucket.blob(name).upload_from_string(
+            json.dumps(value).encode(),
+            content_type="application/json",
+            if_generation_match=generation,
+        )
+
+    def event(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
+        found = self._read(self._path(model, "events", f"{event_hash(dedupe_key)}.json"))
+        return found[0] if found else None
+
+    def has_pending(self, model: str) -> bool:
+        blobs = self.bucket.client.list_blobs(
+            self.bucket_name, prefix=self._path(model, "pending") + "/", max_results=1
+        )
+        return any(True for _ in blobs)
+
+    def pending(self, model: str) -> Iterator[tuple[str, RetrainRequest]]:
+        prefix = self._path(model, "pending") + "/"
+        for blob in self.bucket.client.list_blobs(self.bucket_name, prefix=prefix):
+            body = json.loads(blob.download_as_bytes())
+            yield blob.name, RetrainRequest.model_validate(body["request"])
+
+    # -- the lease -----------------------------------------------------------------
+
+    def lease(self, model: str) -> Lease | None:
+        found = self._read(self._path(model, "lease.json"))
+        if found is None:
+            return None
+        value, generation = found
+        return Lease(value["run_id"], value["acquired_at"], value["expires_at"], generation)
+
+    def try_acquire(self, model: str, run_id: str, ttl: float) -> bool:
+        """Take the model's lease for ``run_id``; also from a holder whose lease expired."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        now = self.clock()
+        body = json.dumps({"run_id": run_id, "acquired_at": now, "expires_at": now + ttl}).encode()
+        name = self._path(model, "lease.json")
+        if self._create(name, body):
+            self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
+            return True
+        current = self.lease(model)
+        if current is None:  # released between our create and our read: one more try
+            if not self._create(name, body):
+                return False
+            self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
+            return True
+        if current.expires_at > now:
+            return False
+        try:  # the holder died without a report: take over, at this generation only
+            self.bucket.blob(name).upload_from_string(
+                body, content_type="application/json", if_generation_match=current.generation
+            )
+        except PreconditionFailed:
+            return False
+        self._end_run(model, current.run_id, "abandoned", f"lease expired at {current.expires_at}")
+        self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
+        return True
+
+    def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
+        """Move every pending event into run ``run_id``; the run then covers them."""
+        record = self.run(model, run_id) or RunRecord(model, run_id, "gathering")
+        requests = []
+        for name, request in sorted(self.pending(model), key=lambda p: p[1].time):
+            requests.append(request)
+            record.events.append(
+                {
+                    "dedupe_key": request.dedupe_key,
+                    "trigger_event_id": request.trigger_event_id,
+                    "reason": request.reason,
+                    "data_uris": request.data_uris,
+                    "time": request.time.isoformat(),
+                }
+            )
+            self._write_run(record)  # recorded in the run before the marker goes
+            self._delete(name)
+        if requests and not record.request_id:
+            record.request_id = requests[0].dedupe_key
+            record.reason = requests[0].reason
+        self._write_run(record)
+        return requests
+
+    def start(self, model: str, run_id: str, data_uris: list[str]) -> None:
+        record = self.run(model, run_id) or RunRecord(model, run_id, "gathering")
+        record.state, record.started_at, record.data_uris = "running", self.clock(), data_uris
+        self._write_run(record)
+
+    def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:
+        """End ``run_id`` and release the lease if it still holds it; True if it did."""
+        self._end_run(model, run_id, state, error)
+        current = self.lease(model)
+        if current is None or current.run_id != run_id:
+            return False
+        return self._delete(self._path(model, "lease.json"), current.generation)
+
+    # -- runs ----------------------------------------------------------------------
+
+    def _write_run(self, record: RunRecord) -> None:
+        self.bucket.blob(
+            self._path(record.model, "runs", f"{record.run_id}.json")
+        ).upload_from_string(record.to_json(), content_type="application/json")
+
+    def _end_run(self, model: str, run_id: str, state: RunState, error: str | None) -> None:
+        record = self.run(model, run_id)
+        if record is None or record.ended_at is not None:
+            return
+        record.state, record.ended_at, record.error = state, self.clock(), error
+        self._write_run(record)
+
+    def run(self, model: str, run_id: str) -> RunRecord | None:
+        found = self._read(self._path(model, "runs", f"{run_id}.json"))
+        return RunRecord(**found[0]) if found else None
+
+    def runs(self, model: str) -> list[RunRecord]:
+        prefix = self._path(model, "runs") + "/"
+        records = [
+            RunRecord(**json.loads(blob.download_as_bytes()))
+            for blob in self.bucket.client.list_blobs(self.bucket_name, prefix=prefix)
+        ]
+        return sorted(records, key=lambda r: r.created_at)

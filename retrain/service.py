@@ -1,0 +1,275 @@
+"""The core behind the Cloud Functions: events in, at most one run per model out.
+
+Each handler gets an already-decoded event, decides, and returns an :class:`Outcome`
+that the function logs as one line. It never waits for a pipeline: a launch starts a
+worker and returns. A malformed event raises :class:`~retrain.events.EventError` (the
+function acks it); anything else propagates, so Pub/Sub retries and then dead-letters.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import ValidationError
+
+from retrain.config import ModelSettings, Settings
+from retrain.events import EventError, ObjectEvent, PubsubMessage, json_object
+from retrain.messages import DriftAlert, MetricsReport, RetrainRequest, ScheduleMessage
+
+if TYPE_CHECKING:
+    from pipelines.launchers import PipelineLauncher
+    from retrain.bus import Bus
+    from retrain.ledger import GcsLedger
+    from serving.registry import ModelRegistry
+
+__all__ = ["Outcome", "RetrainService", "build_service"]
+
+Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "released"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: Action
+    model: str | None = None
+    run_id: str | None = None
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def log_fields(self) -> dict[str, Any]:
+        fields = {"action": self.action, "model": self.model, "run_id": self.run_id}
+        return {k: v for k, v in {**fields, "detail": self.detail, **self.extra}.items() if v}
+
+
+def _new_run_id(model: str) -> str:
+    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class RetrainService:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: GcsLedger,
+        launcher: PipelineLauncher,
+        bus: Bus,
+        registry: ModelRegistry,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.launcher = launcher
+        self.bus = bus
+        self.registry = registry
+        self._champions: dict[tuple[str, str], tuple[dict[str, Any], Path, dict[str, float]]] = {}
+
+    # -- the one path to a run -----------------------------------------------------
+
+    def request(self, request: RetrainRequest) -> Outcome:
+        """Claim the request once; launch a run if the model has none, else leave it queued."""
+        model = self._model(request.model)
+        claim = self.ledger.claim(request)
+        if claim == "done":
+            return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
+        outcome = self.kick(request.model, model)
+        if claim == "pending" and outcome.action == "queued":
+            return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} queued")
+        return outcome
+
+    def kick(self, name: str, model: ModelSettings | None = None) -> Outcome:
+        """Start a run for ``name`` if none holds its lease; the run gathers what is pending."""
+        model = model or self._model(name)
+        run_id = _new_run_id(name)
+        if not self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds):
+            lease = self.ledger.lease(name)
+            holder = lease.run_id if lease else "?"
+            return Outcome("queued", name, detail=f"run {holder} is in flight")
+        self.launcher.submit(name, run_id)
+        return Outcome("launched", name, run_id=run_id)
+
+    def _model(self, name: str) -> ModelSettings:
+        try:
+            return self.settings.models[name]
+        except KeyError as exc:
+            known = ", ".join(sorted(self.settings.models))
+            raise EventError(f"model {name!r} is not in retrain.yaml (models: {known})") from exc
+
+    # -- the functions -------------------------------------------------------------
+
+    def data_arrival(self, event: ObjectEvent) -> Outcome:
+        outcome = self._data_arrival(event)
+        return Outcome(
+            outcome.action,
+            outcome.model,
+            outcome.run_id,
+            outcome.detail,
+            {"object": event.uri, "generation": event.generation, **outcome.extra},
+        )
+
+    def _data_arrival(self, event: ObjectEvent) -> Outcome:
+        if not event.is_finalize:
+            return Outcome("ignored", detail=f"{event.kind} of {event.uri} is not a finalize")
+        if event.name.endswith("/"):
+            return Outcome("ignored", detail=f"{event.uri} is a folder")
+        if event.name.startswith("gcloud/tmp/"):
+            return Outcome("ignored", detail=f"{event.uri} is a gcloud temporary object")
+        name = self.settings.model_for_object(event.bucket, event.name)
+        if name is None:
+            return Outcome("ignored", detail=f"{event.uri} belongs to no model's data prefix")
+        model = self.settings.models[name]
+        request = RetrainRequest(
+            model=name,
+            reason="data",
+            data_uris=[event.uri],
+            dedupe_key=event.dedupe_key,
+            trigger_event_id=event.event_id,
+        )
+        if model.arrival_policy == "every_arrival":
+            return self.request(request)
+        return self._check_arrival(request, model, event)
+
+    def drift_alert(self, message: PubsubMessage) -> Outcome:
+        payload = json_object(message)
+        if "incident" in payload:  # a Cloud Monitoring alert, e.g. from Vertex Model Monitoring
+            name, summary, uris = self._incident(payload["incident"], message.message_id)
+        else:
+            try:
+                alert = DriftAlert.model_validate(payload)
+            except ValidationError as exc:
+                raise EventError(f"message {message.message_id}: not a drift alert: {exc}") from exc
+            name, summary, uris = alert.model, alert.summary, alert.data_uris
+        request = RetrainRequest(
+            model=name,
+            reason="drift",
+            data_uris=uris,
+            dedupe_key=message.message_id,
+            trigger_event_id=message.message_id,
+        )
+        outcome = self.request(request)
+        return Outcome(outcome.action, name, outcome.run_id, outcome.detail, {"alert": summary})
+
+    @staticmethod
+    def _incident(incident: Any, message_id: str) -> tuple[str, str, list[str]]:
+        labels = incident.get("policy_user_labels", {}) if isinstance(incident, dict) else {}
+        name = labels.get("retrain_model") if isinstance(labels, dict) else None
+        if not isinstance(name, str) or not name:
+            raise EventError(
+                f"message {message_id}: alert incident has no policy user label 'retrain_model' "
+                "naming the model to retrain"
+            )
+        return name, str(incident.get("summary", "monitoring alert")), []
+
+    def schedule(self, message: PubsubMessage) -> Outcome:
+        payload = json_object(message)
+        try:
+            tick = ScheduleMessage.model_validate(payload)
+        except ValidationError as exc:
+            raise EventError(
+                f"message {message.message_id}: not a schedule message: {exc}"
+            ) from exc
+        request = RetrainRequest(
+            model=tick.model,
+            reason=tick.reason,
+            data_uris=tick.data_uris,
+            dedupe_key=tick.dedupe_key or message.message_id,
+            trigger_event_id=message.message_id,
+        )
+        return self.request(request)
+
+    def report(self, report: MetricsReport) -> Outcome:
+        """A run ended (its report arrived): release its lease; then one trailing run covers
+        whatever arrived meanwhile."""
+        released = self.ledger.finish(
+            report.model, report.run_id, "succeeded" if report.status == "succeeded" else "failed",
+            report.error,
+        )  # fmt: skip
+        if not self.ledger.has_pending(report.model):
+            return Outcome("released" if released else "ignored", report.model, report.run_id)
+        trailing = self.kick(report.model)
+        return Outcome(
+            trailing.action, report.model, trailing.run_id, f"trailing run after {report.run_id}"
+        )
+
+    # -- arrival policies that look at the data --------------------------------------
+
+    def _check_arrival(
+        self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent
+    ) -> Outcome:
+        if not self.ledger.record_arrival(request):
+            return Outcome("duplicate", request.model, detail=f"{event.dedupe_key} checked")
+        champion = self.registry.champion(request.model)
+        if champion is None:  # nothing to compare with: the first model needs this data
+            outcome = self.request(request)
+            self.ledger.settle_arrival(request, "first_model", run_id=outcome.run_id)
+            return outcome
+        from components.dataio import read_table  # noqa: PLC0415 (pandas: drift policies only)
+        from retrain.drift import check_degradation, check_drift  # noqa: PLC0415
+
+        metadata, model_dir, reference = self._champion(request.model, champion)
+        frame = read_table(event.uri, model.format)
+        drift = check_drift(frame, metadata, model.drift)
+        reasons = [drift.summary()] if drift.drifted else []
+        details: dict[str, Any] = {"drift": drift.to_dict()}
+        kind: Literal["drift", "degradation"] = "drift"
+        if model.arrival_policy == "on_drift_or_degradation":
+            degradation = check_degradation(
+                frame, model_dir, metadata, reference, model.drift.degradation_margin
+            )
+            if degradation is not None:
+                details["degradation"] = degradation.to_dict()
+                if degradation.degraded:
+                    reasons.extend(degradation.reasons)
+                    kind = "drift" if drift.drifted else "degradation"
+        if not reasons:
+            self.ledger.settle_arrival(request, "no_drift", summary=drift.summary())
+            return Outcome("checked", request.model, detail=f"no drift: {drift.summary()}")
+        alert = DriftAlert(
+            model=request.model,
+            kind=kind,
+            data_uris=[event.uri],
+            summary="; ".join(reasons),
+            details=details | {"champion_version": champion.version},
+        )
+        message_id = self.bus.publish(self.settings.topics.drift_alerts, alert, model=alert.model)
+        self.ledger.settle_arrival(
+            request, kind, alert_message_id=message_id, summary=alert.summary
+        )
+        return Outcome("checked", request.model, detail=alert.summary, extra={"alert": message_id})
+
+    def _champion(self, name: str, champion: Any) -> tuple[dict[str, Any], Path, dict[str, float]]:
+        """The champion's metadata and model folder, downloaded once per version."""
+        key = (name, champion.version)
+        if key not in self._champions:
+            import json  # noqa: PLC0415
+
+            from retrain import blobstore  # noqa: PLC0415
+
+            folder = Path(tempfile.mkdtemp(prefix=f"champion-{name}-{champion.version}-"))
+            blobstore.download_dir(champion.artifact_uri, folder)
+            metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+            self._champions = {key: (metadata, folder, dict(champion.metrics))}
+        return self._champions[key]
+
+
+def build_service(settings: Settings, config_path: Path) -> RetrainService:
+    """The service with the adapters that ``backend`` in retrain.yaml names."""
+    from pipelines.launchers import LocalLauncher  # noqa: PLC0415
+    from retrain.bus import PubsubBus  # noqa: PLC0415
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+    from serving.registry import GcsRegistry  # noqa: PLC0415
+
+    launchers = {"local": lambda: LocalLauncher(config_path, settings.local.state_dir)}
+    if settings.backend not in launchers:
+        raise NotImplementedError(
+            f"backend {settings.backend!r}: its launcher arrives with the Google Cloud issue; "
+            "use backend: local"
+        )
+    return RetrainService(
+        settings,
+        GcsLedger(settings.buckets.artifacts),
+        launchers[settings.backend](),
+        PubsubBus(settings.project),
+        GcsRegistry(settings.buckets.artifacts),
+    )
