@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -328,6 +328,151 @@ def run(
         markup=False,
         soft_wrap=True,
     )
+
+
+class _Clients:
+    """Pub/Sub and storage clients: the local stack's emulators when it runs, else whatever
+    the environment names (the emulators by their env vars, or Google Cloud)."""
+
+    def __init__(self, stack: Stack) -> None:
+        from google.cloud import pubsub_v1, storage  # noqa: PLC0415
+
+        from retrain.localstack import emulators  # noqa: PLC0415
+
+        project = stack.settings.project
+        if stack.running():
+            self.publisher = emulators.publisher(stack.pubsub_host)
+            self.subscriber = emulators.subscriber(stack.pubsub_host)
+            self.storage = emulators.storage_client(stack.gcs_url, project)
+        else:
+            self.publisher = pubsub_v1.PublisherClient()
+            self.subscriber = pubsub_v1.SubscriberClient()
+            self.storage = storage.Client(project=project)
+
+
+Kind = Literal["data", "drift", "schedule", "manual"]
+
+
+@app.command("publish")
+def publish_(
+    kind: Annotated[Kind, typer.Argument(help="data | drift | schedule | manual")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model name in retrain.yaml.")],
+    data: Annotated[
+        list[str] | None,
+        typer.Option("--data", "-d", help="Data URI; for `data`, the one object that landed."),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option("--key", help="Dedupe key; the same key never starts a second run."),
+    ] = None,
+    summary: Annotated[str, typer.Option(help="For `drift`: what was seen.")] = (
+        "published by an operator"
+    ),
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Publish a well-formed event to the right topic (a manual trigger)."""
+    from retrain.operator import publish  # noqa: PLC0415
+
+    stack = _stack(config)
+    clients = _Clients(stack)
+    try:
+        sent = publish(stack.settings, clients.publisher, kind, model, data, key, summary)
+    except (ValueError, FileNotFoundError) as exc:
+        err.print(f"[bold red]retrain publish[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    out.print(f"published {kind} for {model} to {sent.topic}: message {sent.message_id}")
+
+
+@app.command()
+def republish(
+    from_dead_letter: Annotated[
+        str | None,
+        typer.Option(
+            "--from-dead-letter",
+            metavar="TOPIC",
+            help="Move messages from TOPIC's dead-letter subscription back to TOPIC.",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many messages.")] = 100,
+    event: Annotated[
+        str | None,
+        typer.Option("--event", metavar="KEY", help="Re-send the recorded event with this key."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="With --event: the event's model.")
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(help="Give the events new dedupe keys, so that they run again."),
+    ] = False,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Replay dead-lettered messages, or one recorded event. Nothing is acked before it is
+    published again; a replay keeps its dedupe key unless --force."""
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+    from retrain.operator import republish_dead_letters, republish_event  # noqa: PLC0415
+
+    if (from_dead_letter is None) == (event is None):
+        err.print("[bold red]retrain republish[/]: give exactly one of --from-dead-letter, --event")
+        raise typer.Exit(code=2)
+    stack = _stack(config)
+    clients = _Clients(stack)
+    try:
+        if from_dead_letter is not None:
+            count = 0
+            for sent in republish_dead_letters(
+                stack.settings, clients.publisher, clients.subscriber, from_dead_letter, limit,
+                force,
+            ):  # fmt: skip
+                count += 1
+                out.print(
+                    f"republished to {sent.topic}: message {sent.message_id} "
+                    f"(dedupe key {sent.dedupe_key})",
+                    markup=False,
+                )
+            out.print(f"{count} message(s) moved from {from_dead_letter}-dead-letter")
+        else:
+            assert event is not None  # noqa: S101 (checked above)
+            if model is None:
+                err.print("[bold red]retrain republish[/]: --event needs --model")
+                raise typer.Exit(code=2)
+            ledger = GcsLedger(stack.settings.buckets.artifacts, clients.storage)
+            sent = republish_event(stack.settings, clients.publisher, ledger, model, event, force)
+            out.print(
+                f"republished {event} to {sent.topic}: message {sent.message_id}", markup=False
+            )
+    except (ValueError, LookupError, FileNotFoundError) as exc:
+        err.print(f"[bold red]retrain republish[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+
+
+@app.command()
+def runs(
+    model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """List runs with reason, triggering event, state and duration."""
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+
+    stack = _stack(config)
+    models = [model] if model else sorted(stack.settings.models)
+    ledger = GcsLedger(stack.settings.buckets.artifacts, _Clients(stack).storage)
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "run", "reason", "trigger", "events", "state", "started", "took"):
+        table.add_column(column)
+    for name in models:
+        for record in ledger.runs(name):
+            started = record.started_at or record.created_at
+            took = f"{record.ended_at - started:.1f} s" if record.ended_at else "-"
+            trigger = record.events[0]["trigger_event_id"] if record.events else "-"
+            table.add_row(
+                name, record.run_id, record.reason or "-", escape(str(trigger)),
+                str(len(record.events)), record.state,
+                datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S"), took,
+            )  # fmt: skip
+    out.print(table)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "DEDUPE_ATTRIBUTE",
     "EventError",
     "ObjectEvent",
     "PubsubMessage",
@@ -22,6 +23,9 @@ PUBLISHED = "google.cloud.pubsub.topic.v1.messagePublished"
 FINALIZED = "google.cloud.storage.object.v1.finalized"
 FINALIZE_KINDS = frozenset({"OBJECT_FINALIZE", FINALIZED})
 MAX_PAYLOAD_BYTES = 1_000_000
+# Set by `retrain republish`: the event keeps its original dedupe key, so a replay of an
+# event that already ran starts nothing (unless the operator asked for --force).
+DEDUPE_ATTRIBUTE = "retrain_dedupe_key"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _TOPIC_SOURCE = re.compile(r"projects/(?P<project>[^/]+)/topics/(?P<topic>[^/]+)$")
 
@@ -38,6 +42,11 @@ class PubsubMessage:
     publish_time: str | None = None
     topic: str | None = None
     delivery_attempt: int | None = None
+
+    @property
+    def dedupe_key(self) -> str:
+        """The message id of the original publish (kept across a republish)."""
+        return self.attributes.get(DEDUPE_ATTRIBUTE) or self.message_id
 
 
 def decode_pubsub(event_type: str, source: str, data: Any) -> PubsubMessage:
@@ -103,6 +112,7 @@ class ObjectEvent:
     bucket: str
     name: str
     generation: str
+    override: str | None = None
 
     @property
     def uri(self) -> str:
@@ -110,7 +120,7 @@ class ObjectEvent:
 
     @property
     def dedupe_key(self) -> str:
-        return f"{self.bucket}/{self.name}#{self.generation}"
+        return self.override or f"{self.bucket}/{self.name}#{self.generation}"
 
     @property
     def is_finalize(self) -> bool:
@@ -131,11 +141,13 @@ def object_event(event_type: str, source: str, event_id: str, data: Any) -> Obje
         name = attributes.get("objectId") or payload.get("name")
         generation = attributes.get("objectGeneration") or payload.get("generation")
         event_id = message.message_id
+        override = attributes.get(DEDUPE_ATTRIBUTE)
     elif event_type == FINALIZED or event_type.startswith("google.cloud.storage.object.v1."):
         if not isinstance(data, dict):
             raise EventError(f"event {event_id}: storage event data is not an object")
         kind = event_type
         bucket, name, generation = data.get("bucket"), data.get("name"), data.get("generation")
+        override = None
     else:
         raise EventError(f"event {event_id}: type {event_type!r} is not a storage notification")
     for field_name, value in (("bucket", bucket), ("name", name), ("generation", generation)):
@@ -144,4 +156,4 @@ def object_event(event_type: str, source: str, event_id: str, data: Any) -> Obje
     name = str(name)
     if ".." in name.split("/") or _CONTROL.search(name) or len(name.encode()) > 1024:
         raise EventError(f"event {event_id}: object name {name!r} is not a safe object name")
-    return ObjectEvent(event_id, kind, str(bucket), name, str(generation))
+    return ObjectEvent(event_id, kind, str(bucket), name, str(generation), override)

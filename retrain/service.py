@@ -144,7 +144,7 @@ class RetrainService:
             model=name,
             reason="drift",
             data_uris=uris,
-            dedupe_key=message.message_id,
+            dedupe_key=message.dedupe_key,
             trigger_event_id=message.message_id,
         )
         outcome = self.request(request)
@@ -173,7 +173,7 @@ class RetrainService:
             model=tick.model,
             reason=tick.reason,
             data_uris=tick.data_uris,
-            dedupe_key=tick.dedupe_key or message.message_id,
+            dedupe_key=tick.dedupe_key or message.dedupe_key,
             trigger_event_id=message.message_id,
         )
         return self.request(request)

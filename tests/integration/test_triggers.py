@@ -1,0 +1,325 @@
+"""Events start exactly one run each, on the real stack: notifications, duplicates, bursts,
+a crash mid-request, drift, schedule, manual and dead-letter replay."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from google.cloud import pubsub_v1
+
+from retrain.config import load_settings
+from retrain.ledger import GcsLedger, RunRecord
+from retrain.localstack import Stack, emulators
+from retrain.localstack.processes import http_ok, spawn, stop, wait_until
+from retrain.messages import DriftAlert, ScheduleMessage, decode, encode
+from retrain.operator import data_notification
+from tests.conftest import ROOT, free_ports, unique, write_config
+
+pytestmark = pytest.mark.integration
+
+RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=3000).rename(
+    columns={"Unnamed: 0": "day"}
+)
+BASE = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))["models"]["rainfall"]
+QUICK = {
+    **BASE,
+    "estimator": {"name": "HistGradientBoostingClassifier", "params": {"max_iter": 30}},
+    "arrival_policy": "every_arrival",
+    "coalesce_seconds": 0.5,
+    "schedule": None,
+}
+MODELS = {
+    "single": QUICK,
+    "storm": QUICK,
+    "burst": {**QUICK, "coalesce_seconds": 2.0},
+    "crash": QUICK,
+    "drifty": {**QUICK, "arrival_policy": "on_drift"},
+    "sched": QUICK,
+    "dead": QUICK,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack of this module's own, whose config has one model per test."""
+    models = {name: {**spec, "data_prefix": f"{name}/"} for name, spec in MODELS.items()}
+    path = write_config(tmp_path_factory.mktemp("triggers"), models=models)
+    with Stack(load_settings(path), path).running_stack() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def ledger(stack: Stack) -> GcsLedger:
+    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
+    return GcsLedger(stack.settings.buckets.artifacts, client)
+
+
+def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
+    blob = gcs.bucket(stack.settings.buckets.data).blob(name)
+    blob.upload_from_string(frame.to_csv(index=False), content_type="text/csv")
+    return f"gs://{stack.settings.buckets.data}/{name}"
+
+
+def settled(ledger: GcsLedger, model: str, runs: int = 1, timeout: float = 120) -> list[RunRecord]:
+    """Wait until ``model`` has at least ``runs`` runs, all ended, no lease, nothing pending."""
+
+    def done() -> bool:
+        records = ledger.runs(model)
+        return (
+            len(records) >= runs
+            and all(r.ended_at is not None for r in records)
+            and ledger.lease(model) is None
+            and not ledger.has_pending(model)
+        )
+
+    assert wait_until(done, timeout=timeout, interval=0.5), (
+        f"{model} did not settle: {ledger.runs(model)}, lease {ledger.lease(model)}"
+    )
+    return ledger.runs(model)
+
+
+def covered(records: list[RunRecord]) -> list[str]:
+    return [event["dedupe_key"] for record in records for event in record.events]
+
+
+def test_one_upload_gives_exactly_one_run(stack: Stack, gcs: Any, ledger: GcsLedger) -> None:
+    uri = upload(gcs, stack, "single/rows.csv", RAINFALL)
+
+    (run,) = settled(ledger, "single")
+
+    assert run.state == "succeeded", run.error
+    assert run.reason == "data"
+    assert run.data_uris == [uri]
+    (event,) = run.events
+    generation = gcs.bucket(stack.settings.buckets.data).get_blob("single/rows.csv").generation
+    assert event["dedupe_key"] == f"{stack.settings.buckets.data}/single/rows.csv#{generation}"
+
+
+def test_the_same_notification_fifty_times_gives_one_run(
+    stack: Stack, gcs: Any, ledger: GcsLedger, publisher: pubsub_v1.PublisherClient
+) -> None:
+    uri = upload(gcs, stack, "storm/rows.csv", RAINFALL)
+    body, attributes = data_notification(uri, gcs)
+    topic = publisher.topic_path(stack.settings.project, stack.settings.topics.data_arrivals)
+    futures = [publisher.publish(topic, body, **attributes) for _ in range(50)]
+    for future in futures:
+        future.result(timeout=30)
+
+    runs = settled(ledger, "storm")
+    log = stack.logs / "on_data_arrival.log"
+    assert wait_until(
+        lambda: log.read_text(encoding="utf-8").count('"object": "' + uri) >= 51, timeout=60
+    ), "every delivery must have been handled before we count runs"
+
+    assert len(runs) == 1
+    assert covered(runs) == [f"{stack.settings.buckets.data}/storm/rows.csv#"
+                             f"{attributes['objectGeneration']}"]  # fmt: skip
+
+
+def test_twenty_files_in_two_seconds_give_one_or_two_runs_covering_all(
+    stack: Stack, gcs: Any, ledger: GcsLedger
+) -> None:
+    started = time.monotonic()
+    uris = [
+        upload(gcs, stack, f"burst/part-{i:02d}.csv", RAINFALL.iloc[i * 150 : (i + 1) * 150])
+        for i in range(20)
+    ]
+    assert time.monotonic() - started < 2.5
+
+    def all_covered() -> bool:
+        keys = covered(ledger.runs("burst"))
+        return len(keys) == 20
+
+    assert wait_until(all_covered, timeout=120, interval=0.5)
+    runs = settled(ledger, "burst")
+
+    assert 1 <= len(runs) <= 2, [r.run_id for r in runs]
+    assert all(r.state == "succeeded" for r in runs), [r.error for r in runs]
+    assert sorted({k.split("#")[0] for k in covered(runs)}) == sorted(
+        u.removeprefix("gs://") for u in uris
+    )
+    assert sorted(runs[-1].data_uris) == sorted(uris)  # the last run trains on every file
+
+
+@pytest.fixture
+def crashing_function(stack: Stack, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    (port,) = free_ports(1)
+    marker = tmp_path / "crashed"
+    argv = [
+        sys.executable, "-m", "functions_framework", "--target", "on_data_arrival",
+        "--source", str(ROOT / "tests" / "functions" / "crashing.py"),
+        "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    env = {**stack.env(), "CRASH_MARKER": str(marker)}
+    record = spawn(argv, tmp_path / "crashing.log", env, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: http_ok(url + "/"), timeout=30, abort=lambda: not record.alive())
+        yield url, marker
+    finally:
+        stop(record)
+
+
+def test_function_killed_mid_request_is_redelivered_and_gives_one_run(
+    stack: Stack,
+    gcs: Any,
+    ledger: GcsLedger,
+    topic: str,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+    crashing_function: tuple[str, Path],
+) -> None:
+    url, marker = crashing_function
+    project = stack.settings.project
+    # Only the crashing function hears this topic; the object is written where no
+    # notification reaches the stack's own function (the run reads it by its prefix).
+    subscription = subscriber.subscription_path(project, unique("crash"))
+    subscriber.create_subscription(
+        request={
+            "name": subscription,
+            "topic": publisher.topic_path(project, topic),
+            "push_config": {"push_endpoint": f"{url}/projects/{project}/topics/{topic}"},
+            "retry_policy": {"minimum_backoff": {"nanos": 200_000_000},
+                             "maximum_backoff": {"seconds": 1}},
+        }
+    )  # fmt: skip
+    uri = upload(gcs, stack, "crash/rows.csv", RAINFALL)
+    # The stack's own function also heard the upload; let that run finish, then replay the
+    # same object under a new key through the crashing function only.
+    settled(ledger, "crash")
+    body, attributes = data_notification(uri, gcs)
+    attributes["retrain_dedupe_key"] = f"{uri}#crash-test"
+    publisher.publish(publisher.topic_path(project, topic), body, **attributes).result(30)
+
+    runs = settled(ledger, "crash", runs=2)
+
+    assert marker.exists(), "the first delivery must have died mid-request"
+    replayed = [r for r in runs if f"{uri}#crash-test" in covered([r])]
+    assert len(replayed) == 1
+    assert covered(runs).count(f"{uri}#crash-test") == 1
+    assert replayed[0].state == "succeeded", replayed[0].error
+
+
+def test_drift_raises_an_alert_and_an_unshifted_copy_does_not(
+    stack: Stack,
+    gcs: Any,
+    ledger: GcsLedger,
+    subscriber: pubsub_v1.SubscriberClient,
+) -> None:
+    project = stack.settings.project
+    alerts = subscriber.subscription_path(project, unique("alerts"))
+    subscriber.create_subscription(
+        name=alerts, topic=f"projects/{project}/topics/{stack.settings.topics.drift_alerts}"
+    )
+    try:
+        upload(gcs, stack, "drifty/rows-0-2999.csv", RAINFALL)
+        (first,) = settled(ledger, "drifty")  # no champion yet: the first model is trained
+        _make_champion(gcs, stack, "drifty", first.run_id)
+
+        same = upload(gcs, stack, "drifty/copy.csv", RAINFALL.sample(frac=1.0, random_state=1))
+        shifted = RAINFALL.copy()
+        for column in ("dew point", "sea-level pressure"):
+            shifted[column] += 2 * shifted[column].std()
+        moved = upload(gcs, stack, "drifty/shifted.csv", shifted)
+
+        def outcome(uri: str) -> Any:
+            blob = gcs.bucket(stack.settings.buckets.data).get_blob(uri.split("/", 3)[3])
+            key = f"{stack.settings.buckets.data}/{blob.name}#{blob.generation}"
+            arrival = ledger.arrival("drifty", key)
+            return arrival and arrival.get("outcome")
+
+        assert wait_until(lambda: outcome(same) and outcome(moved), timeout=60, interval=0.5)
+        assert outcome(same) == "no_drift"
+        assert outcome(moved) == "drift"
+        response = subscriber.pull(subscription=alerts, max_messages=10, timeout=30)
+        (message,) = [m.message for m in response.received_messages]
+        alert = decode(DriftAlert, message.data)
+        assert alert.model == "drifty"
+        assert alert.data_uris == [moved]
+        drifted = alert.details["drift"]["drifted_features"]
+        assert set(drifted[:2]) == {"dew point", "sea-level pressure"}
+        runs = settled(ledger, "drifty", runs=2)
+        assert runs[-1].reason == "drift"
+    finally:
+        subscriber.delete_subscription(subscription=alerts)
+
+
+def _make_champion(gcs: Any, stack: Stack, model: str, run_id: str) -> None:
+    """Point the registry's champion at a run's candidate, as the gatekeeper will."""
+    artifacts = gcs.bucket(stack.settings.buckets.artifacts)
+    report = json.loads(artifacts.blob(f"runs/{model}/{run_id}/report.json").download_as_bytes())
+    candidate = report["report"]["candidate"]
+    record = {"version": "1", "artifact_uri": candidate["artifact_uri"],
+              "metrics": candidate["metrics"], "run_id": run_id}  # fmt: skip
+    artifacts.blob(f"registry/{model}/versions/1.json").upload_from_string(json.dumps(record))
+    artifacts.blob(f"registry/{model}/champion.json").upload_from_string('{"version": "1"}')
+
+
+def retrain_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "retrain", *args, "--config", str(stack.config_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "COLUMNS": "250"},
+    )  # fmt: skip
+
+
+def test_scheduled_and_manual_requests_each_start_a_run(
+    stack: Stack, gcs: Any, ledger: GcsLedger
+) -> None:
+    upload(gcs, stack, "sched/rows.csv", RAINFALL)
+    settled(ledger, "sched")
+
+    scheduled = retrain_cli(stack, "publish", "schedule", "--model", "sched")
+    assert scheduled.returncode == 0, scheduled.stderr
+    runs = settled(ledger, "sched", runs=2)
+    assert runs[-1].reason == "schedule"
+    assert runs[-1].state == "succeeded", runs[-1].error
+
+    manual = retrain_cli(stack, "publish", "manual", "--model", "sched", "--key", "ops-42")
+    assert manual.returncode == 0, manual.stderr
+    runs = settled(ledger, "sched", runs=3)
+    assert runs[-1].reason == "manual"
+    assert covered([runs[-1]]) == ["ops-42"]
+
+    again = retrain_cli(stack, "publish", "manual", "--model", "sched", "--key", "ops-42")
+    assert again.returncode == 0
+    log = stack.logs / "on_schedule.log"
+    assert wait_until(lambda: '"detail": "ops-42 already run"' in log.read_text("utf-8"), 30)
+    assert len(settled(ledger, "sched", runs=3)) == 3
+
+    listed = retrain_cli(stack, "runs", "sched")
+    assert listed.returncode == 0
+    assert [line.split()[2] for line in listed.stdout.splitlines()[1:]] == [
+        "data", "schedule", "manual"
+    ]  # fmt: skip
+
+
+def test_republish_from_dead_letter_replays_end_to_end(
+    stack: Stack, gcs: Any, ledger: GcsLedger, publisher: pubsub_v1.PublisherClient
+) -> None:
+    upload(gcs, stack, "dead/rows.csv", RAINFALL)
+    settled(ledger, "dead")
+    # A schedule message that no function could handle waits in the dead-letter topic.
+    topic = stack.settings.topics.retrain_schedule
+    dead_topic = publisher.topic_path(stack.settings.project, f"{topic}-dead-letter")
+    publisher.publish(dead_topic, encode(ScheduleMessage(model="dead"))).result(timeout=30)
+
+    replay = retrain_cli(stack, "republish", "--from-dead-letter", topic, "--limit", "5")
+
+    assert replay.returncode == 0, replay.stderr
+    assert "1 message(s) moved" in replay.stdout
+    runs = settled(ledger, "dead", runs=2)
+    assert runs[-1].reason == "schedule"
+    assert runs[-1].state == "succeeded", runs[-1].error
+    again = retrain_cli(stack, "republish", "--from-dead-letter", topic)
+    assert "0 message(s) moved" in again.stdout  # it was acked once, after its publish
