@@ -16,7 +16,8 @@ TRIGGERS = Path(__file__).resolve().parents[2] / "triggers" / "main.py"
 MARKER = Path(os.environ["CRASH_MARKER"])
 
 _spec = importlib.util.spec_from_file_location("triggers_main_under_test", TRIGGERS)
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 _main: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_main)
 _real_kick = _main._SERVICE.kick
