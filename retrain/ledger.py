@@ -9,9 +9,9 @@ and fake-gcs-server both enforce. Layout under ``gs://<artifacts>/ledger/<model>
     lease.json         the model's single-flight lease: which run holds it, until when
     runs/<run id>.json the run: its events, data, state, and when it started and ended
 
-A claimed event is *done* once its pending marker is gone: a duplicate then does nothing.
-A duplicate that finds the marker still there only nudges the lease, so an event whose
-first delivery died half-way is still covered, by exactly one run.
+An event is *done* once a run covered it: its claim then names the run, and a duplicate
+does nothing. A duplicate that finds the marker still there only nudges the lease, so an
+event whose first delivery died half-way is still covered, by exactly one run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from retrain.messages import RetrainRequest
 if TYPE_CHECKING:
     from google.cloud import storage
 
-__all__ = ["Claim", "GcsLedger", "Lease", "RunLedger", "RunRecord", "event_hash"]
+__all__ = ["Acquired", "Claim", "GcsLedger", "Lease", "RunLedger", "RunRecord", "event_hash"]
 
 Claim = Literal["new", "pending", "done"]
 RunState = Literal["gathering", "running", "succeeded", "failed", "abandoned"]
@@ -44,6 +44,14 @@ class Lease:
     acquired_at: float
     expires_at: float
     generation: int
+
+
+@dataclass(frozen=True)
+class Acquired:
+    """Whether the lease was taken, and which run holds it now (if known)."""
+
+    acquired: bool
+    holder: str | None
 
 
 @dataclass
@@ -66,7 +74,7 @@ class RunRecord:
 
 class RunLedger(Protocol):
     def claim(self, request: RetrainRequest) -> Claim: ...
-    def try_acquire(self, model: str, run_id: str, ttl: float) -> bool: ...
+    def try_acquire(self, model: str, run_id: str, ttl: float) -> Acquired: ...
     def collect(self, model: str, run_id: str) -> list[RetrainRequest]: ...
     def finish(
         self, model: str, run_id: str, state: RunState, error: str | None = None
@@ -140,19 +148,30 @@ class GcsLedger:
 
     def claim(self, request: RetrainRequest) -> Claim:
         """Record ``request`` once. ``new``: first sight; ``pending``: seen, not yet covered
-        by a run; ``done``: a run covered it (or is covering it)."""
+        by a run; ``done``: a run covered it (or is covering it).
+
+        Two create-only writes on the first sight, one for a duplicate that is still pending;
+        this is the hot path of every function.
+        """
         h = event_hash(request.dedupe_key)
         pending = self._path(request.model, "pending", f"{h}.json")
         claim = self._path(request.model, "events", f"{h}.json")
-        if self._exists(claim):
-            return "pending" if self._exists(pending) else "done"
-        # Marker first, then the claim: a delivery that dies in between leaves a marker, and
-        # its redelivery finds no claim and finishes the job; the names make both idempotent.
         body = json.dumps(
             {"request": json.loads(request.model_dump_json()), "received_at": self.clock()}
         ).encode()
-        self._create(pending, body)
-        return "new" if self._create(claim, body) else "pending"
+        # The marker first: a delivery that dies after it is redelivered, finds the marker,
+        # and only nudges the lease; the run that covers the event writes any missing claim.
+        if not self._create(pending, body):
+            return "pending"
+        if self._create(claim, body):
+            return "new"
+        # Claimed long ago, and its marker was consumed: a late duplicate. Undo our marker,
+        # unless a run has not yet covered the claim (then the marker is rightly there).
+        found = self._read(claim)
+        if found is not None and found[0].get("run_id"):
+            self._delete(pending)
+            return "done"
+        return "pending"
 
     def record_arrival(self, request: RetrainRequest) -> bool:
         """For arrival policies that look at the data first: True the first time only."""
@@ -213,39 +232,48 @@ class GcsLedger:
         value, generation = found
         return Lease(value["run_id"], value["acquired_at"], value["expires_at"], generation)
 
-    def try_acquire(self, model: str, run_id: str, ttl: float) -> bool:
+    def try_acquire(self, model: str, run_id: str, ttl: float) -> Acquired:
         """Take the model's lease for ``run_id``; also from a holder whose lease expired."""
         from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
 
         now = self.clock()
         body = json.dumps({"run_id": run_id, "acquired_at": now, "expires_at": now + ttl}).encode()
         name = self._path(model, "lease.json")
-        if self._create(name, body):
-            self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
-            return True
-        current = self.lease(model)
-        if current is None:  # released between our create and our read: one more try
-            if not self._create(name, body):
-                return False
-            self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
-            return True
-        if current.expires_at > now:
-            return False
+        current = self.lease(model)  # a read first: most callers find the lease held
+        if current is None:
+            for _ in range(2):  # once more if the lease was released between create and read
+                if self._create(name, body):
+                    self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
+                    return Acquired(True, run_id)
+                current = self.lease(model)
+                if current is not None:
+                    break
+        if current is None or current.expires_at > now:
+            return Acquired(False, current.run_id if current else None)
         try:  # the holder died without a report: take over, at this generation only
             self.bucket.blob(name).upload_from_string(
                 body, content_type="application/json", if_generation_match=current.generation
             )
         except PreconditionFailed:
-            return False
+            return Acquired(False, None)
         self._end_run(model, current.run_id, "abandoned", f"lease expired at {current.expires_at}")
         self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
-        return True
+        return Acquired(True, run_id)
 
     def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
-        """Move every pending event into run ``run_id``; the run then covers them."""
-        record = self.run(model, run_id) or RunRecord(model, run_id, "gathering")
+        """Move every pending event into run ``run_id``; the run then covers them.
+
+        Each event's claim is marked with the run first (created if a crashed delivery never
+        wrote it), so a late duplicate of a covered event is recognised and never run twice.
+        """
+        record = self.run(model, run_id) or RunRecord(
+            model, run_id, "gathering", created_at=self.clock()
+        )
         requests = []
         for name, request in sorted(self.pending(model), key=lambda p: p[1].time):
+            if not self._cover(model, request, run_id):
+                self._delete(name)  # a stale marker of an event another run covered
+                continue
             requests.append(request)
             record.events.append(
                 {
@@ -263,6 +291,28 @@ class GcsLedger:
             record.reason = requests[0].reason
         self._write_run(record)
         return requests
+
+    def _cover(self, model: str, request: RetrainRequest, run_id: str) -> bool:
+        """Mark the event's claim as covered by ``run_id``; False if another run has it."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        name = self._path(model, "events", f"{event_hash(request.dedupe_key)}.json")
+        for _ in range(5):
+            found = self._read(name)
+            value = found[0] if found else {"request": json.loads(request.model_dump_json())}
+            if value.get("run_id") not in (None, run_id):
+                return False
+            value["run_id"] = run_id
+            try:
+                self.bucket.blob(name).upload_from_string(
+                    json.dumps(value).encode(),
+                    content_type="application/json",
+                    if_generation_match=found[1] if found else 0,
+                )
+            except PreconditionFailed:
+                continue  # written in between: read it again
+            return True
+        raise RuntimeError(f"gs://{self.bucket_name}/{name} keeps changing; cannot cover it")
 
     def start(self, model: str, run_id: str, data_uris: list[str]) -> None:
         record = self.run(model, run_id) or RunRecord(model, run_id, "gathering")

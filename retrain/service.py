@@ -82,10 +82,9 @@ class RetrainService:
         """Start a run for ``name`` if none holds its lease; the run gathers what is pending."""
         model = model or self._model(name)
         run_id = _new_run_id(name)
-        if not self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds):
-            lease = self.ledger.lease(name)
-            holder = lease.run_id if lease else "?"
-            return Outcome("queued", name, detail=f"run {holder} is in flight")
+        lease = self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds)
+        if not lease.acquired:
+            return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
         self.launcher.submit(name, run_id)
         return Outcome("launched", name, run_id=run_id)
 
