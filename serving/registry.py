@@ -38,6 +38,10 @@ class ModelRegistry(Protocol):
         """The version that the ``champion`` alias points at, or None for a new model."""
         ...
 
+    def version(self, model: str, version: str) -> ModelVersion | None:
+        """One registered version, or None if there is no such version."""
+        ...
+
 
 class GcsRegistry:
     def __init__(self, bucket: str, client: Any | None = None, prefix: str = "registry") -> None:
@@ -69,12 +73,19 @@ class GcsRegistry:
         version = pointer.get("version")
         if not isinstance(version, str):
             raise RegistryError(f"{self.champion_uri(model)}: 'version' is not a string")
-        record = self._read(self.version_uri(model, version))
-        if record is None:
+        found = self.version(model, version)
+        if found is None:
             raise RegistryError(
                 f"{self.champion_uri(model)} names version {version}, "
                 f"but {self.version_uri(model, version)} does not exist"
             )
+        return found
+
+    def version(self, model: str, version: str) -> ModelVersion | None:
+        """One registered version, or None if there is no such version."""
+        record = self._read(self.version_uri(model, version))
+        if record is None:
+            return None
         try:
             return ModelVersion(
                 model=model,
