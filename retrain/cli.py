@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -15,6 +16,9 @@ from rich.table import Table
 from retrain.config import ConfigError, Settings, load_settings
 from retrain.localstack import Stack, StackError, StackRunning
 from retrain.options import ConfigOption
+
+if TYPE_CHECKING:
+    from serving.registry import GcsRegistryWriter
 
 app = typer.Typer(
     help="Event-driven retraining on Kubeflow Pipelines, locally or on Google Cloud.",
@@ -473,6 +477,173 @@ def runs(
                 datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S"), took,
             )  # fmt: skip
     out.print(table)
+
+
+def _writer(stack: Stack) -> GcsRegistryWriter:
+    from serving.registry import GcsRegistryWriter  # noqa: PLC0415
+
+    return GcsRegistryWriter(stack.settings.buckets.artifacts, _Clients(stack).storage)
+
+
+def _operator() -> str:
+    """Who is acting, from the environment (recorded with every operator action)."""
+    import getpass  # noqa: PLC0415
+
+    return os.environ.get("RETRAIN_OPERATOR") or getpass.getuser()
+
+
+@app.command()
+def versions(
+    model: Annotated[str, typer.Argument(help="Model name in retrain.yaml.")],
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """List each version with its metrics, verdict, reasons and lineage; mark the champion."""
+    stack = _stack(config)
+    registry = _writer(stack)
+    pointer = registry.champion_pointer(model)
+    champion = pointer[0].get("version") if pointer else None
+    records = registry.records(model)
+    if not records:
+        out.print(f"{model} has no versions yet")
+        return
+    primary = (
+        stack.settings.models[model].gate.primary_metric
+        if model in stack.settings.models
+        else "roc_auc"
+    )
+    for record in records:
+        mark = "[bold green]* champion[/]" if record["version"] == champion else ""
+        metrics = record.get("metrics", {})
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "rows")
+        out.print(
+            f"[bold]v{record['version']}[/] {mark} {record.get('verdict') or 'undecided'} "
+            f"(run {escape(str(record.get('run_id')))}, reason {record.get('reason')})"
+        )
+        out.print(
+            f"  {primary} {metrics.get(primary, float('nan')):.4f}; {shown}; "
+            f"{metrics.get('rows', 0):.0f} eval rows",
+            markup=False,
+            soft_wrap=True,
+        )
+        for reason in record.get("reasons", []):
+            out.print(f"  - {reason}", markup=False, soft_wrap=True)
+        lineage = record.get("lineage", {})
+        rows = sum(lineage.get("train_rows", {}).values())
+        out.print(
+            f"  trained on {len(lineage.get('train_data_uris', []))} object(s), {rows} rows; "
+            f"artifact {record.get('artifact_uri')}",
+            markup=False,
+            soft_wrap=True,
+        )
+    if pointer:
+        value = pointer[0]
+        out.print(f"champion v{champion}: set by {value.get('by')} ({value.get('reason')}); "
+                  f"before it: {', '.join('v' + v for v in value.get('previous', [])) or 'none'}",
+                  markup=False, soft_wrap=True)  # fmt: skip
+
+
+def _move(stack: Stack, model: str, version: str, reason: str, action: str) -> None:
+    registry = _writer(stack)
+    pointer = registry.champion_pointer(model)
+    current = pointer[0].get("version") if pointer else None
+    if registry.version(model, version) is None:
+        err.print(f"[bold red]{model} has no version {escape(version)}[/]")
+        raise typer.Exit(code=2)
+    who = _operator()
+    if not registry.promote(model, version, current, by=who, reason=f"{action}: {reason}"):
+        err.print(
+            "[bold red]the champion moved while you acted; look again with `retrain versions`[/]"
+        )
+        raise typer.Exit(code=1)
+    out.print(f"{model}: champion v{current or '-'} -> v{version} ({action} by {who}: {reason})")
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit trail.")]
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="The version to serve.")],
+    reason: ReasonOption,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Make VERSION the champion by hand (compare-and-swap; who and why are recorded)."""
+    _move(_stack(config), model, version, reason, "promote")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    reason: ReasonOption,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Version to go back to; default: the previous.")
+    ] = None,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Serve the previous champion again (or --to VERSION); who and why are recorded."""
+    stack = _stack(config)
+    pointer = _writer(stack).champion_pointer(model)
+    previous = (pointer[0].get("previous") or [None])[0] if pointer else None
+    target = to or previous
+    if target is None:
+        err.print(f"[bold red]{model} has no earlier champion to roll back to[/]")
+        raise typer.Exit(code=2)
+    _move(stack, model, target, reason, "rollback")
+
+
+@app.command()
+def predict(
+    model: Annotated[str, typer.Argument(help="Model name.")],
+    instances: Annotated[
+        str, typer.Option("--instances", "-i", help="JSON file of instances, or - for stdin.")
+    ],
+    version: Annotated[
+        str | None, typer.Option(help="Ask this version instead of the champion.")
+    ] = None,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Ask the prediction service; prints its answer (Vertex AI's predict shape)."""
+    import json  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    stack = _stack(config)
+    text = sys.stdin.read() if instances == "-" else Path(instances).read_text(encoding="utf-8")
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        err.print(f"[bold red]{escape(instances)}: not JSON[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    if isinstance(body, list):
+        body = {"instances": body}
+    settings = stack.settings
+    base = (
+        f"http://{settings.local.host}:{settings.local.ports.serving}/v1/projects/"
+        f"{settings.project}/locations/{settings.region}"
+    )
+    url = (
+        f"{base}/models/{model}@{version}:predict"
+        if version
+        else f"{base}/endpoints/{model}:predict"
+    )
+    request = urllib.request.Request(  # noqa: S310 (our own loopback server)
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        err.print(f"[bold red]{exc.code}[/]: {escape(exc.read().decode(errors='replace'))}")
+        raise typer.Exit(code=1) from exc
+    except urllib.error.URLError as exc:
+        err.print(
+            f"[bold red]the prediction service at {url} did not answer[/]: {exc.reason}; "
+            "is the stack up (`retrain status`)?"
+        )
+        raise typer.Exit(code=1) from exc
+    out.print_json(data=answer)
 
 
 def main() -> None:

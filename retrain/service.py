@@ -19,17 +19,23 @@ from pydantic import ValidationError
 
 from retrain.config import ModelSettings, Settings
 from retrain.events import EventError, ObjectEvent, PubsubMessage, json_object
-from retrain.messages import DriftAlert, MetricsReport, RetrainRequest, ScheduleMessage
+from retrain.messages import (
+    Decision,
+    DriftAlert,
+    MetricsReport,
+    RetrainRequest,
+    ScheduleMessage,
+)
 
 if TYPE_CHECKING:
     from pipelines.launchers import PipelineLauncher
     from retrain.bus import Bus
     from retrain.ledger import GcsLedger
-    from serving.registry import ModelRegistry
+    from serving.registry import GcsRegistryWriter
 
 __all__ = ["Outcome", "RetrainService", "build_service"]
 
-Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "released"]
+Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "decided"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,7 @@ class RetrainService:
         ledger: GcsLedger,
         launcher: PipelineLauncher,
         bus: Bus,
-        registry: ModelRegistry,
+        registry: GcsRegistryWriter,
     ) -> None:
         self.settings = settings
         self.ledger = ledger
@@ -178,18 +184,100 @@ class RetrainService:
         return self.request(request)
 
     def report(self, report: MetricsReport) -> Outcome:
-        """A run ended (its report arrived): release its lease; then one trailing run covers
-        whatever arrived meanwhile."""
-        released = self.ledger.finish(
+        """A run ended: decide on its candidate, then release its lease; one trailing run
+        covers whatever arrived meanwhile."""
+        decision = self.gatekeep(report)
+        self.ledger.finish(
             report.model, report.run_id, "succeeded" if report.status == "succeeded" else "failed",
             report.error,
         )  # fmt: skip
+        extra = {"verdict": decision.verdict, "version": decision.new_version}
         if not self.ledger.has_pending(report.model):
-            return Outcome("released" if released else "ignored", report.model, report.run_id)
+            return Outcome("decided", report.model, report.run_id, "; ".join(decision.reasons),
+                           extra)  # fmt: skip
         trailing = self.kick(report.model)
         return Outcome(
-            trailing.action, report.model, trailing.run_id, f"trailing run after {report.run_id}"
+            "decided", report.model, report.run_id,
+            f"trailing run {trailing.run_id or '(queued)'}; " + "; ".join(decision.reasons), extra,
+        )  # fmt: skip
+
+    def gatekeep(self, report: MetricsReport) -> Decision:
+        """Register the candidate, apply the gate, promote by compare-and-swap, publish the
+        Decision. The same report twice gives one version and one decision."""
+        from retrain.gate import decide  # noqa: PLC0415
+
+        registry = self.registry
+        kept = registry.decision(report.model, report.run_id)
+        if kept is not None:
+            decision = Decision.model_validate(kept["decision"])
+            if not kept.get("message_id"):  # decided, but the publish did not happen
+                self._publish_decision(report.model, report.run_id, decision)
+            return decision
+        model = self._model(report.model)
+        version = None
+        if report.status == "succeeded" and report.candidate is not None:
+            version, _ = registry.register(report.model, self._version_record(report))
+        champion = registry.champion(report.model)
+        current = champion.version if champion else None
+        verdict = decide(report, model.gate, current)
+        reasons = verdict.reasons
+        promoted = False
+        if verdict.promote and version is not None:
+            promoted = registry.promote(
+                report.model, version, current, by="gatekeeper", reason=f"run {report.run_id}"
+            )
+            if not promoted:
+                now = registry.champion(report.model)
+                reasons.append(
+                    f"stale: the champion moved to v{now.version if now else '?'} while deciding"
+                    ": FAIL"
+                )
+        if version is not None:
+            registry.record_verdict(
+                report.model, version, verdict="promoted" if promoted else "rejected",
+                reasons=reasons, decided_at=datetime.now(UTC).isoformat(),
+            )  # fmt: skip
+        decision = Decision(
+            model=report.model,
+            run_id=report.run_id,
+            verdict="promoted" if promoted else "rejected",
+            reasons=reasons,
+            new_version=version,
+            previous_champion=current,
         )
+        if registry.record_decision(
+            report.model, report.run_id, {"decision": decision.model_dump(mode="json"),
+                                          "time": decision.time.isoformat()}
+        ):  # fmt: skip
+            self._publish_decision(report.model, report.run_id, decision)
+        return decision
+
+    def _publish_decision(self, model: str, run_id: str, decision: Decision) -> None:
+        message_id = self.bus.publish(
+            self.settings.topics.model_decisions, decision, model=model, verdict=decision.verdict
+        )
+        self.registry.mark_published(model, run_id, message_id)
+
+    @staticmethod
+    def _version_record(report: MetricsReport) -> dict[str, Any]:
+        assert report.candidate is not None  # noqa: S101 (a succeeded report carries it)
+        return {
+            "model": report.model,
+            "artifact_uri": report.candidate.artifact_uri,
+            "metrics": report.candidate.metrics,
+            "run_id": report.run_id,
+            "request_id": report.request_id,
+            "reason": report.reason,
+            "compared_with": report.champion.model_dump(mode="json") if report.champion else None,
+            "lineage": {
+                "train_data_uris": report.train_data_uris,
+                "train_rows": report.train_rows,
+                "eval_data_uris": report.eval_data_uris,
+            },
+            "registered_at": datetime.now(UTC).isoformat(),
+            "verdict": None,
+            "reasons": [],
+        }
 
     # -- arrival policies that look at the data --------------------------------------
 
@@ -257,7 +345,7 @@ def build_service(settings: Settings, config_path: Path) -> RetrainService:
     from pipelines.launchers import LocalLauncher  # noqa: PLC0415
     from retrain.bus import PubsubBus  # noqa: PLC0415
     from retrain.ledger import GcsLedger  # noqa: PLC0415
-    from serving.registry import GcsRegistry  # noqa: PLC0415
+    from serving.registry import GcsRegistryWriter  # noqa: PLC0415
 
     launchers = {"local": lambda: LocalLauncher(config_path, settings.local.state_dir)}
     if settings.backend not in launchers:
@@ -270,5 +358,5 @@ def build_service(settings: Settings, config_path: Path) -> RetrainService:
         GcsLedger(settings.buckets.artifacts),
         launchers[settings.backend](),
         PubsubBus(settings.project),
-        GcsRegistry(settings.buckets.artifacts),
+        GcsRegistryWriter(settings.buckets.artifacts),
     )

@@ -57,7 +57,8 @@ def topology(settings: Settings) -> Topology:
     pushes = tuple(PushRoute(names[field], function) for function, field in FUNCTION_TOPICS.items())
     pulls = {t + DEAD_LETTER_SUFFIX: t + DEAD_LETTER_SUFFIX for t in names.values()}
     decisions = settings.topics.model_decisions
-    pulls[f"{decisions}-watch"] = decisions
+    pulls[f"{decisions}-watch"] = decisions  # for operators and the demo
+    pulls[f"{decisions}-serving"] = decisions  # the prediction server swaps on promotions
     return Topology(tuple(names.values()), pushes, pulls, settings.delivery)
 
 

@@ -29,6 +29,7 @@ def test_every_topic_has_a_dead_letter_topic_and_a_subscription_on_it() -> None:
         assert f"{topic}-dead-letter" in plan.all_topics
         assert plan.pulls[f"{topic}-dead-letter"] == f"{topic}-dead-letter"
     assert plan.pulls["model-decisions-watch"] == "model-decisions"
+    assert plan.pulls["model-decisions-serving"] == "model-decisions"
 
 
 def test_each_function_gets_one_push_route_from_its_topic() -> None:

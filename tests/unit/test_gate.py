@@ -1,0 +1,117 @@
+"""The gate policy: every rule listed with its numbers; stale candidates rejected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from retrain.config import Gate
+from retrain.gate import decide
+from retrain.messages import EvaluatedModel, MetricsReport
+
+pytestmark = pytest.mark.unit
+
+GATE = Gate.model_validate(
+    {
+        "primary_metric": "roc_auc",
+        "min_eval_rows": 200,
+        "thresholds": {"roc_auc": {"min": 0.70}, "log_loss": {"max": 0.6}},
+        "min_improvement": {"absolute": 0.005},
+        "max_regression": {"accuracy": 0.02, "log_loss": 0.05},
+    }
+)
+
+
+def report(candidate: dict[str, float], champion: dict[str, float] | None = None,
+           **changes: Any) -> MetricsReport:  # fmt: skip
+    base = {"rows": 600.0, "accuracy": 0.80, "log_loss": 0.45, "roc_auc": 0.812}
+    return MetricsReport(
+        model="rainfall",
+        run_id="run-7",
+        request_id="k",
+        reason="data",
+        status="succeeded",
+        candidate=EvaluatedModel(artifact_uri="gs://a/7", metrics={**base, **candidate}),
+        champion=None if champion is None else EvaluatedModel(
+            artifact_uri="gs://a/6", version="6", metrics={**base, **champion}
+        ),
+        **changes,
+    )  # fmt: skip
+
+
+def test_first_version_needs_only_value_thresholds() -> None:
+    verdict = decide(report({}), GATE, champion_now=None)
+    assert verdict.promote
+    assert verdict.reasons == [
+        "eval rows 600 >= min 200: pass",
+        "roc_auc 0.812 >= min 0.700: pass",
+        "log_loss 0.450 <= max 0.600: pass",
+        "first version: value thresholds only: pass",
+    ]
+
+
+def test_value_threshold_failure_names_the_rule_and_numbers() -> None:
+    verdict = decide(report({"roc_auc": 0.65, "rows": 120.0}), GATE, champion_now=None)
+    assert not verdict.promote
+    assert "eval rows 120 >= min 200: FAIL" in verdict.reasons
+    assert "roc_auc 0.650 >= min 0.700: FAIL" in verdict.reasons
+
+
+def test_too_small_an_improvement_over_the_champion_fails() -> None:
+    verdict = decide(report({"roc_auc": 0.812}, {"roc_auc": 0.808}), GATE, champion_now="6")
+    assert not verdict.promote
+    assert (
+        "roc_auc improvement over v6 +0.0040 >= required +0.0050 (absolute): FAIL"
+        in verdict.reasons
+    )
+
+
+def test_enough_improvement_and_no_guard_regression_promotes() -> None:
+    verdict = decide(report({"roc_auc": 0.830}, {"roc_auc": 0.808}), GATE, champion_now="6")
+    assert verdict.promote, verdict.reasons
+    assert "accuracy regression vs v6 +0.0000 <= max 0.0200: pass" in verdict.reasons
+
+
+def test_guard_metric_regression_fails_and_log_loss_counts_lower_as_better() -> None:
+    verdict = decide(
+        report({"roc_auc": 0.83, "accuracy": 0.75, "log_loss": 0.55},
+               {"roc_auc": 0.80, "accuracy": 0.80, "log_loss": 0.45}),
+        GATE,
+        champion_now="6",
+    )  # fmt: skip
+    assert not verdict.promote
+    assert "accuracy regression vs v6 +0.0500 <= max 0.0200: FAIL" in verdict.reasons
+    assert "log_loss regression vs v6 +0.1000 <= max 0.0500: FAIL" in verdict.reasons
+
+
+def test_relative_improvement() -> None:
+    gate = GATE.model_copy(update={"min_improvement": GATE.min_improvement.model_copy(
+        update={"absolute": None, "relative": 0.01})})  # fmt: skip
+    verdict = decide(report({"roc_auc": 0.82}, {"roc_auc": 0.80}), gate, champion_now="6")
+    assert verdict.promote, verdict.reasons
+    assert any("+0.0200 >= required +0.0080 (1.0% of 0.800)" in r for r in verdict.reasons)
+
+
+def test_a_candidate_compared_with_an_old_champion_is_stale() -> None:
+    verdict = decide(report({"roc_auc": 0.90}, {"roc_auc": 0.80}), GATE, champion_now="7")
+    assert not verdict.promote
+    assert verdict.reasons[-1] == "stale: evaluated against v6, but the champion is now v7: FAIL"
+    first = decide(report({}), GATE, champion_now="7")
+    assert first.reasons[-1] == (
+        "stale: evaluated against no champion, but the champion is now v7: FAIL"
+    )
+
+
+def test_a_failed_run_is_rejected_with_its_error() -> None:
+    failed = MetricsReport(
+        model="rainfall", run_id="r", request_id="k", reason="data", status="failed",
+        error="ValidationError: x.csv: column 'rain': rule label_not_binary",
+        failed_step="preprocess",
+    )  # fmt: skip
+    verdict = decide(failed, GATE, champion_now="6")
+    assert not verdict.promote
+    assert verdict.reasons == [
+        "the run failed in preprocess: ValidationError: x.csv: column 'rain': rule "
+        "label_not_binary: FAIL"
+    ]
