@@ -512,11 +512,11 @@ def versions(
         else "roc_auc"
     )
     for record in records:
-        mark = "[bold green]* champion[/]" if record["version"] == champion else ""
+        mark = " [bold green]* champion[/]" if record["version"] == champion else ""
         metrics = record.get("metrics", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "rows")
         out.print(
-            f"[bold]v{record['version']}[/] {mark} {record.get('verdict') or 'undecided'} "
+            f"[bold]v{record['version']}[/]{mark} {record.get('verdict') or 'undecided'} "
             f"(run {escape(str(record.get('run_id')))}, reason {record.get('reason')})"
         )
         out.print(

@@ -2,26 +2,78 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import uvicorn
 
+from retrain import blobstore
 from retrain.config import load_settings
 from retrain.options import ConfigOption
 from serving.app import create_app
+from serving.models import ChampionWatcher, ModelStore
+from serving.registry import GcsRegistry
 
 
 def main(
     config: ConfigOption = Path("retrain.yaml"),
     host: Annotated[
-        str, typer.Option(envvar="SERVING_HOST", help="Address to bind.")
+        str, typer.Option(envvar="SERVING_HOST", show_envvar=True, help="Address to bind.")
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="SERVING_PORT", help="Port to bind.")] = 8080,
+    port: Annotated[
+        int, typer.Option(envvar="SERVING_PORT", show_envvar=True, help="Port to bind.")
+    ] = 8080,
+    poll_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="SERVING_POLL_SECONDS",
+            show_envvar=True,
+            min=0.1,
+            help="Re-read every champion pointer this often, as a safety net for missed "
+            "decisions (and the only mechanism if the subscription does not exist).",
+        ),
+    ] = 5.0,
+    subscription: Annotated[
+        str | None,
+        typer.Option(
+            envvar="SERVING_SUBSCRIPTION",
+            show_envvar=True,
+            help="Pull subscription on the model-decisions topic; a decision refreshes its "
+            "model at once. Default: <topics.model_decisions>-serving.",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="SERVING_CACHE_DIR",
+            show_envvar=True,
+            help="Where downloaded model folders are kept, one per version. "
+            "Default: <local.state_dir>/serving-cache.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve each model's champion over the Vertex AI prediction REST shape."""
-    uvicorn.run(create_app(load_settings(config)), host=host, port=port, log_level="warning")
+    """Serve each model's champion over the Vertex AI prediction REST shape.
+
+    Google clients find the emulators through PUBSUB_EMULATOR_HOST and STORAGE_EMULATOR_HOST.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings(config)
+    store = ModelStore(
+        settings.models,
+        GcsRegistry(settings.buckets.artifacts),
+        blobstore.download_dir,
+        cache_dir or settings.local.state_dir / "serving-cache",
+    )
+    watcher = ChampionWatcher(
+        store,
+        settings.project,
+        subscription or f"{settings.topics.model_decisions}-serving",
+        poll_seconds=poll_seconds,
+    )
+    app = create_app(settings, store, watcher=watcher)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -1,39 +1,281 @@
-"""The prediction service's HTTP app.
+"""The prediction service's HTTP app, in the shape of the Vertex AI prediction REST API.
 
-For now it answers health checks and says which models it will serve; the prediction
-routes arrive with the gatekeeper and serving issue.
+Routes (``{model}`` is a model name from ``retrain.yaml``; the endpoint is named after it):
+
+- ``POST /v1/projects/{project}/locations/{location}/endpoints/{model}:predict``
+- ``GET  /v1/projects/{project}/locations/{location}/endpoints/{model}``
+- ``POST /v1/projects/{project}/locations/{location}/models/{model}@{version}:predict``
+- ``GET  /healthz``
+
+Errors use Google's JSON error shape: ``{"error": {"code", "message", "status"}}``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from retrain.config import Settings
+from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 
-__all__ = ["create_app"]
+__all__ = ["MAX_BODY_BYTES", "ApiError", "create_app"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1_500_000  # Vertex AI's online prediction request limit (1.5 MB)
+# Up to this many instances, validation and predict_proba run on the event loop: a hop to
+# the threadpool costs more than the work. Larger requests go to the threadpool.
+INLINE_MAX_INSTANCES = 64
+
+_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
 
-def create_app(settings: Settings) -> Starlette:
-    async def healthz(_: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "models": sorted(settings.models)})
+class ApiError(Exception):
+    """An answer in Google's error shape; ``status`` defaults from the HTTP code."""
 
-    async def not_yet(request: Request) -> JSONResponse:
+    def __init__(self, code: int, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status or _STATUS.get(code, "UNKNOWN")
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"code": self.code, "message": self.message, "status": self.status}}
+        return JSONResponse(body, status_code=self.code)
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; 400 if too large (declared or read), not JSON, not an object."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise _bad(f"Content-Length {declared!r} is not a number") from None
+        if length > MAX_BODY_BYTES:
+            raise _bad(f"request body is {length} bytes, over the {MAX_BODY_BYTES}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _bad(
+                    f"request body is over the {MAX_BODY_BYTES}-byte limit "
+                    f"(read {size} bytes so far)"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _bad("the client disconnected before sending the whole body") from None
+    try:
+        value = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _bad(
+            'request body must be a JSON object like {"instances": [...]}, '
+            f"got {type(value).__name__}"
+        )
+    return value
+
+
+def _instances(body: dict[str, Any]) -> list[Any]:
+    if "instances" not in body:
+        raise _bad('request body has no "instances" field')
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise _bad(f'"instances" must be a list, got {type(instances).__name__}')
+    if not instances:
+        raise _bad('"instances" is empty; send at least one instance')
+    parameters = body.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise _bad(f'"parameters" must be an object, got {type(parameters).__name__}')
+    unknown = sorted(set(body) - {"instances", "parameters"})
+    if unknown:
+        raise _bad(f"unknown field {unknown[0]!r} in the request body")
+    return instances
+
+
+def _predict(loaded: LoadedModel, instances: list[Any]) -> list[dict[str, Any]]:
+    try:
+        x = loaded.matrix(instances)
+    except InstanceError as exc:
+        raise _bad(str(exc)) from None
+    return loaded.predict(x)
+
+
+class _Api:
+    """The route handlers, bound to one project, region and store."""
+
+    def __init__(self, settings: Settings, store: ModelStore) -> None:
+        self.project = settings.project
+        self.region = settings.region
+        self.store = store
+
+    def model_name(self, model: str) -> str:
+        return f"projects/{self.project}/locations/{self.region}/models/{model}"
+
+    def check_scope(self, request: Request) -> str:
+        """The model the path names; 404 for another project or region, or an unknown model."""
+        params = request.path_params
+        if params["project"] != self.project or params["location"] != self.region:
+            raise ApiError(
+                404,
+                f"projects/{params['project']}/locations/{params['location']} is not served "
+                f"here; this server serves projects/{self.project}/locations/{self.region}",
+            )
+        model: str = params["model"]
+        if model not in self.store:
+            raise ApiError(
+                404,
+                f"endpoint {model!r} not found; served models: {', '.join(self.store.models)}",
+            )
+        return model
+
+    async def answer(self, loaded: LoadedModel, request: Request) -> JSONResponse:
+        instances = _instances(await _read_json(request))
+        if len(instances) <= INLINE_MAX_INSTANCES:
+            predictions = _predict(loaded, instances)
+        else:
+            predictions = await run_in_threadpool(_predict, loaded, instances)
+        version = loaded.version.version
         return JSONResponse(
             {
-                "error": {
-                    "code": 501,
-                    "message": f"{request.url.path}: predictions are not served yet",
-                }
-            },
-            status_code=501,
+                "predictions": predictions,
+                "deployedModelId": version,
+                "model": self.model_name(loaded.name),
+                "modelVersionId": version,
+            }
         )
 
+    async def predict(self, request: Request) -> Response:
+        model = self.check_scope(request)
+        loaded = self.store.current(model)  # taken once: a swap mid-request does not affect it
+        if loaded is None:
+            raise ApiError(
+                404, f"endpoint {model!r} has no deployed model yet: {model} has no champion"
+            )
+        return await self.answer(loaded, request)
+
+    async def predict_version(self, request: Request) -> Response:
+        model = self.check_scope(request)
+        version: str = request.path_params["version"]
+        loaded = self.store.cached_pinned(model, version)
+        if loaded is None:
+            try:
+                loaded = await run_in_threadpool(self.store.pinned, model, version)
+            except Exception as exc:
+                log.exception("loading %s version %s failed", model, version)
+                raise ApiError(
+                    503, f"{model} version {version} cannot be loaded: {exc}", "UNAVAILABLE"
+                ) from exc
+        if loaded is None:
+            raise ApiError(404, f"model {model!r} has no version {version!r}")
+        return await self.answer(loaded, request)
+
+    async def endpoint(self, request: Request) -> Response:
+        model = self.check_scope(request)
+        loaded = self.store.current(model)
+        deployed = []
+        split = {}
+        if loaded is not None:
+            version = loaded.version.version
+            deployed.append(
+                {
+                    "id": version,
+                    "model": self.model_name(model),
+                    "modelVersionId": version,
+                    "displayName": f"{model}@{version}",
+                    "createTime": loaded.loaded_at.isoformat().replace("+00:00", "Z"),
+                }
+            )
+            split[version] = 100
+        return JSONResponse(
+            {
+                "name": f"projects/{self.project}/locations/{self.region}/endpoints/{model}",
+                "displayName": model,
+                "deployedModels": deployed,
+                "trafficSplit": split,
+            }
+        )
+
+    async def healthz(self, _: Request) -> Response:
+        return JSONResponse({"status": "ok", "models": self.store.versions()})
+
+
+async def _api_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)  # noqa: S101 (registered for ApiError only)
+    return exc.response()
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, in the same error shape."""
+    assert isinstance(exc, HTTPException)  # noqa: S101 (registered for HTTPException only)
+    message = {
+        404: f"{request.url.path}: no such resource",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }.get(exc.status_code, str(exc.detail))
+    error = ApiError(exc.status_code, message)
+    response = error.response()
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def create_app(
+    settings: Settings,
+    store: ModelStore,
+    *,
+    watcher: ChampionWatcher | None = None,
+    load_on_startup: bool = True,
+) -> Starlette:
+    """The app serving ``store``'s models for ``settings.project`` / ``settings.region``.
+
+    On startup it loads every champion (``load_on_startup``) and then starts ``watcher``;
+    on shutdown it stops the watcher's threads.
+    """
+    api = _Api(settings, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        if load_on_startup:
+            await run_in_threadpool(store.refresh_all)
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            if watcher is not None:
+                await run_in_threadpool(watcher.stop)
+
+    prefix = "/v1/projects/{project}/locations/{location}"
     return Starlette(
         routes=[
-            Route("/healthz", healthz),
-            Route("/v1/{path:path}", not_yet, methods=["GET", "POST"]),
-        ]
+            Route("/healthz", api.healthz, methods=["GET"]),
+            Route(prefix + "/endpoints/{model}:predict", api.predict, methods=["POST"]),
+            Route(prefix + "/endpoints/{model}", api.endpoint, methods=["GET"]),
+            Route(
+                prefix + "/models/{model}@{version}:predict", api.predict_version, methods=["POST"]
+            ),
+        ],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
     )

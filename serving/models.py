@@ -1,0 +1,530 @@
+"""The models the prediction server holds, and what keeps them current.
+
+:class:`ModelStore` loads each model's champion from the :class:`~serving.registry.ModelRegistry`
+(downloading the artifact folder once per version into a local cache), warms it with one
+prediction, and only then swaps it in by replacing a single reference. A request takes that
+reference once and finishes on the object it took, so a swap never fails a request.
+
+:class:`ChampionWatcher` keeps the store current: a streaming pull on the ``model-decisions``
+subscription refreshes a model as soon as a decision about it arrives, and a poller refreshes
+every model every few seconds as a safety net (and as the only mechanism if the subscription
+does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pickle
+import shutil
+import tempfile
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import joblib
+import numpy as np
+import numpy.typing as npt
+from sklearn.utils import get_tags
+
+from components.artifacts import METADATA_FILE, MODEL_FILE
+from retrain.messages import Decision, MessageError, decode
+from serving.registry import ModelRegistry, ModelVersion
+
+__all__ = [
+    "ChampionWatcher",
+    "Downloader",
+    "InstanceError",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelStore",
+    "load_model",
+]
+
+log = logging.getLogger(__name__)
+
+Downloader = Callable[[str, Path], object]
+"""``download(uri, local_dir)``: copy every file under the folder ``uri`` into ``local_dir``."""
+
+THRESHOLD = 0.5  # the same threshold as the evaluation component
+_FEATURE_NAMES_WARNING = "X does not have valid feature names"
+_LOAD_ERRORS = (
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    ImportError,
+    AttributeError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder that cannot be downloaded, loaded or warmed; names the version and why."""
+
+
+class InstanceError(ValueError):
+    """A prediction instance that does not fit the model; the message names it and the feature."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """One version, loaded and warmed, ready to predict. Never changed after loading."""
+
+    version: ModelVersion
+    estimator: Any
+    features: tuple[str, ...]
+    label: str
+    classes: tuple[Any, ...]
+    allow_nan: bool
+    loaded_at: datetime
+    # True only if the estimator needs a DataFrame with the feature names (an estimator whose
+    # names could not be dropped at load time); then the hot path pays for pandas.
+    needs_frame: bool = False
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", {name: i for i, name in enumerate(self.features)})
+
+    @property
+    def name(self) -> str:
+        return self.version.model
+
+    def matrix(self, instances: list[Any]) -> npt.NDArray[np.float64]:
+        """One float array from ``instances`` (lists in feature order, or objects by name).
+
+        Raises :class:`InstanceError` naming the instance and the feature.
+        """
+        width = len(self.features)
+        flat: list[float] = []
+        append = flat.append
+        for i, instance in enumerate(instances):
+            if isinstance(instance, list):
+                if len(instance) != width:
+                    raise InstanceError(
+                        f"instances[{i}]: expected {width} feature values "
+                        f"({', '.join(self.features)}), got {len(instance)}"
+                    )
+                for j, value in enumerate(instance):
+                    append(self._number(value, i, self.features[j]))
+            elif isinstance(instance, dict):
+                unknown = [k for k in instance if k not in self.index]
+                if unknown:
+                    raise InstanceError(
+                        f"instances[{i}]: unknown feature {unknown[0]!r}; "
+                        f"the model's features are {', '.join(self.features)}"
+                    )
+                missing = [f for f in self.features if f not in instance]
+                if missing:
+                    raise InstanceError(
+                        f"instances[{i}]: missing feature {missing[0]!r}"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    )
+                for name in self.features:
+                    append(self._number(instance[name], i, name))
+            else:
+                raise InstanceError(
+                    f"instances[{i}]: expected a list of {width} numbers in feature order or "
+                    f"an object keyed by feature name, got {_kind(instance)}"
+                )
+        return np.array(flat, dtype=np.float64).reshape(len(instances), width)
+
+    def _number(self, value: Any, i: int, feature: str) -> float:
+        kind = type(value)
+        if kind is float:
+            if math.isfinite(value):
+                return float(value)
+            raise InstanceError(f"instances[{i}], feature {feature!r}: {value} is not finite")
+        if kind is int:
+            try:
+                return float(value)
+            except OverflowError:
+                raise InstanceError(
+                    f"instances[{i}], feature {feature!r}: {value} is too large"
+                ) from None
+        if value is None:
+            if self.allow_nan:
+                return math.nan
+            raise InstanceError(
+                f"instances[{i}], feature {feature!r}: null (a missing value) is not accepted "
+                f"by {type(self.estimator).__name__}"
+            )
+        raise InstanceError(
+            f"instances[{i}], feature {feature!r}: expected a number, got {_kind(value)}"
+        )
+
+    def predict(self, x: npt.NDArray[np.float64]) -> list[dict[str, Any]]:
+        """``[{"label": predicted class, "probability": P(positive class)}, ...]``."""
+        proba = self._positive_proba(x)
+        negative, positive = self.classes
+        return [
+            {"label": positive if p >= THRESHOLD else negative, "probability": p}
+            for p in proba.tolist()
+        ]
+
+    def _positive_proba(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        data: Any = x
+        if self.needs_frame:
+            import pandas as pd  # noqa: PLC0415 (only for estimators that insist on names)
+
+            data = pd.DataFrame(x, columns=list(self.features))
+        result: npt.NDArray[np.float64] = self.estimator.predict_proba(data)[:, 1]
+        return result
+
+
+def _kind(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    names = {str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    return f"{names.get(type(value), type(value).__name__)} {text}"
+
+
+def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
+    """Load ``model.joblib`` and ``metadata.json`` from ``directory`` and warm the estimator.
+
+    If the estimator remembers the DataFrame column names it was fitted on, and they are the
+    metadata's features in order, the names are dropped here, once, so that the hot path can
+    pass a plain array without sklearn's "does not have valid feature names" warning.
+    """
+    where = f"{version.model} version {version.version} ({version.artifact_uri})"
+    try:
+        metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
+        features = tuple(str(f) for f in metadata["features"])
+        label = str(metadata["label"])
+        estimator = joblib.load(directory / MODEL_FILE)
+        classes = tuple(estimator.classes_.tolist())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{where}: not a model folder: {exc.filename} is missing") from exc
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"{where}: cannot load: {exc!r}") from exc
+    if len(classes) != 2:
+        raise ModelLoadError(f"{where}: expected a binary classifier, found classes {classes}")
+    if not features:
+        raise ModelLoadError(f"{where}: metadata.json lists no features")
+    fitted_names = vars(estimator).get("feature_names_in_")
+    if fitted_names is not None:
+        if tuple(str(n) for n in fitted_names) != features:
+            raise ModelLoadError(
+                f"{where}: the estimator was fitted on columns {list(fitted_names)}, "
+                f"but metadata.json lists {list(features)}"
+            )
+        del estimator.feature_names_in_  # a private copy: loaded from disk just now
+    model = LoadedModel(
+        version=version,
+        estimator=estimator,
+        features=features,
+        label=label,
+        classes=classes,
+        allow_nan=_allows_nan(estimator),
+        loaded_at=datetime.now(UTC),
+    )
+    return _warm(model, where)
+
+
+def _allows_nan(estimator: Any) -> bool:
+    """Whether the estimator accepts missing values (sklearn's tags; False if it has none)."""
+    try:
+        return bool(get_tags(estimator).input_tags.allow_nan)
+    except AttributeError:
+        return False
+
+
+def _warm(model: LoadedModel, where: str) -> LoadedModel:
+    """One prediction on a row of zeros; switch to DataFrames if the estimator wants names."""
+    zeros = np.zeros((1, len(model.features)), dtype=np.float64)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            proba = model.estimator.predict_proba(zeros)
+    except Exception as exc:
+        raise ModelLoadError(f"{where}: the warm-up prediction failed: {exc!r}") from exc
+    if np.shape(proba) != (1, 2):
+        raise ModelLoadError(f"{where}: predict_proba returned shape {np.shape(proba)}")
+    if any(_FEATURE_NAMES_WARNING in str(w.message) for w in caught):
+        model = LoadedModel(
+            version=model.version,
+            estimator=model.estimator,
+            features=model.features,
+            label=model.label,
+            classes=model.classes,
+            allow_nan=model.allow_nan,
+            loaded_at=model.loaded_at,
+            needs_frame=True,
+        )
+        model.predict(zeros)
+    return model
+
+
+class ModelStore:
+    """The champion of each model, swapped atomically; and a few pinned versions.
+
+    ``models`` are the names to serve (e.g. ``settings.models``); ``download(uri, dir)`` copies
+    an artifact folder (e.g. :func:`retrain.blobstore.download_dir`); ``cache_dir`` keeps one
+    folder per downloaded version, reused across refreshes and restarts.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[str],
+        registry: ModelRegistry,
+        download: Downloader,
+        cache_dir: Path,
+        *,
+        pinned_capacity: int = 4,
+    ) -> None:
+        self.models: tuple[str, ...] = tuple(models)
+        self.registry = registry
+        self.download = download
+        self.cache_dir = cache_dir
+        self.pinned_capacity = pinned_capacity
+        self._current: dict[str, LoadedModel] = {}
+        self._pinned: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
+        self._pinned_lock = threading.Lock()
+        # One load at a time per model: the subscriber and the poller may refresh together.
+        self._locks = {name: threading.Lock() for name in self.models}
+        self._download_lock = threading.Lock()
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._locks
+
+    def current(self, model: str) -> LoadedModel | None:
+        """The champion being served now (no I/O): take it once per request."""
+        return self._current.get(model)
+
+    def versions(self) -> dict[str, str | None]:
+        """``{model: champion version served, or None}``."""
+        out: dict[str, str | None] = {}
+        for name in self.models:
+            loaded = self._current.get(name)
+            out[name] = loaded.version.version if loaded else None
+        return out
+
+    def refresh(self, model: str) -> bool:
+        """Re-read the champion pointer; load, warm and swap in a new version. True if swapped.
+
+        If the registry has no champion, the model being served (if any) stays. Raises
+        :class:`ModelLoadError` (the old model stays) or the registry's own errors.
+        """
+        if model not in self._locks:
+            raise KeyError(f"{model!r} is not a model this server serves")
+        with self._locks[model]:
+            champion = self.registry.champion(model)
+            if champion is None:
+                return False
+            served = self._current.get(model)
+            if served is not None and served.version.version == champion.version:
+                return False
+            loaded = self._pinned_get(model, champion.version) or self._load(champion)
+            self._current[model] = loaded  # the swap: one reference replaced
+        log.info(
+            "serving %s version %s (was %s)",
+            model,
+            champion.version,
+            served.version.version if served else "none",
+        )
+        return True
+
+    def refresh_all(self) -> dict[str, bool]:
+        """Refresh every model; a model that fails is logged and skipped."""
+        swapped = {}
+        for name in self.models:
+            try:
+                swapped[name] = self.refresh(name)
+            except Exception:
+                log.exception("could not refresh %s; still serving what it served", name)
+                swapped[name] = False
+        return swapped
+
+    def cached_pinned(self, model: str, version: str) -> LoadedModel | None:
+        """A version already in memory (the champion or a pinned one), without I/O."""
+        served = self._current.get(model)
+        if served is not None and served.version.version == version:
+            return served
+        return self._pinned_get(model, version)
+
+    def pinned(self, model: str, version: str) -> LoadedModel | None:
+        """One specific version (loaded on first use, kept in a small LRU), or None if unknown."""
+        if model not in self._locks:
+            return None
+        found = self.cached_pinned(model, version)
+        if found is not None:
+            return found
+        record = self.registry.version(model, version)
+        if record is None:
+            return None
+        loaded = self._load(record)
+        with self._pinned_lock:
+            self._pinned[(model, version)] = loaded
+            self._pinned.move_to_end((model, version))
+            while len(self._pinned) > self.pinned_capacity:
+                self._pinned.popitem(last=False)
+        return loaded
+
+    def _pinned_get(self, model: str, version: str) -> LoadedModel | None:
+        with self._pinned_lock:
+            found = self._pinned.get((model, version))
+            if found is not None:
+                self._pinned.move_to_end((model, version))
+            return found
+
+    def _load(self, version: ModelVersion) -> LoadedModel:
+        return load_model(version, self._local_folder(version))
+
+    def _local_folder(self, version: ModelVersion) -> Path:
+        """The version's folder in the cache, downloaded once (into a temp dir, then renamed)."""
+        target = self.cache_dir / quote(version.model, safe="") / quote(version.version, safe="")
+        with self._download_lock:
+            if (target / MODEL_FILE).exists() and (target / METADATA_FILE).exists():
+                return target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+            try:
+                self.download(version.artifact_uri, partial)
+            except Exception as exc:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise ModelLoadError(
+                    f"{version.model} version {version.version}: cannot download "
+                    f"{version.artifact_uri}: {exc}"
+                ) from exc
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            return target
+
+
+class ChampionWatcher:
+    """Background threads that keep a :class:`ModelStore` current; ``start()`` / ``stop()``.
+
+    - a streaming pull on ``subscription`` (a pull subscription on ``model-decisions``): any
+      decision about a served model refreshes it, then the message is acked;
+    - a poller that refreshes every model every ``poll_seconds`` (None: no poller).
+
+    If the subscription does not exist or Pub/Sub cannot be reached, one warning is logged
+    and the poller alone keeps the store current.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        project: str,
+        subscription: str | None,
+        *,
+        poll_seconds: float | None = 5.0,
+        subscriber_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.project = project
+        self.subscription = subscription
+        self.poll_seconds = poll_seconds
+        self._subscriber_factory = subscriber_factory
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._future: Any = None
+        self._subscriber: Any = None
+        self._lock = threading.Lock()
+        self.listening = threading.Event()  # set once the streaming pull has started
+
+    def start(self) -> None:
+        if self.subscription:
+            self._spawn("champion-watcher-pubsub", self._listen)
+        if self.poll_seconds is not None:
+            self._spawn("champion-watcher-poll", self._poll)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        with self._lock:
+            future = self._future
+        if future is not None:
+            future.cancel()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def running(self) -> bool:
+        """Whether any of its threads is still alive."""
+        return any(thread.is_alive() for thread in self._threads)
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _poll(self) -> None:
+        assert self.poll_seconds is not None  # noqa: S101 (only started with a period)
+        while not self._stop.wait(self.poll_seconds):
+            self.store.refresh_all()
+
+    def on_message(self, message: Any) -> None:
+        """Refresh the model a decision names, then ack; a message we cannot read is acked."""
+        try:
+            decision = decode(Decision, message.data)
+        except MessageError as exc:
+            log.warning("ignoring a message on %s: %s", self.subscription, exc)
+            message.ack()
+            return
+        if decision.model not in self.store:
+            message.ack()
+            return
+        try:
+            self.store.refresh(decision.model)
+        except Exception:
+            log.exception(
+                "decision %s for %s (run %s): refresh failed; the poller will retry",
+                decision.verdict,
+                decision.model,
+                decision.run_id,
+            )
+        message.ack()
+
+    def _listen(self) -> None:
+        from google.api_core.exceptions import GoogleAPICallError, NotFound  # noqa: PLC0415
+        from google.auth.exceptions import GoogleAuthError  # noqa: PLC0415
+
+        try:
+            subscriber = self._make_subscriber()
+            path = subscriber.subscription_path(self.project, self.subscription)
+            subscriber.get_subscription(subscription=path, timeout=10)
+        except NotFound:
+            log.warning(
+                "subscription %s does not exist; refreshing models by polling every %ss only",
+                self.subscription,
+                self.poll_seconds,
+            )
+            return
+        except (GoogleAPICallError, GoogleAuthError, OSError) as exc:
+            log.warning(
+                "cannot reach Pub/Sub for %s (%s); refreshing models by polling only",
+                self.subscription,
+                exc,
+            )
+            return
+        with self._lock:
+            if self._stop.is_set():
+                subscriber.close()
+                return
+            self._subscriber = subscriber
+            self._future = subscriber.subscribe(path, callback=self.on_message)
+        self.listening.set()
+        try:
+            self._future.result()
+        except CancelledError:
+            pass  # stop() cancelled it
+        except Exception:
+            log.exception("the streaming pull on %s failed; polling only from now on", path)
+        finally:
+            subscriber.close()
+
+    def _make_subscriber(self) -> Any:
+        if self._subscriber_factory is not None:
+            return self._subscriber_factory()
+        from google.cloud import pubsub_v1  # noqa: PLC0415 (PUBSUB_EMULATOR_HOST is honoured)
+
+        return pubsub_v1.SubscriberClient()

@@ -1,0 +1,268 @@
+"""Upload -> run -> gatekeeper -> registry -> prediction service, on the whole local stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from google.cloud import pubsub_v1
+
+from retrain.config import load_settings
+from retrain.ledger import GcsLedger, RunRecord
+from retrain.localstack import Stack, emulators
+from retrain.localstack.processes import wait_until
+from retrain.messages import Decision, MetricsReport, decode, encode
+from serving.registry import GcsRegistryWriter
+from tests.conftest import ROOT, unique, write_config
+
+pytestmark = pytest.mark.e2e
+
+RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=6000).rename(
+    columns={"Unnamed: 0": "day"}
+)
+BASE = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))["models"]["rainfall"]
+QUICK = {
+    **BASE,
+    "estimator": {"name": "HistGradientBoostingClassifier", "params": {"max_iter": 30}},
+    "arrival_policy": "every_arrival",
+    "coalesce_seconds": 0.5,
+    "schedule": None,
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    models = {name: {**QUICK, "data_prefix": f"{name}/"} for name in ("served", "reports")}
+    path = write_config(tmp_path_factory.mktemp("gatekeeper"), models=models)
+    with Stack(load_settings(path), path).running_stack() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def registry(stack: Stack) -> GcsRegistryWriter:
+    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
+    return GcsRegistryWriter(stack.settings.buckets.artifacts, client)
+
+
+@pytest.fixture(scope="module")
+def ledger(stack: Stack) -> GcsLedger:
+    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
+    return GcsLedger(stack.settings.buckets.artifacts, client)
+
+
+@pytest.fixture
+def decisions(stack: Stack, subscriber: pubsub_v1.SubscriberClient) -> Iterator[str]:
+    project = stack.settings.project
+    name = subscriber.subscription_path(project, unique("decisions"))
+    subscriber.create_subscription(
+        name=name, topic=f"projects/{project}/topics/{stack.settings.topics.model_decisions}"
+    )
+    yield name
+    subscriber.delete_subscription(subscription=name)
+
+
+def pull_decisions(
+    subscriber: pubsub_v1.SubscriberClient, subscription: str, wanted: int, timeout: float = 120
+) -> list[Decision]:
+    got: list[Decision] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < wanted and time.monotonic() < deadline:
+        response = subscriber.pull(subscription=subscription, max_messages=10, timeout=5)
+        for received in response.received_messages:
+            got.append(decode(Decision, received.message.data))
+            subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
+    return got
+
+
+def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
+    gcs.bucket(stack.settings.buckets.data).blob(name).upload_from_string(frame.to_csv(index=False))
+    return f"gs://{stack.settings.buckets.data}/{name}"
+
+
+def settled(ledger: GcsLedger, model: str, runs: int) -> list[RunRecord]:
+    def done() -> bool:
+        records = ledger.runs(model)
+        return (
+            len(records) >= runs
+            and all(r.ended_at is not None for r in records)
+            and ledger.lease(model) is None
+            and not ledger.has_pending(model)
+        )
+
+    assert wait_until(done, timeout=180, interval=0.5), ledger.runs(model)
+    return ledger.runs(model)
+
+
+def retrain_cli(
+    stack: Stack, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "retrain", *args, "--config", str(stack.config_path)],
+        capture_output=True, text=True, timeout=120, check=False, input=stdin,
+        env={**os.environ, "COLUMNS": "250", "RETRAIN_OPERATOR": "test-operator"},
+    )  # fmt: skip
+
+
+def endpoint(stack: Stack, model: str) -> str:
+    s = stack.settings
+    return (f"http://{s.local.host}:{s.local.ports.serving}/v1/projects/{s.project}/locations/"
+            f"{s.region}/endpoints/{model}")  # fmt: skip
+
+
+def predict(stack: Stack, model: str, rows: list[list[float]]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        endpoint(stack, model) + ":predict",
+        data=json.dumps({"instances": rows}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+FEATURES = [c for c in RAINFALL.columns if c not in ("day", "rain")]
+
+
+def served_version(stack: Stack, model: str) -> str | None:
+    try:
+        return str(predict(stack, model, [[0.0] * len(FEATURES)])["modelVersionId"])
+    except urllib.error.HTTPError:
+        return None
+
+
+def test_upload_to_served_then_worse_rejected_then_rollback(
+    stack: Stack,
+    gcs: Any,
+    ledger: GcsLedger,
+    registry: GcsRegistryWriter,
+    subscriber: pubsub_v1.SubscriberClient,
+    decisions: str,
+) -> None:
+    # 1. Data lands; the run's candidate passes the gate and is served.
+    upload(gcs, stack, "served/rows-0-2999.csv", RAINFALL.iloc[:3000])
+    settled(ledger, "served", runs=1)
+    (first,) = pull_decisions(subscriber, decisions, 1)
+    assert first.verdict == "promoted", first.reasons
+    assert first.new_version == "1"
+    assert first.previous_champion is None
+    assert wait_until(lambda: served_version(stack, "served") == "1", timeout=30)
+    rows = RAINFALL[FEATURES].iloc[3000:3005].to_numpy().tolist()
+    answer = json.loads(
+        retrain_cli(stack, "predict", "served", "--instances", "-",
+                    stdin=json.dumps({"instances": rows})).stdout
+    )  # fmt: skip
+    assert answer["modelVersionId"] == "1"
+    assert [0 <= p["probability"] <= 1 for p in answer["predictions"]] == [True] * 5
+
+    # 2. A better-informed candidate (more data) is promoted; the served version changes.
+    upload(gcs, stack, "served/rows-3000-5999.csv", RAINFALL.iloc[3000:6000])
+    settled(ledger, "served", runs=2)
+    (second,) = pull_decisions(subscriber, decisions, 1)
+    # 3. A worse candidate (shuffled labels) is rejected, and the reasons name the rule.
+    noise = RAINFALL.iloc[3000:6000].copy()
+    noise["rain"] = noise["rain"].sample(frac=1.0, random_state=3).to_numpy()
+    noise["day"] += 10_000  # newest rows: the training window is all noise
+    upload(gcs, stack, "served/shuffled.csv", noise)
+    settled(ledger, "served", runs=3)
+    (third,) = pull_decisions(subscriber, decisions, 1)
+    assert third.verdict == "rejected"
+    assert any("roc_auc" in r and r.endswith("FAIL") for r in third.reasons), third.reasons
+    champion = registry.champion("served")
+    assert champion is not None
+    expected = second.new_version if second.verdict == "promoted" else "1"
+    assert champion.version == expected
+    assert wait_until(lambda: served_version(stack, "served") == expected, timeout=30)
+
+    listed = retrain_cli(stack, "versions", "served")
+    assert listed.returncode == 0, listed.stderr
+    assert "v3 rejected" in listed.stdout
+    assert f"v{expected} * champion" in listed.stdout
+
+    # 4. Rollback (by hand, recorded) is visible in the next prediction.
+    if expected != "1":
+        back = retrain_cli(stack, "rollback", "served", "--reason", "testing rollback")
+        assert back.returncode == 0, back.stderr
+        assert wait_until(lambda: served_version(stack, "served") == "1", timeout=30)
+        pointer = registry.champion_pointer("served")
+        assert pointer is not None
+        assert pointer[0]["by"] == "test-operator"
+        assert pointer[0]["reason"] == "rollback: testing rollback"
+
+
+def _report_copy(registry: GcsRegistryWriter, gcs: Any, stack: Stack, run_id: str) -> MetricsReport:
+    kept = json.loads(
+        gcs.bucket(stack.settings.buckets.artifacts)
+        .blob(f"runs/reports/{run_id}/report.json")
+        .download_as_bytes()
+    )
+    return MetricsReport.model_validate(kept["report"])
+
+
+def test_duplicate_and_racing_reports(
+    stack: Stack,
+    gcs: Any,
+    ledger: GcsLedger,
+    registry: GcsRegistryWriter,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+    decisions: str,
+) -> None:
+    upload(gcs, stack, "reports/rows.csv", RAINFALL.iloc[:3000])
+    (run,) = settled(ledger, "reports", runs=1)
+    pull_decisions(subscriber, decisions, 1)
+    original = _report_copy(registry, gcs, stack, run.run_id)
+    topic = publisher.topic_path(stack.settings.project, stack.settings.topics.model_metrics)
+    versions_before = len(registry.records("reports"))
+
+    # The same report delivered twice more: still one version and one decision.
+    for _ in range(2):
+        publisher.publish(topic, encode(original)).result(timeout=30)
+    assert not pull_decisions(subscriber, decisions, 1, timeout=8)
+    assert len(registry.records("reports")) == versions_before
+
+    # Two reports evaluated against the same champion, racing: exactly one wins.
+    champion = registry.champion("reports")
+    assert champion is not None
+    assert original.candidate is not None
+    better = {**original.candidate.metrics, "roc_auc": 0.99}
+    racing = [
+        original.model_copy(update={
+            "run_id": unique("race"),
+            "candidate": original.candidate.model_copy(update={"metrics": better}),
+            "champion": original.candidate.model_copy(
+                update={"version": champion.version, "metrics": original.candidate.metrics}),
+        })
+        for _ in range(2)
+    ]  # fmt: skip
+    barrier = threading.Barrier(2)
+
+    def send(report: MetricsReport) -> None:
+        barrier.wait(timeout=10)
+        publisher.publish(topic, encode(report)).result(timeout=30)
+
+    threads = [threading.Thread(target=send, args=(r,)) for r in racing]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    outcome = pull_decisions(subscriber, decisions, 2)
+
+    verdicts = sorted(d.verdict for d in outcome)
+    assert verdicts == ["promoted", "rejected"], [d.reasons for d in outcome]
+    (loser,) = [d for d in outcome if d.verdict == "rejected"]
+    assert any(r.startswith("stale") for r in loser.reasons), loser.reasons
+    (winner,) = [d for d in outcome if d.verdict == "promoted"]
+    final = registry.champion("reports")
+    assert final is not None
+    assert final.version == winner.new_version
