@@ -266,3 +266,43 @@ def test_duplicate_and_racing_reports(
     final = registry.champion("reports")
     assert final is not None
     assert final.version == winner.new_version
+
+
+def test_load_during_a_swap_sees_no_error(stack: Stack, registry: GcsRegistryWriter) -> None:
+    """Runs after the first test: `served` has at least two versions to swap between."""
+    records = registry.records("served")
+    champion = registry.champion("served")
+    assert champion is not None
+    assert len(records) >= 2
+    other = next(r["version"] for r in records if r["version"] != champion.version)
+    rows = RAINFALL[FEATURES].iloc[:4].to_numpy().tolist()
+    seen: dict[str, int] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 60
+        for _ in range(20_000):  # bounded in count and in time
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            try:
+                version = str(predict(stack, "served", rows)["modelVersionId"])
+                seen[version] = seen.get(version, 0) + 1
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                errors.append(repr(exc))
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        assert wait_until(lambda: sum(seen.values()) > 50, timeout=30)
+        moved = retrain_cli(stack, "promote", "served", other, "--reason", "swap under load")
+        assert moved.returncode == 0, moved.stderr
+        assert wait_until(lambda: seen.get(other, 0) > 50, timeout=30), seen
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(timeout=30)
+    assert errors == []
+    assert seen[champion.version] > 0
+    assert seen[other] > 0
