@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+from threadpoolctl import threadpool_limits
 
 from retrain import blobstore
 from retrain.config import load_settings
@@ -73,7 +74,10 @@ def main(
         poll_seconds=poll_seconds,
     )
     app = create_app(settings, store, watcher=watcher)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # One OpenMP thread per predict: requests are small, and an idle OpenMP team that spins
+    # between requests takes the cores that the event loop and the clients need.
+    with threadpool_limits(limits=1):
+        uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":
