@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -207,15 +208,54 @@ def status(config: ConfigOption = Path("retrain.yaml")) -> None:
 
 
 @app.command()
-def demo(config: ConfigOption = Path("retrain.yaml")) -> None:
-    """The main job on the local stack. For now: bring it up, show it healthy, bring it down."""
-    stack = _stack(config)
-    if stack.running():
-        out.print(f"using the local stack that runs from {stack.state_dir}")
-        _print_parts(stack)
-        return
+def demo(
+    config: ConfigOption = Path("retrain.yaml"),
+    model: Annotated[str, typer.Option(help="The model to replay the stream for.")] = "rainfall",
+    data: Annotated[Path, typer.Option(help="The stream (CSV, optionally gzipped).")] = Path(
+        "data/rainfall.csv.gz"
+    ),
+    chunks: Annotated[int | None, typer.Option(min=1, help="Replay only this many chunks.")] = None,
+    start_at: Annotated[
+        int | None, typer.Option(min=0, help="First row of the first chunk (to skip ahead).")
+    ] = None,
+    report: Annotated[Path, typer.Option(help="Where to write the HTML report.")] = Path(
+        "demo-report.html"
+    ),
+) -> None:
+    """The main job: replay the drifting rainfall stream through a fresh local stack."""
+    import yaml  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from retrain.demo import CHUNK_ROWS, DRIFT_AT, FIRST_ROWS, load_stream, replay, write_report  # noqa: PLC0415
+    from retrain.localstack.processes import free_ports  # noqa: PLC0415
+
+    settings = _load(config)
+    if model not in settings.models:
+        err.print(f"[bold red]no model {escape(model)!r} in {config}[/]")
+        raise typer.Exit(code=2)
+    # A stack of its own, on free ports and in a fresh folder: the demo can run twice, and
+    # never touches the data of a stack you run yourself.
+    raw = yaml.safe_load(config.read_text(encoding="utf-8"))
+    where = settings.local.state_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    where.mkdir(parents=True, exist_ok=True)
+    names = list(settings.local.ports.model_dump())
+    raw["local"] = {**raw.get("local", {}), "state_dir": str(where / "state"),
+                    "ports": dict(zip(names, free_ports(len(names)), strict=True))}  # fmt: skip
+    demo_config = where / "retrain.yaml"
+    demo_config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    stack = Stack(load_settings(demo_config), demo_config)
+    stream = load_stream(data)
+    first = start_at if start_at is not None else FIRST_ROWS
+    total = len(range(first, len(stream), CHUNK_ROWS))
+    total = min(total, chunks) if chunks else total
     try:
-        with err.status("starting the local stack") as spinner:
+        with err.status("starting a local stack for the demo") as spinner:
             stack.up(progress=spinner.update)
     except StackError as exc:
         err.print(f"[bold red]the demo could not start the local stack[/]: {exc}")
@@ -223,15 +263,39 @@ def demo(config: ConfigOption = Path("retrain.yaml")) -> None:
             err.print(exc.log, markup=False)
         raise typer.Exit(code=1) from exc
     try:
-        _print_parts(stack)
-        healthy = all(part.healthy for part in stack.status())
+        with Progress(
+            TextColumn("[bold]demo"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=err,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("starting", total=total)
+            result = replay(
+                stack, stream, model=model, chunks=chunks, start_chunk_at=start_at,
+                step=lambda text: progress.update(task, description=text),
+                advance=lambda: progress.advance(task),
+            )  # fmt: skip
     finally:
-        with err.status("stopping the local stack"):
-            stopped = stack.down()
-        out.print(f"stopped {', '.join(stopped)}")
-    if not healthy:
-        raise typer.Exit(code=1)
-    out.print("[green]the local stack came up healthy and went down cleanly[/]")
+        with err.status("stopping the demo's stack"):
+            stack.down()
+    table = Table(title=f"{model}: test, then train, {CHUNK_ROWS} rows at a time", box=None)
+    for column in ("rows", "served", "served acc", "static acc", "arrival check", "runs"):
+        table.add_column(column)
+    for chunk in result.chunks:
+        table.add_row(
+            f"{chunk.start}-{chunk.end}", f"v{chunk.served_version}",
+            f"{chunk.served_accuracy:.3f}", f"{chunk.static_accuracy:.3f}", chunk.check,
+            ", ".join(chunk.decisions) or "-",
+        )  # fmt: skip
+    out.print(table)
+    before = (result.accuracy("served", False), result.accuracy("static", False))
+    after = (result.accuracy("served", True), result.accuracy("static", True))
+    out.print(f"before row {DRIFT_AT:,}: served {before[0]:.3f}, static {before[1]:.3f}")
+    out.print(f"from row {DRIFT_AT:,}:   served {after[0]:.3f}, static {after[1]:.3f}")
+    out.print(f"{result.runs} runs for {len(result.chunks)} chunks (and one for the first upload); "
+              f"{result.promotions} promotions, {result.rejections} rejections; "
+              f"{result.seconds:.0f} s")  # fmt: skip
+    png = report.with_suffix(".png")
+    write_report(result, report, png)
+    out.print(f"report: {report} and {png} (first object: rows 0-{FIRST_ROWS - 1})", markup=False)
 
 
 ImageOption = Annotated[

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,19 +16,17 @@ import yaml
 
 from retrain.config import Settings, load_settings
 from retrain.localstack import Stack, emulators
-from retrain.localstack.processes import ProcessRecord, http_ok, spawn, stop, wait_until
+from retrain.localstack.processes import (
+    ProcessRecord,
+    free_ports,
+    http_ok,
+    spawn,
+    stop,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDER = ROOT / "tests" / "functions" / "recorder.py"
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports that are free now, all distinct (the sockets are held until all are chosen)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
 
 
 def write_config(directory: Path, **overrides: Any) -> Path:

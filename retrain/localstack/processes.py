@@ -18,6 +18,7 @@ import psutil
 
 __all__ = [
     "ProcessRecord",
+    "free_ports",
     "http_ok",
     "log_tail",
     "port_in_use",
@@ -121,6 +122,15 @@ def stop(record: ProcessRecord, timeout: float = 10.0) -> list[int]:
         if popen is not None:
             popen.wait(timeout=timeout)
     return [proc.pid for proc in procs]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free now, all distinct (each socket is held until all are chosen)."""
+    with contextlib.ExitStack() as held:
+        socks = [held.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -20,10 +20,10 @@ from google.cloud import pubsub_v1
 from retrain.config import load_settings
 from retrain.ledger import GcsLedger, RunRecord
 from retrain.localstack import Stack, emulators
-from retrain.localstack.processes import http_ok, spawn, stop, wait_until
+from retrain.localstack.processes import free_ports, http_ok, spawn, stop, wait_until
 from retrain.messages import DriftAlert, ScheduleMessage, decode, encode
 from retrain.operator import data_notification
-from tests.conftest import ROOT, free_ports, unique, write_config
+from tests.conftest import ROOT, unique, write_config
 
 pytestmark = pytest.mark.integration
 
