@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help prereqs install lint test demo bench up down status clean
+.PHONY: help prereqs install browser lint test demo bench up down status clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -29,7 +29,15 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install prereqs lint ## run every test tier but benchmarks (the tests start the emulators)
+browser: ## Debian's chromium for the dashboard's browser test (installed when run as root)
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "NOTE: the dashboard's browser test needs Chromium: sudo apt-get install chromium"; \
+	  fi; }
+
+test: install prereqs browser lint ## run every test tier but benchmarks (the tests start the emulators)
 	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
 
 demo: install prereqs ## the main job on the local stack

@@ -12,10 +12,12 @@ from threadpoolctl import threadpool_limits
 
 from retrain import blobstore
 from retrain.config import load_settings
+from retrain.ledger import GcsLedger
 from retrain.options import ConfigOption
 from serving.app import create_app
+from serving.dashboard import status
 from serving.models import ChampionWatcher, ModelStore
-from serving.registry import GcsRegistry
+from serving.registry import GcsRegistry, GcsRegistryWriter
 
 
 def main(
@@ -73,7 +75,11 @@ def main(
         subscription or f"{settings.topics.model_decisions}-serving",
         poll_seconds=poll_seconds,
     )
-    app = create_app(settings, store, watcher=watcher)
+    registry = GcsRegistryWriter(settings.buckets.artifacts)
+    ledger = GcsLedger(settings.buckets.artifacts)
+    app = create_app(
+        settings, store, watcher=watcher, status=lambda: status(settings, registry, ledger)
+    )
     # One OpenMP thread per predict: requests are small, and an idle OpenMP team that spins
     # between requests takes the cores that the event loop and the clients need.
     with threadpool_limits(limits=1):

@@ -15,17 +15,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from retrain.config import Settings
+from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 
 __all__ = ["MAX_BODY_BYTES", "ApiError", "create_app"]
@@ -246,6 +247,7 @@ def create_app(
     *,
     watcher: ChampionWatcher | None = None,
     load_on_startup: bool = True,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> Starlette:
     """The app serving ``store``'s models for ``settings.project`` / ``settings.region``.
 
@@ -266,9 +268,19 @@ def create_app(
             if watcher is not None:
                 await run_in_threadpool(watcher.stop)
 
+    async def page(_: Request) -> Response:
+        return HTMLResponse(PAGE)
+
+    async def status_json(_: Request) -> Response:
+        if status is None:
+            raise ApiError(404, "this server has no status source")
+        return JSONResponse(await run_in_threadpool(status))
+
     prefix = "/v1/projects/{project}/locations/{location}"
     return Starlette(
         routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/api/status", status_json, methods=["GET"]),
             Route("/healthz", api.healthz, methods=["GET"]),
             Route(prefix + "/endpoints/{model}:predict", api.predict, methods=["POST"]),
             Route(prefix + "/endpoints/{model}", api.endpoint, methods=["GET"]),

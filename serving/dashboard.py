@@ -1,0 +1,78 @@
+"""The status dashboard at ``/``: models, champions, versions, decisions and runs.
+
+``status()`` gathers everything from the registry and the ledger as JSON
+(``/api/status``); the page renders it and refreshes itself every few seconds.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retrain.config import Settings
+    from retrain.ledger import GcsLedger
+    from serving.registry import GcsRegistryWriter
+
+__all__ = ["PAGE", "status"]
+
+RECENT = 10
+
+
+def _when(seconds: float | None) -> str | None:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds") if seconds else None
+
+
+def status(settings: Settings, registry: GcsRegistryWriter, ledger: GcsLedger) -> dict[str, Any]:
+    models = []
+    for name, spec in settings.models.items():
+        primary = spec.gate.primary_metric
+        pointer = registry.champion_pointer(name)
+        champion = pointer[0].get("version") if pointer else None
+        versions = [
+            {
+                "version": r["version"],
+                "verdict": r.get("verdict"),
+                "primary": r.get("metrics", {}).get(primary),
+                "metrics": r.get("metrics", {}),
+                "reasons": r.get("reasons", []),
+                "run_id": r.get("run_id"),
+                "reason": r.get("reason"),
+                "registered_at": r.get("registered_at"),
+                "champion": r["version"] == champion,
+            }
+            for r in registry.records(name)
+        ]
+        decisions = [d.get("decision", {}) for d in registry.decisions(name)][-RECENT:]
+        runs = [
+            {
+                "run_id": r.run_id,
+                "reason": r.reason,
+                "trigger": r.events[0]["trigger_event_id"] if r.events else None,
+                "events": len(r.events),
+                "state": r.state,
+                "started": _when(r.started_at or r.created_at),
+                "seconds": round(r.ended_at - (r.started_at or r.created_at), 1)
+                if r.ended_at
+                else None,
+            }
+            for r in ledger.runs(name)
+        ][-RECENT:]
+        models.append(
+            {
+                "name": name,
+                "primary_metric": primary,
+                "champion": champion,
+                "champion_set_by": pointer[0].get("by") if pointer else None,
+                "versions": versions,
+                "decisions": list(reversed(decisions)),
+                "runs": list(reversed(runs)),
+            }
+        )
+    return {"project": settings.project, "generated_at": _when(datetime.now(UTC).timestamp()),
+            "models": models}  # fmt: skip
+
+
+# The page itself: static HTML and a little JavaScript, which fetches /api/status.
+PAGE = (Path(__file__).with_name("dashboard.html")).read_text(encoding="utf-8")
