@@ -43,7 +43,11 @@ MODELS = {
     "storm": QUICK,
     "burst": {**QUICK, "coalesce_seconds": 2.0},
     "crash": QUICK,
-    "drifty": {**QUICK, "arrival_policy": "on_drift"},
+    "drifty": {
+        **QUICK,
+        "arrival_policy": "on_drift",
+        "drift": {**QUICK["drift"], "min_drifted_features": 2},
+    },
     "sched": QUICK,
     "dead": QUICK,
 }
