@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from retrain.config import Settings, load_settings
+from retrain.ledger import GcsLedger, RunRecord
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import (
     ProcessRecord,
@@ -157,3 +158,52 @@ def recorder(stack: Stack, tmp_path: Path) -> Iterator[Callable[[str], Recorder]
     yield start
     for record in started:
         stop(record)
+
+
+# -- shared by the tests that drive whole runs ---------------------------------------------
+
+SHIPPED_MODEL: dict[str, Any] = yaml.safe_load((ROOT / "retrain.yaml").read_text("utf-8"))[
+    "models"
+]["rainfall"]
+# The shipped rainfall model, made quick: a small estimator, a run per arrival, a short
+# coalescing window, no schedule.
+QUICK_MODEL: dict[str, Any] = {
+    **SHIPPED_MODEL,
+    "estimator": {"name": "HistGradientBoostingClassifier", "params": {"max_iter": 30}},
+    "arrival_policy": "every_arrival",
+    "coalesce_seconds": 0.5,
+    "schedule": None,
+}
+
+
+def rainfall(rows: int) -> Any:
+    """The first ``rows`` of the rainfall stream, with its order column named ``day``."""
+    import pandas as pd  # noqa: PLC0415 (only the run-driving tests need pandas)
+
+    frame = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=rows)
+    return frame.rename(columns={"Unnamed: 0": "day"})
+
+
+def upload(gcs: Any, stack: Stack, name: str, frame: Any) -> str:
+    """Write ``frame`` as CSV to the data bucket (which notifies); return its gs:// URI."""
+    bucket = stack.settings.buckets.data
+    gcs.bucket(bucket).blob(name).upload_from_string(frame.to_csv(index=False))
+    return f"gs://{bucket}/{name}"
+
+
+def settled(ledger: GcsLedger, model: str, runs: int = 1, timeout: float = 180) -> list[RunRecord]:
+    """Wait until ``model`` has at least ``runs`` runs, all ended, no lease, nothing pending."""
+
+    def done() -> bool:
+        records = ledger.runs(model)
+        return (
+            len(records) >= runs
+            and all(r.ended_at is not None for r in records)
+            and ledger.lease(model) is None
+            and not ledger.has_pending(model)
+        )
+
+    assert wait_until(done, timeout=timeout, interval=0.5), (
+        f"{model} did not settle: {ledger.runs(model)}, lease {ledger.lease(model)}"
+    )
+    return ledger.runs(model)

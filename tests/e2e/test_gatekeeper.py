@@ -13,32 +13,21 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-import pandas as pd
 import pytest
-import yaml
 from google.cloud import pubsub_v1
 
 from retrain.config import load_settings
-from retrain.ledger import GcsLedger, RunRecord
+from retrain.ledger import GcsLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
 from retrain.messages import Decision, MetricsReport, decode, encode
 from serving.registry import GcsRegistryWriter
-from tests.conftest import ROOT, unique, write_config
+from tests.conftest import QUICK_MODEL, rainfall, settled, unique, upload, write_config
 
 pytestmark = pytest.mark.e2e
 
-RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=6000).rename(
-    columns={"Unnamed: 0": "day"}
-)
-BASE = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))["models"]["rainfall"]
-QUICK = {
-    **BASE,
-    "estimator": {"name": "HistGradientBoostingClassifier", "params": {"max_iter": 30}},
-    "arrival_policy": "every_arrival",
-    "coalesce_seconds": 0.5,
-    "schedule": None,
-}
+RAINFALL = rainfall(6000)
+QUICK = QUICK_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -83,25 +72,6 @@ def pull_decisions(
             got.append(decode(Decision, received.message.data))
             subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
     return got
-
-
-def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
-    gcs.bucket(stack.settings.buckets.data).blob(name).upload_from_string(frame.to_csv(index=False))
-    return f"gs://{stack.settings.buckets.data}/{name}"
-
-
-def settled(ledger: GcsLedger, model: str, runs: int) -> list[RunRecord]:
-    def done() -> bool:
-        records = ledger.runs(model)
-        return (
-            len(records) >= runs
-            and all(r.ended_at is not None for r in records)
-            and ledger.lease(model) is None
-            and not ledger.has_pending(model)
-        )
-
-    assert wait_until(done, timeout=180, interval=0.5), ledger.runs(model)
-    return ledger.runs(model)
 
 
 def retrain_cli(

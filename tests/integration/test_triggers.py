@@ -12,9 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
-import yaml
 from google.cloud import pubsub_v1
 
 from retrain.config import load_settings
@@ -23,21 +21,12 @@ from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import free_ports, http_ok, spawn, stop, wait_until
 from retrain.messages import DriftAlert, ScheduleMessage, decode, encode
 from retrain.operator import data_notification
-from tests.conftest import ROOT, unique, write_config
+from tests.conftest import QUICK_MODEL, ROOT, rainfall, settled, unique, upload, write_config
 
 pytestmark = pytest.mark.integration
 
-RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=3000).rename(
-    columns={"Unnamed: 0": "day"}
-)
-BASE = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))["models"]["rainfall"]
-QUICK = {
-    **BASE,
-    "estimator": {"name": "HistGradientBoostingClassifier", "params": {"max_iter": 30}},
-    "arrival_policy": "every_arrival",
-    "coalesce_seconds": 0.5,
-    "schedule": None,
-}
+RAINFALL = rainfall(3000)
+QUICK = QUICK_MODEL
 MODELS = {
     "single": QUICK,
     "storm": QUICK,
@@ -66,30 +55,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def ledger(stack: Stack) -> GcsLedger:
     client = emulators.storage_client(stack.gcs_url, stack.settings.project)
     return GcsLedger(stack.settings.buckets.artifacts, client)
-
-
-def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
-    blob = gcs.bucket(stack.settings.buckets.data).blob(name)
-    blob.upload_from_string(frame.to_csv(index=False), content_type="text/csv")
-    return f"gs://{stack.settings.buckets.data}/{name}"
-
-
-def settled(ledger: GcsLedger, model: str, runs: int = 1, timeout: float = 120) -> list[RunRecord]:
-    """Wait until ``model`` has at least ``runs`` runs, all ended, no lease, nothing pending."""
-
-    def done() -> bool:
-        records = ledger.runs(model)
-        return (
-            len(records) >= runs
-            and all(r.ended_at is not None for r in records)
-            and ledger.lease(model) is None
-            and not ledger.has_pending(model)
-        )
-
-    assert wait_until(done, timeout=timeout, interval=0.5), (
-        f"{model} did not settle: {ledger.runs(model)}, lease {ledger.lease(model)}"
-    )
-    return ledger.runs(model)
 
 
 def covered(records: list[RunRecord]) -> list[str]:
