@@ -150,6 +150,22 @@ def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str]
     return uris, requests[0].dedupe_key, requests[0].reason
 
 
+def _release(settings: Settings, config: Path, model: str, run_id: str, exc: Exception) -> None:
+    """This run will not train: free the model's lease, and start the next run if events
+    arrived while it held the lease (they would wait for an unrelated event otherwise)."""
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+    from retrain.service import build_service  # noqa: PLC0415
+
+    ledger = GcsLedger(settings.buckets.artifacts)
+    error = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, LookupError):
+        ledger.finish(model, run_id, "abandoned", error)
+    else:
+        ledger.finish(model, run_id, "failed", error)
+    if ledger.has_pending(model):
+        build_service(settings, config).kick(model)
+
+
 def _report_crash(settings: Settings, model: str, run_id: str, request_id: str, reason: str,
                   error: str) -> None:  # fmt: skip
     """The pipeline never reported: publish its failure, so the lease is released."""
@@ -189,11 +205,11 @@ def main(
     if from_ledger:
         try:
             data_uris, request_id, reason = _from_ledger(settings, model, run_id)
-        except LookupError as exc:
-            from retrain.ledger import GcsLedger  # noqa: PLC0415
-
-            GcsLedger(settings.buckets.artifacts).finish(model, run_id, "abandoned", str(exc))
-            return
+        except Exception as exc:
+            _release(settings, config, model, run_id, exc)
+            if isinstance(exc, LookupError):
+                return
+            raise
     result = None
     try:
         result = run_locally(

@@ -7,6 +7,7 @@ Every rule is listed with its numbers, passed or not, so a verdict explains itse
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from retrain.config import Gate
@@ -44,6 +45,9 @@ def _value_rules(report: MetricsReport, gate: Gate) -> list[Rule]:
     rules.append(
         Rule(rows >= gate.min_eval_rows, f"eval rows {rows:.0f} >= min {gate.min_eval_rows}")
     )
+    for name, number in metrics.items():
+        if not math.isfinite(number):
+            rules.append(Rule(False, f"{name} is {number}, not a number the gate can compare"))
     for metric, bound in gate.thresholds.items():
         value = metrics.get(metric)
         if value is None:

@@ -257,8 +257,26 @@ class GcsLedger:
         except PreconditionFailed:
             return Acquired(False, None)
         self._end_run(model, current.run_id, "abandoned", f"lease expired at {current.expires_at}")
+        self._requeue(model, current.run_id)
         self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
         return Acquired(True, run_id)
+
+    def _requeue(self, model: str, run_id: str) -> None:
+        """The events of a run that died without a report wait again, for the next run."""
+        record = self.run(model, run_id)
+        for event in record.events if record else []:
+            request = RetrainRequest(
+                model=model,
+                reason=event["reason"],
+                data_uris=event["data_uris"],
+                dedupe_key=event["dedupe_key"],
+                trigger_event_id=event["trigger_event_id"],
+                time=event["time"],
+            )
+            body = json.dumps({"request": json.loads(request.model_dump_json())}).encode()
+            self._create(
+                self._path(model, "pending", f"{event_hash(request.dedupe_key)}.json"), body
+            )
 
     def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
         """Move every pending event into run ``run_id``; the run then covers them.
@@ -300,8 +318,11 @@ class GcsLedger:
         for _ in range(5):
             found = self._read(name)
             value = found[0] if found else {"request": json.loads(request.model_dump_json())}
-            if value.get("run_id") not in (None, run_id):
-                return False
+            other = value.get("run_id")
+            if other not in (None, run_id):
+                earlier = self.run(model, str(other))
+                if earlier is not None and earlier.state != "abandoned":
+                    return False  # covered by a run that ran: a stale duplicate marker
             value["run_id"] = run_id
             try:
                 self.bucket.blob(name).upload_from_string(

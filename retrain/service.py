@@ -91,7 +91,11 @@ class RetrainService:
         lease = self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds)
         if not lease.acquired:
             return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
-        self.launcher.submit(name, run_id)
+        try:
+            self.launcher.submit(name, run_id)
+        except Exception as exc:  # the lease must not outlive a launch that never happened
+            self.ledger.finish(name, run_id, "failed", f"launch failed: {exc}")
+            raise
         return Outcome("launched", name, run_id=run_id)
 
     def _model(self, name: str) -> ModelSettings:
@@ -138,7 +142,10 @@ class RetrainService:
     def drift_alert(self, message: PubsubMessage) -> Outcome:
         payload = json_object(message)
         if "incident" in payload:  # a Cloud Monitoring alert, e.g. from Vertex Model Monitoring
-            name, summary, uris = self._incident(payload["incident"], message.message_id)
+            incident = payload["incident"]
+            if isinstance(incident, dict) and incident.get("state", "open") != "open":
+                return Outcome("ignored", detail=f"incident {incident.get('incident_id')} closed")
+            name, summary, uris = self._incident(incident, message.message_id)
         else:
             try:
                 alert = DriftAlert.model_validate(payload)
@@ -186,11 +193,13 @@ class RetrainService:
     def report(self, report: MetricsReport) -> Outcome:
         """A run ended: decide on its candidate, then release its lease; one trailing run
         covers whatever arrived meanwhile."""
-        decision = self.gatekeep(report)
-        self.ledger.finish(
-            report.model, report.run_id, "succeeded" if report.status == "succeeded" else "failed",
-            report.error,
-        )  # fmt: skip
+        try:
+            decision = self.gatekeep(report)
+        finally:  # the run is over either way: its lease must not wait for the TTL
+            self.ledger.finish(
+                report.model, report.run_id,
+                "succeeded" if report.status == "succeeded" else "failed", report.error,
+            )  # fmt: skip
         extra = {"verdict": decision.verdict, "version": decision.new_version}
         if not self.ledger.has_pending(report.model):
             return Outcome("decided", report.model, report.run_id, "; ".join(decision.reasons),
@@ -210,7 +219,12 @@ class RetrainService:
         kept = registry.decision(report.model, report.run_id)
         if kept is not None:
             decision = Decision.model_validate(kept["decision"])
-            if not kept.get("message_id"):  # decided, but the publish did not happen
+            if not kept.get("message_id"):  # decided, but died before it finished: finish
+                if decision.new_version:
+                    registry.record_verdict(
+                        report.model, decision.new_version, verdict=decision.verdict,
+                        reasons=decision.reasons, decided_at=datetime.now(UTC).isoformat(),
+                    )  # fmt: skip
                 self._publish_decision(report.model, report.run_id, decision)
             return decision
         model = self._model(report.model)
@@ -219,6 +233,13 @@ class RetrainService:
             version, _ = registry.register(report.model, self._version_record(report))
         champion = registry.champion(report.model)
         current = champion.version if champion else None
+        if version is not None and current == version:
+            # An earlier delivery promoted this version and died before it recorded the
+            # decision: decide against the champion it replaced, and do not move anything.
+            pointer = registry.champion_pointer(report.model)
+            current = ((pointer[0].get("previous") or [None])[0]) if pointer else None
+            verdict = decide(report, model.gate, current)
+            return self._finish_decision(report, version, current, True, verdict.reasons)
         verdict = decide(report, model.gate, current)
         reasons = verdict.reasons
         promoted = False
@@ -232,24 +253,33 @@ class RetrainService:
                     f"stale: the champion moved to v{now.version if now else '?'} while deciding"
                     ": FAIL"
                 )
-        if version is not None:
-            registry.record_verdict(
-                report.model, version, verdict="promoted" if promoted else "rejected",
-                reasons=reasons, decided_at=datetime.now(UTC).isoformat(),
-            )  # fmt: skip
+        return self._finish_decision(report, version, current, promoted, reasons)
+
+    def _finish_decision(
+        self, report: MetricsReport, version: str | None, previous: str | None,
+        promoted: bool, reasons: list[str],
+    ) -> Decision:  # fmt: skip
+        """Keep the decision once (the first keeper wins), then the verdict, then publish."""
+        registry = self.registry
         decision = Decision(
             model=report.model,
             run_id=report.run_id,
             verdict="promoted" if promoted else "rejected",
             reasons=reasons,
             new_version=version,
-            previous_champion=current,
+            previous_champion=previous,
         )
-        if registry.record_decision(
-            report.model, report.run_id, {"decision": decision.model_dump(mode="json"),
-                                          "time": decision.time.isoformat()}
-        ):  # fmt: skip
-            self._publish_decision(report.model, report.run_id, decision)
+        kept = {"decision": decision.model_dump(mode="json"), "time": decision.time.isoformat()}
+        if not registry.record_decision(report.model, report.run_id, kept):
+            # A concurrent delivery of the same report decided first: its decision stands.
+            first = registry.decision(report.model, report.run_id) or kept
+            return Decision.model_validate(first["decision"])
+        if version is not None:
+            registry.record_verdict(
+                report.model, version, verdict=decision.verdict, reasons=reasons,
+                decided_at=datetime.now(UTC).isoformat(),
+            )  # fmt: skip
+        self._publish_decision(report.model, report.run_id, decision)
         return decision
 
     def _publish_decision(self, model: str, run_id: str, decision: Decision) -> None:
@@ -285,17 +315,24 @@ class RetrainService:
         self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent
     ) -> Outcome:
         if not self.ledger.record_arrival(request):
-            return Outcome("duplicate", request.model, detail=f"{event.dedupe_key} checked")
+            seen = self.ledger.arrival(request.model, request.dedupe_key) or {}
+            if seen.get("outcome") is not None:
+                return Outcome("duplicate", request.model, detail=f"{event.dedupe_key} checked")
+            # An earlier delivery died before its check finished: check again.
         champion = self.registry.champion(request.model)
         if champion is None:  # nothing to compare with: the first model needs this data
             outcome = self.request(request)
             self.ledger.settle_arrival(request, "first_model", run_id=outcome.run_id)
             return outcome
-        from components.dataio import read_table  # noqa: PLC0415 (pandas: drift policies only)
+        from components.dataio import DataReadError, read_table  # noqa: PLC0415 (pandas)
         from retrain.drift import check_degradation, check_drift  # noqa: PLC0415
 
         metadata, model_dir, reference = self._champion(request.model, champion)
-        frame = read_table(event.uri, model.format)
+        try:
+            frame = read_table(event.uri, model.format)
+        except DataReadError as exc:
+            self.ledger.settle_arrival(request, "unreadable", summary=str(exc))
+            raise EventError(f"{event.uri}: cannot check it for drift: {exc.reason}") from exc
         drift = check_drift(frame, metadata, model.drift)
         reasons = [drift.summary()] if drift.drifted else []
         details: dict[str, Any] = {"drift": drift.to_dict()}

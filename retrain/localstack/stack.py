@@ -251,8 +251,13 @@ class Stack:
         }
 
     def running(self) -> list[str]:
-        """Names of recorded parts whose process still runs."""
-        return [name for name, record in self._records().items() if record.alive()]
+        """Names of recorded parts whose process, or a recorded child of it, still runs."""
+        return [
+            name
+            for name, record in self._records().items()
+            if record.alive()
+            or any(ProcessRecord(pid, started).alive() for pid, started in record.children)
+        ]
 
     # -- up / down / status --------------------------------------------------------
 

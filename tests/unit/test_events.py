@@ -147,3 +147,16 @@ def test_a_report_that_fails_its_schema_is_not_acked(
     line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert line["severity"] == "ERROR"
     assert "MetricsReport: run_id: Field required" in line["error"]
+
+
+def test_a_closed_monitoring_incident_starts_nothing(
+    client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    incident = {"incident": {"incident_id": "i-1", "state": "closed",
+                             "policy_user_labels": {"retrain_model": "rainfall"}}}  # fmt: skip
+    event["data"]["message"]["data"] = base64.b64encode(json.dumps(incident).encode()).decode()
+    assert post(client("on_drift"), event).status_code == 200
+    line = logged(capsys)
+    assert line["action"] == "ignored"
+    assert "incident i-1 closed" in line["detail"]

@@ -115,3 +115,9 @@ def test_a_failed_run_is_rejected_with_its_error() -> None:
         "the run failed in preprocess: ValidationError: x.csv: column 'rain': rule "
         "label_not_binary: FAIL"
     ]
+
+
+def test_a_metric_that_is_not_a_number_fails_the_gate() -> None:
+    verdict = decide(report({"roc_auc": float("nan")}), GATE, champion_now=None)
+    assert not verdict.promote
+    assert "roc_auc is nan, not a number the gate can compare: FAIL" in verdict.reasons
