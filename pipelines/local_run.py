@@ -150,6 +150,24 @@ def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str]
     return uris, requests[0].dedupe_key, requests[0].reason
 
 
+def _keep_lease(settings: Settings, model: str, run_id: str) -> None:
+    """Renew the lease while this worker lives, so that a run longer than lease_seconds is
+    not taken over; a worker that dies stops renewing, and its lease expires."""
+    import threading  # noqa: PLC0415
+
+    from retrain.ledger import GcsLedger  # noqa: PLC0415
+
+    ttl = settings.models[model].lease_seconds
+    ledger = GcsLedger(settings.buckets.artifacts)
+
+    def renew() -> None:
+        while not threading.Event().wait(ttl / 3):
+            if not ledger.renew(model, run_id, ttl):
+                return  # released (the report arrived) or taken over
+
+    threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
+
+
 def _release(settings: Settings, config: Path, model: str, run_id: str, exc: Exception) -> None:
     """This run will not train: free the model's lease, and start the next run if events
     arrived while it held the lease (they would wait for an unrelated event otherwise)."""
@@ -203,6 +221,7 @@ def main(
     workdir.mkdir(parents=True, exist_ok=True)
     data_uris = list(data or [])
     if from_ledger:
+        _keep_lease(settings, model, run_id)
         try:
             data_uris, request_id, reason = _from_ledger(settings, model, run_id)
         except Exception as exc:

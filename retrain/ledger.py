@@ -278,6 +278,25 @@ class GcsLedger:
                 self._path(model, "pending", f"{event_hash(request.dedupe_key)}.json"), body
             )
 
+    def renew(self, model: str, run_id: str, ttl: float) -> bool:
+        """Extend ``run_id``'s lease by ``ttl`` from now; False if it no longer holds it."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        current = self.lease(model)
+        if current is None or current.run_id != run_id:
+            return False
+        now = self.clock()
+        body = {"run_id": run_id, "acquired_at": current.acquired_at, "expires_at": now + ttl}
+        try:
+            self.bucket.blob(self._path(model, "lease.json")).upload_from_string(
+                json.dumps(body).encode(),
+                content_type="application/json",
+                if_generation_match=current.generation,
+            )
+        except PreconditionFailed:
+            return False
+        return True
+
     def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
         """Move every pending event into run ``run_id``; the run then covers them.
 

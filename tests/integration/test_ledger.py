@@ -1,0 +1,50 @@
+"""The ledger's lease on the real storage emulator: takeover after expiry, and renewal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from retrain.ledger import GcsLedger
+from retrain.messages import RetrainRequest
+from tests.conftest import unique
+
+pytestmark = pytest.mark.integration
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_expired_lease_is_taken_over_and_its_events_wait_again(bucket: Any) -> None:
+    clock = Clock()
+    ledger = GcsLedger(bucket.name, bucket.client, clock=clock)
+    model = unique("m")
+    request = RetrainRequest(model=model, reason="data", dedupe_key="k-1", trigger_event_id="1")
+    assert ledger.claim(request) == "new"
+    assert ledger.try_acquire(model, "run-a", ttl=10).acquired
+    assert [r.dedupe_key for r in ledger.collect(model, "run-a")] == ["k-1"]
+    assert ledger.claim(request) == "done"  # covered by run-a
+
+    assert not ledger.try_acquire(model, "run-b", ttl=10).acquired  # run-a holds it
+    assert ledger.renew(model, "run-a", ttl=10)  # run-a is alive and says so
+    clock.now += 9
+    assert not ledger.try_acquire(model, "run-b", ttl=10).acquired  # renewed: not expired
+    clock.now += 20  # run-a died without a report and stopped renewing
+    taken = ledger.try_acquire(model, "run-b", ttl=10)
+
+    assert taken.acquired
+    assert not ledger.renew(model, "run-a", ttl=10)  # the dead run cannot take it back
+    abandoned = ledger.run(model, "run-a")
+    assert abandoned is not None
+    assert abandoned.state == "abandoned"
+    # run-a's event was requeued: run-b covers it, and exactly once
+    assert [r.dedupe_key for r in ledger.collect(model, "run-b")] == ["k-1"]
+    assert ledger.collect(model, "run-b") == []
+    assert ledger.finish(model, "run-b", "succeeded")
+    assert ledger.lease(model) is None
