@@ -16,8 +16,9 @@ from components.evaluate.report import evaluate_and_report
 from components.preprocess import preprocess
 from components.runs import RunContext
 from components.train import train
-from pipelines.launchers import new_run_id, run_and_follow
+from pipelines.launchers import run_and_follow
 from retrain.bus import PubsubBus
+from retrain.ledger import new_run_id
 from retrain.localstack import Stack
 from serving.registry import GcsRegistry
 

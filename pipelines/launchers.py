@@ -12,20 +12,19 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
 from pipelines.local_run import LOG_FILE, RESULT_FILE, RunResult, parse_progress
+from retrain.ledger import new_run_id
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from retrain.localstack import Stack
 
-__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "new_run_id", "run_and_follow"]
+__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "run_and_follow"]
 
 EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
 DEFAULT_IMAGE = "retrain-components:latest"
@@ -42,6 +41,16 @@ class PipelineLauncher(Protocol):
         ...
 
 
+def _worker(
+    config: Path, model: str, run_id: str, workdir: Path, image: str, *extra: str
+) -> list[str]:
+    """The command line of the run worker (``python -m pipelines.local_run``)."""
+    return [
+        sys.executable, "-m", "pipelines.local_run", "--config", str(config), "--model", model,
+        "--run-id", run_id, "--workdir", str(workdir), "--image", image, *extra,
+    ]  # fmt: skip
+
+
 class LocalLauncher:
     """Runs each pipeline with kfp.local in a detached worker (``pipelines.local_run``)."""
 
@@ -55,15 +64,7 @@ class LocalLauncher:
         self._workers = [w for w in self._workers if w.poll() is None]  # reap the finished
         workdir = self.state_dir / "runs" / run_id
         workdir.mkdir(parents=True, exist_ok=True)
-        argv = [
-            sys.executable, "-m", "pipelines.local_run",
-            "--config", str(self.config_path),
-            "--model", model,
-            "--run-id", run_id,
-            "--from-ledger",
-            "--workdir", str(workdir),
-            "--image", self.image,
-        ]  # fmt: skip
+        argv = _worker(self.config_path, model, run_id, workdir, self.image, "--from-ledger")
         with (workdir / LOG_FILE).open("wb") as log:
             self._workers.append(
                 subprocess.Popen(
@@ -74,10 +75,6 @@ class LocalLauncher:
                     start_new_session=True,  # outlives the request that started it
                 )
             )
-
-
-def new_run_id(model: str) -> str:
-    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def _environment(stack: Stack) -> dict[str, str]:
@@ -117,16 +114,10 @@ def run_and_follow(
     run_id = run_id or new_run_id(model)
     workdir = stack.state_dir / "runs" / run_id
     workdir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable, "-m", "pipelines.local_run",
-        "--config", str(stack.config_path),
-        "--model", model,
-        "--run-id", run_id,
-        "--request-id", request_id or f"manual-{run_id}",
-        "--reason", reason,
-        "--workdir", str(workdir),
-        "--image", image,
-    ]  # fmt: skip
+    argv = _worker(
+        stack.config_path, model, run_id, workdir, image,
+        "--request-id", request_id or f"manual-{run_id}", "--reason", reason,
+    )  # fmt: skip
     for uri in data_uris:
         argv += ["--data", uri]
     log = workdir / LOG_FILE

@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from retrain.messages import RetrainRequest
@@ -28,10 +30,23 @@ from retrain.messages import RetrainRequest
 if TYPE_CHECKING:
     from google.cloud import storage
 
-__all__ = ["Acquired", "Claim", "GcsLedger", "Lease", "RunLedger", "RunRecord", "event_hash"]
+__all__ = [
+    "Acquired",
+    "Claim",
+    "GcsLedger",
+    "Lease",
+    "RunLedger",
+    "RunRecord",
+    "event_hash",
+    "new_run_id",
+]
 
 Claim = Literal["new", "pending", "done"]
 RunState = Literal["gathering", "running", "succeeded", "failed", "abandoned"]
+
+
+def new_run_id(model: str) -> str:
+    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def event_hash(dedupe_key: str) -> str:

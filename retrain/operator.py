@@ -21,7 +21,7 @@ from retrain.messages import DriftAlert, ScheduleMessage, encode
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1
 
-    from retrain.ledger import GcsLedger, RunRecord
+    from retrain.ledger import GcsLedger
 
 __all__ = [
     "Published",
@@ -165,7 +165,3 @@ def republish_event(
     key = f"{dedupe_key}#force-{uuid.uuid4().hex[:8]}" if force else dedupe_key
     kind: Kind = request["reason"]
     return publish(settings, publisher, kind, model, request["data_uris"], key=key)
-
-
-def run_rows(ledger: GcsLedger, models: list[str]) -> list[RunRecord]:
-    return [record for model in models for record in ledger.runs(model)]

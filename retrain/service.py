@@ -9,7 +9,6 @@ function acks it); anything else propagates, so Pub/Sub retries and then dead-le
 from __future__ import annotations
 
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from pydantic import ValidationError
 
 from retrain.config import ModelSettings, Settings
 from retrain.events import EventError, ObjectEvent, PubsubMessage, json_object
+from retrain.ledger import new_run_id
 from retrain.messages import (
     Decision,
     DriftAlert,
@@ -49,10 +49,6 @@ class Outcome:
     def log_fields(self) -> dict[str, Any]:
         fields = {"action": self.action, "model": self.model, "run_id": self.run_id}
         return {k: v for k, v in {**fields, "detail": self.detail, **self.extra}.items() if v}
-
-
-def _new_run_id(model: str) -> str:
-    return f"{model}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 class RetrainService:
@@ -87,7 +83,7 @@ class RetrainService:
     def kick(self, name: str, model: ModelSettings | None = None) -> Outcome:
         """Start a run for ``name`` if none holds its lease; the run gathers what is pending."""
         model = model or self._model(name)
-        run_id = _new_run_id(name)
+        run_id = new_run_id(name)
         lease = self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds)
         if not lease.acquired:
             return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
