@@ -135,19 +135,11 @@ def run_locally(
 
 def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str], str, str]:
     """Wait out the coalescing window, then take every pending event of the model."""
-    import threading  # noqa: PLC0415
-
-    from retrain.data_objects import data_window  # noqa: PLC0415
+    from retrain.data_objects import gather  # noqa: PLC0415
     from retrain.ledger import GcsLedger  # noqa: PLC0415
 
-    threading.Event().wait(settings.models[model].coalesce_seconds)
-    ledger = GcsLedger(settings.buckets.artifacts)
-    requests = ledger.collect(model, run_id)
-    if not requests:
-        raise LookupError(f"no pending events for {model}; another run covered them")
-    uris = data_window(settings, model, requests)
-    ledger.start(model, run_id, uris)
-    return uris, requests[0].dedupe_key, requests[0].reason
+    inputs = gather(settings, GcsLedger(settings.buckets.artifacts), model, run_id)
+    return inputs.data_uris, inputs.request_id, inputs.reason
 
 
 def _keep_lease(settings: Settings, model: str, run_id: str) -> None:

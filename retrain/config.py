@@ -30,6 +30,7 @@ __all__ = [
     "FUNCTION_TOPICS",
     "METRICS",
     "ConfigError",
+    "Gcp",
     "ModelSettings",
     "Settings",
     "load_settings",
@@ -162,6 +163,124 @@ class LocalStack(_Strict):
     @classmethod
     def _path(cls, value: Any) -> Any:
         return Path(value) if isinstance(value, str) else value
+
+
+class Kfp(_Strict):
+    """A Kubeflow Pipelines API server (``backend: kfp``), e.g. KFP on GKE."""
+
+    host: str | None = Field(
+        None, description="The KFP API server, e.g. https://kfp.example.com/pipeline."
+    )
+    experiment: str = Field("retrain", min_length=1, description="Runs are filed under it.")
+    namespace: str | None = Field(None, description="Multi-user KFP: the profile namespace.")
+
+    @field_validator("host")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        return value
+
+
+class Endpoint(_Strict):
+    """How a promoted version is deployed to the model's Vertex AI endpoint."""
+
+    machine_type: str = "n1-standard-2"
+    min_replica_count: int = Field(1, ge=1, le=100)
+    max_replica_count: int = Field(1, ge=1, le=100)
+    canary_percent: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="0: the new version takes all traffic and the old one is undeployed once "
+        "the new one serves; 1-99: the new version gets this share, the old keeps the rest.",
+    )
+    serving_image: str = Field(
+        "us-docker.pkg.dev/vertex-ai/prediction/sklearn-cpu.1-5:latest",
+        description="Prebuilt scikit-learn serving container; its scikit-learn must load "
+        "the models that the component image trains.",
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Self:
+        if self.min_replica_count > self.max_replica_count:
+            raise ValueError(
+                f"min_replica_count ({self.min_replica_count}) exceeds max_replica_count "
+                f"({self.max_replica_count})"
+            )
+        return self
+
+
+_LABEL = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+_SERVICE_ACCOUNT = re.compile(
+    r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.iam\.gserviceaccount\.com$"
+)
+
+
+class Gcp(_Strict):
+    """Google Cloud names that the ``vertex`` and ``kfp`` backends and Terraform share.
+
+    Every name has a default derived from ``project``, ``region`` and ``buckets``, so the
+    local stack needs none of it; Terraform reads the same keys (with the same defaults).
+    """
+
+    repository: str = Field(
+        "retrain", description="Artifact Registry (Docker) repository of the component image."
+    )
+    image_tag: str = Field("latest", description="Tag of the component image.")
+    pipeline_service_account: str | None = Field(
+        None, description="Runs the pipelines. Default: retrain-pipelines@<project>.iam..."
+    )
+    network: str | None = Field(
+        None, description="VPC network peered with Vertex AI: projects/NUMBER/global/networks/NAME."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Put on every pipeline job and model version."
+    )
+    enable_caching: bool = Field(
+        False, description="Vertex/KFP step caching; off, so new data is always read."
+    )
+    kfp: Kfp = Kfp()
+    endpoint: Endpoint = Endpoint()
+
+    @field_validator("pipeline_service_account")
+    @classmethod
+    def _account(cls, value: str | None) -> str | None:
+        if value is not None and not _SERVICE_ACCOUNT.match(value):
+            raise ValueError(
+                f"{value!r} is not a service account email (NAME@PROJECT.iam.gserviceaccount.com)"
+            )
+        return value
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(
+            r"^projects/[0-9]+/global/networks/[a-z][a-z0-9-]*$", value
+        ):
+            raise ValueError(f"{value!r} is not projects/NUMBER/global/networks/NAME")
+        return value
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"{value!r}: use lowercase letters, digits and '-', starting with a letter"
+            )
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            if not _LABEL.match(key) or not _LABEL_VALUE.match(label):
+                raise ValueError(
+                    f"label {key}={label!r}: keys start with a lowercase letter; keys and values "
+                    "use lowercase letters, digits, '_' and '-', at most 63 characters"
+                )
+        return value
 
 
 class TrainingWindow(_Strict):
@@ -321,6 +440,7 @@ class Settings(_Strict):
     topics: Topics = Topics()
     delivery: Delivery = Delivery()
     local: LocalStack = LocalStack()
+    gcp: Gcp = Gcp()
     models: dict[str, ModelSettings] = Field(min_length=1)
 
     @field_validator("project")
@@ -346,6 +466,35 @@ class Settings(_Strict):
             if p2.startswith(p1):
                 raise ValueError(f"data_prefix of {n2!r} ({p2!r}) overlaps that of {n1!r} ({p1!r})")
         return value
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> Self:
+        if self.backend == "kfp" and self.gcp.kfp.host is None:
+            raise ValueError("backend kfp needs gcp.kfp.host, the KFP API server's URL")
+        return self
+
+    @property
+    def pipeline_service_account(self) -> str:
+        """The service account that runs the pipelines (Terraform creates it)."""
+        return self.gcp.pipeline_service_account or (
+            f"retrain-pipelines@{self.project}.iam.gserviceaccount.com"
+        )
+
+    @property
+    def pipeline_root(self) -> str:
+        return f"gs://{self.buckets.artifacts}/pipeline-root"
+
+    @property
+    def component_image(self) -> str:
+        """The component image in the project's Artifact Registry (Cloud Build pushes it)."""
+        return (
+            f"{self.region}-docker.pkg.dev/{self.project}/{self.gcp.repository}/"
+            f"components:{self.gcp.image_tag}"
+        )
+
+    def pipeline_template(self, model: str) -> str:
+        """Where ``make deploy`` uploads the model's compiled pipeline."""
+        return f"gs://{self.buckets.artifacts}/pipelines/{model}.yaml"
 
     def model_for_object(self, bucket: str, name: str) -> str | None:
         """The model whose data prefix holds ``gs://bucket/name``, if any."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from retrain.config import Settings
 from retrain.messages import RetrainRequest
 
-__all__ = ["MAX_OBJECTS", "data_window"]
+if TYPE_CHECKING:
+    from retrain.ledger import GcsLedger
+
+__all__ = ["MAX_OBJECTS", "RunInputs", "data_window", "gather"]
 
 # A run reads at most this many of the newest objects under the model's prefix; the
 # training window (rows by the order column) is then cut from them by preprocess.
@@ -35,3 +40,40 @@ def data_window(
     for request in requests:
         uris += [uri for uri in request.data_uris if uri not in uris]
     return uris
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run trains on, and the events it covers (the first one names the request)."""
+
+    data_uris: list[str]
+    requests: list[RetrainRequest]
+
+    @property
+    def request_id(self) -> str:
+        return self.requests[0].dedupe_key
+
+    @property
+    def reason(self) -> str:
+        return self.requests[0].reason
+
+    @property
+    def dedupe_keys(self) -> list[str]:
+        return [request.dedupe_key for request in self.requests]
+
+
+def gather(
+    settings: Settings, ledger: GcsLedger, model: str, run_id: str, *, wait: float | None = None
+) -> RunInputs:
+    """Wait out the coalescing window, take every pending event of ``model`` into run
+    ``run_id`` (which holds the model's lease), and mark the run started on its window.
+
+    Raises :class:`LookupError` if nothing is pending: another run covered the events.
+    """
+    threading.Event().wait(settings.models[model].coalesce_seconds if wait is None else wait)
+    requests = ledger.collect(model, run_id)
+    if not requests:
+        raise LookupError(f"no pending events for {model}; another run covered them")
+    uris = data_window(settings, model, requests)
+    ledger.start(model, run_id, uris)
+    return RunInputs(uris, requests)

@@ -22,7 +22,14 @@ from typing import Any, Protocol
 
 from retrain import blobstore
 
-__all__ = ["GcsRegistry", "GcsRegistryWriter", "ModelRegistry", "ModelVersion", "RegistryError"]
+__all__ = [
+    "GcsRegistry",
+    "GcsRegistryWriter",
+    "ModelRegistry",
+    "ModelVersion",
+    "RegistryError",
+    "Serving",
+]
 
 
 class RegistryError(RuntimeError):
@@ -45,6 +52,20 @@ class ModelRegistry(Protocol):
 
     def version(self, model: str, version: str) -> ModelVersion | None:
         """One registered version, or None if there is no such version."""
+        ...
+
+
+class Serving(Protocol):
+    """Puts the champion in front of callers once the registry has moved it.
+
+    Locally there is no adapter: the prediction server follows the ``model-decisions``
+    topic and the champion pointer by itself. On Vertex AI the gatekeeper (and
+    ``retrain promote`` / ``rollback``) call :meth:`deploy` after a promotion.
+    """
+
+    def deploy(self, model: str, version: str) -> None:
+        """Serve ``version`` of ``model``; idempotent, so a redelivered decision may call it
+        again. Returns once the version serves its traffic share."""
         ...
 
 
