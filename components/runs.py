@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -28,6 +29,7 @@ __all__ = [
     "run_prefix",
 ]
 
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 Reason = Literal["data", "drift", "schedule", "manual"]
 REASONS: tuple[Reason, ...] = get_args(Reason)
 
@@ -42,11 +44,22 @@ class RunContext:
     reason: Reason
 
     @classmethod
-    def parse(cls, model: str, run_id: str, request_id: str, reason: str) -> RunContext:
-        """From pipeline parameters (plain strings); an unknown reason is an error."""
+    def parse(
+        cls, model: str, run_id: str, request_id: str, reason: str, job_name: str = ""
+    ) -> RunContext:
+        """From pipeline parameters (plain strings); an unknown reason is an error.
+
+        A scheduled pipeline job (``retrain schedule sync``) has no run id of ours: an
+        empty ``run_id`` becomes the pipeline job's own name, and an empty ``request_id``
+        the run id.
+        """
+        if not run_id:
+            run_id = _SAFE.sub("-", job_name).strip("-.")
+            if not run_id:
+                raise ValueError("run_id is empty and the pipeline job has no name to use")
         for known in REASONS:
             if reason == known:
-                return cls(model, run_id, request_id, known)
+                return cls(model, run_id, request_id or run_id, known)
         raise ValueError(f"reason {reason!r} is not one of {', '.join(REASONS)}")
 
 

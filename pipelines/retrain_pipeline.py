@@ -50,6 +50,8 @@ def build_pipeline(
             "run_id": run_id,
             "request_id": request_id,
             "reason": reason,
+            # A scheduled job passes no run id: the steps then use the job's name.
+            "job_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
         }
         on_exit = exit_op(**run).set_display_name("report-failure")
         with dsl.ExitHandler(on_exit, name="retrain-steps"):

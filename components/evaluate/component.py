@@ -21,6 +21,7 @@ def evaluate_model(
     run_id: str,
     request_id: str,
     reason: str,
+    job_name: str = "",
     model_artifact: Input[Model],
     eval_data: Input[Dataset],
     summary: Input[Artifact],
@@ -37,7 +38,7 @@ def evaluate_model(
     from retrain.bus import PubsubBus
     from serving.registry import GcsRegistry
 
-    run = RunContext.parse(model, run_id, request_id, reason)
+    run = RunContext.parse(model, run_id, request_id, reason, job_name)
     with step("evaluate", config_yaml, run) as (settings, _):
         published, message_id = evaluate_and_report(
             settings,
@@ -65,6 +66,7 @@ def report_failure(
     run_id: str,
     request_id: str,
     reason: str,
+    job_name: str = "",
     status: dsl.PipelineTaskFinalStatus,
 ) -> str:
     """Exit handler: publish ``status: failed`` when the run did not succeed; return the id."""
@@ -74,7 +76,7 @@ def report_failure(
     from retrain.bus import PubsubBus
 
     settings = load(config_yaml)
-    run = RunContext.parse(model, run_id, request_id, reason)
+    run = RunContext.parse(model, run_id, request_id, reason, job_name)
     published = failure_report(
         settings, run, status.state, status.error_message or "", PubsubBus(settings.project)
     )

@@ -20,11 +20,14 @@ def preprocess_data(
     run_id: str,
     request_id: str,
     reason: str,
+    job_name: str = "",
     train_data: Output[Dataset],
     eval_data: Output[Dataset],
     summary: Output[Artifact],
 ) -> None:
-    """Validate ``data_uris``, window and split them; write the splits and summary.json."""
+    """Validate ``data_uris``, window and split them; write the splits and summary.json.
+
+    No ``data_uris`` (a scheduled job) means the model's current data window."""
     import shutil
     import tempfile
     from pathlib import Path
@@ -33,12 +36,16 @@ def preprocess_data(
     from components.runs import RunContext
     from pipelines.runtime import step
 
-    run = RunContext.parse(model, run_id, request_id, reason)
+    run = RunContext.parse(model, run_id, request_id, reason, job_name)
 
     with (
-        step("preprocess", config_yaml, run) as (_, settings),
+        step("preprocess", config_yaml, run) as (config, settings),
         tempfile.TemporaryDirectory() as tmp,
     ):
+        if not data_uris:
+            from retrain.data_objects import data_window
+
+            data_uris = data_window(config, model, [])
         result = preprocess(data_uris, settings, Path(tmp))
         shutil.copyfile(result.train_path, train_data.path)
         shutil.copyfile(result.eval_path, eval_data.path)

@@ -19,6 +19,7 @@ def train_model(
     run_id: str,
     request_id: str,
     reason: str,
+    job_name: str = "",
     train_data: Input[Dataset],
     summary: Input[Artifact],
     model_artifact: Output[Model],
@@ -30,7 +31,7 @@ def train_model(
     from components.train import train
     from pipelines.runtime import step
 
-    run = RunContext.parse(model, run_id, request_id, reason)
+    run = RunContext.parse(model, run_id, request_id, reason, job_name)
 
     with step("train", config_yaml, run) as (_, settings):
         result = train(

@@ -308,3 +308,55 @@ def test_container_component_is_refused_for_a_local_run_with_a_clear_message(
     said = " ".join(result.stderr.split())
     assert "local runs (kfp.local's SubprocessRunner) support Python components only" in said
     assert "Traceback" not in result.stderr
+
+
+SCHEDULED_JOB = """
+import sys
+from pathlib import Path
+
+from kfp import local
+
+from pipelines.retrain_pipeline import retrain_pipeline
+
+local.init(local.SubprocessRunner(use_venv=False), pipeline_root=sys.argv[3])
+retrain_pipeline(
+    model=sys.argv[1], data_uris=[], request_id="", reason="schedule", run_id="",
+    config_yaml=Path(sys.argv[2]).read_text(encoding="utf-8"),
+)
+"""
+
+
+def test_a_scheduled_job_without_run_id_or_data_trains_on_the_window_under_its_own_name(
+    stack: Stack,
+    gcs: Any,
+    subscriber: pubsub_v1.SubscriberClient,
+    metrics_subscription: str,
+    config_with: Callable[..., tuple[Path, str]],
+    tmp_path: Path,
+) -> None:
+    """What `retrain schedule sync` submits: no run id, no data URIs (see RunContext.parse)."""
+    config, model = config_with()
+    first = upload(gcs, stack, f"{model}/a.csv", RAINFALL.iloc[:1500])
+    second = upload(gcs, stack, f"{model}/b.csv", RAINFALL.iloc[1500:3000])
+
+    done = subprocess.run(
+        [sys.executable, "-c", SCHEDULED_JOB, model, str(config), str(tmp_path / "root")],
+        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, **stack.env()},
+    )  # fmt: skip
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for _ in range(10):
+        response = subscriber.pull(subscription=metrics_subscription, max_messages=10, timeout=10)
+        reports = [decode(MetricsReport, r.message.data) for r in response.received_messages]
+        mine = [r for r in reports if r.model == model]
+        if mine:
+            break
+    else:
+        pytest.fail(f"no MetricsReport for {model}")
+    report = mine[0]
+    assert report.status == "succeeded", report.error
+    assert report.run_id.startswith("retrain-"), "named after the pipeline job"
+    assert report.request_id == report.run_id
+    assert report.reason == "schedule"
+    assert sorted(report.train_rows) == [first, second]
+    assert sum(report.train_rows.values()) == 3000

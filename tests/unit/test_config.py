@@ -76,6 +76,10 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("too_few_delivery_attempts", "delivery.max_delivery_attempts", "greater than or equal to 5"),
     ("bad_bucket_name", "buckets.data", "'Retrain_Data!' is not a valid bucket name"),
     ("label_is_order_column", "models.rainfall", "label and order_column are both 'day'"),
+    ("kfp_without_host", "(top level)", "backend kfp needs gcp.kfp.host"),
+    ("bad_service_account", "gcp.pipeline_service_account", "is not a service account email"),
+    ("canary_of_100_percent", "gcp.endpoint.canary_percent", "less than or equal to 99"),
+    ("bad_job_label", "gcp.labels", "label Team='ml': keys start with a lowercase letter"),
 ]
 
 SEVERAL_PROBLEMS: dict[str, str] = {

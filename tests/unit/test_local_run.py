@@ -43,3 +43,11 @@ def test_run_context_refuses_an_unknown_reason() -> None:
     assert RunContext.parse("m", "r", "k", "drift").reason == "drift"
     with pytest.raises(ValueError, match="reason 'whim' is not one of data, drift"):
         RunContext.parse("m", "r", "k", "whim")
+
+
+def test_a_scheduled_job_is_named_after_the_pipeline_job() -> None:
+    run = RunContext.parse("m", "", "", "schedule", "retrain-m 2026/11/25 03:00")
+    assert (run.run_id, run.request_id) == ("retrain-m-2026-11-25-03-00", run.run_id)
+    assert RunContext.parse("m", "r", "k", "data", "job").run_id == "r", "a given run id wins"
+    with pytest.raises(ValueError, match="run_id is empty and the pipeline job has no name"):
+        RunContext.parse("m", "", "", "schedule", "")
