@@ -22,9 +22,11 @@ from retrain.ledger import new_run_id
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from retrain.config import Settings
+    from retrain.ledger import GcsLedger
     from retrain.localstack import Stack
 
-__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "run_and_follow"]
+__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "launcher_for", "run_and_follow"]
 
 EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
 DEFAULT_IMAGE = "retrain-components:latest"
@@ -75,6 +77,20 @@ class LocalLauncher:
                     start_new_session=True,  # outlives the request that started it
                 )
             )
+
+
+def launcher_for(settings: Settings, config_path: Path, ledger: GcsLedger) -> PipelineLauncher:
+    """The launcher that ``backend`` in retrain.yaml names. The cloud launchers pass the
+    text of ``config_path`` to the pipeline, as the local worker does."""
+    if settings.backend == "vertex":
+        from pipelines.vertex_launcher import VertexLauncher  # noqa: PLC0415
+
+        return VertexLauncher(settings, config_path.read_text(encoding="utf-8"), ledger)
+    if settings.backend == "kfp":
+        from pipelines.kfp_launcher import KfpLauncher  # noqa: PLC0415
+
+        return KfpLauncher(settings, config_path.read_text(encoding="utf-8"), ledger)
+    return LocalLauncher(config_path, settings.local.state_dir)
 
 
 def _environment(stack: Stack) -> dict[str, str]:

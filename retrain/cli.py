@@ -334,6 +334,32 @@ def compile_(
         out.print(f"wrote {path}")
 
 
+@app.command("package")
+def package_(
+    config: ConfigOption = Path("retrain.yaml"),
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Build folder that infra/terraform uploads from.")
+    ] = Path("build"),
+) -> None:
+    """Build what `make deploy` uploads: functions.zip and each model's compiled pipeline."""
+    from pipelines.byo import ComponentMismatch  # noqa: PLC0415
+    from retrain.packaging import compile_pipelines, package_functions  # noqa: PLC0415
+
+    settings = _load(config)
+    package = package_functions(config, out_dir)
+    out.print(
+        f"wrote {package.zip_path}: {len(package.modules)} modules, "
+        f"{len(package.requirements)} pinned requirements"
+    )
+    try:
+        written = compile_pipelines(settings, out_dir)
+    except ComponentMismatch as exc:
+        err.print(f"[bold red]retrain package[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    for path in written:
+        out.print(f"wrote {path} (image {settings.component_image})")
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="Model name in retrain.yaml.")],
@@ -544,9 +570,10 @@ def runs(
 
 
 def _writer(stack: Stack) -> GcsRegistryWriter:
-    from serving.registry import GcsRegistryWriter  # noqa: PLC0415
+    """The registry that ``backend`` names (Vertex AI Model Registry, or the GCS one)."""
+    from serving.registry import registry_writer  # noqa: PLC0415
 
-    return GcsRegistryWriter(stack.settings.buckets.artifacts, _Clients(stack).storage)
+    return registry_writer(stack.settings, _Clients(stack).storage)
 
 
 def _operator() -> str:
@@ -620,6 +647,13 @@ def _move(stack: Stack, model: str, version: str, reason: str, action: str) -> N
         )
         raise typer.Exit(code=1)
     out.print(f"{model}: champion v{current or '-'} -> v{version} ({action} by {who}: {reason})")
+    from serving.registry import serving_for  # noqa: PLC0415
+
+    serving = serving_for(stack.settings)
+    if serving is not None:  # Vertex AI: move the endpoint's traffic too
+        with err.status(f"deploying v{version} of {model} to its endpoint"):
+            serving.deploy(model, version)
+        out.print(f"{model}: the endpoint serves v{version}")
 
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit trail.")]

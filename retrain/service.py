@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pipelines.launchers import PipelineLauncher
     from retrain.bus import Bus
     from retrain.ledger import GcsLedger
-    from serving.registry import GcsRegistryWriter
+    from serving.registry import GcsRegistryWriter, Serving
 
 __all__ = ["Outcome", "RetrainService", "build_service"]
 
@@ -59,12 +59,16 @@ class RetrainService:
         launcher: PipelineLauncher,
         bus: Bus,
         registry: GcsRegistryWriter,
+        serving: Serving | None = None,
     ) -> None:
+        """``serving`` deploys a promoted version (Vertex AI endpoints); None where the
+        prediction server follows the decisions topic by itself (the local stack)."""
         self.settings = settings
         self.ledger = ledger
         self.launcher = launcher
         self.bus = bus
         self.registry = registry
+        self.serving = serving
         self._champions: dict[tuple[str, str], tuple[dict[str, Any], Path, dict[str, float]]] = {}
 
     # -- the one path to a run -----------------------------------------------------
@@ -222,6 +226,7 @@ class RetrainService:
                         reasons=decision.reasons, decided_at=datetime.now(UTC).isoformat(),
                     )  # fmt: skip
                 self._publish_decision(report.model, report.run_id, decision)
+            self._serve(decision)  # a deploy that failed last time is tried again
             return decision
         model = self._model(report.model)
         version = None
@@ -235,7 +240,9 @@ class RetrainService:
             pointer = registry.champion_pointer(report.model)
             current = ((pointer[0].get("previous") or [None])[0]) if pointer else None
             verdict = decide(report, model.gate, current)
-            return self._finish_decision(report, version, current, True, verdict.reasons)
+            return self._serve(
+                self._finish_decision(report, version, current, True, verdict.reasons)
+            )
         verdict = decide(report, model.gate, current)
         reasons = verdict.reasons
         promoted = False
@@ -249,7 +256,17 @@ class RetrainService:
                     f"stale: the champion moved to v{now.version if now else '?'} while deciding"
                     ": FAIL"
                 )
-        return self._finish_decision(report, version, current, promoted, reasons)
+        return self._serve(self._finish_decision(report, version, current, promoted, reasons))
+
+    def _serve(self, decision: Decision) -> Decision:
+        """Deploy a promoted version that is still the champion (a redelivered old decision
+        must not undo a later promotion or rollback)."""
+        if self.serving is None or decision.verdict != "promoted" or not decision.new_version:
+            return decision
+        champion = self.registry.champion(decision.model)
+        if champion is not None and champion.version == decision.new_version:
+            self.serving.deploy(decision.model, decision.new_version)
+        return decision
 
     def _finish_decision(
         self, report: MetricsReport, version: str | None, previous: str | None,
@@ -375,21 +392,17 @@ class RetrainService:
 
 def build_service(settings: Settings, config_path: Path) -> RetrainService:
     """The service with the adapters that ``backend`` in retrain.yaml names."""
-    from pipelines.launchers import LocalLauncher  # noqa: PLC0415
+    from pipelines.launchers import launcher_for  # noqa: PLC0415
     from retrain.bus import PubsubBus  # noqa: PLC0415
     from retrain.ledger import GcsLedger  # noqa: PLC0415
-    from serving.registry import GcsRegistryWriter  # noqa: PLC0415
+    from serving.registry import registry_writer, serving_for  # noqa: PLC0415
 
-    launchers = {"local": lambda: LocalLauncher(config_path, settings.local.state_dir)}
-    if settings.backend not in launchers:
-        raise NotImplementedError(
-            f"backend {settings.backend!r}: its launcher arrives with the Google Cloud issue; "
-            "use backend: local"
-        )
+    ledger = GcsLedger(settings.buckets.artifacts)
     return RetrainService(
         settings,
-        GcsLedger(settings.buckets.artifacts),
-        launchers[settings.backend](),
+        ledger,
+        launcher_for(settings, config_path, ledger),
         PubsubBus(settings.project),
-        GcsRegistryWriter(settings.buckets.artifacts),
+        registry_writer(settings),
+        serving_for(settings),
     )

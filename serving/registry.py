@@ -18,9 +18,12 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from retrain import blobstore
+
+if TYPE_CHECKING:
+    from retrain.config import Settings
 
 __all__ = [
     "GcsRegistry",
@@ -29,6 +32,8 @@ __all__ = [
     "ModelVersion",
     "RegistryError",
     "Serving",
+    "registry_writer",
+    "serving_for",
 ]
 
 
@@ -259,3 +264,23 @@ class GcsRegistryWriter(GcsRegistry):
         blobs = self._bucket().client.list_blobs(self._bucket().name, prefix=prefix)
         values = [json.loads(blob.download_as_bytes()) for blob in blobs]
         return sorted(values, key=lambda v: str(v.get("time", "")))
+
+
+def registry_writer(settings: Settings, client: Any | None = None) -> GcsRegistryWriter:
+    """The registry that ``backend`` names: Vertex AI Model Registry for ``vertex``; the
+    GCS registry for ``local`` and ``kfp`` (KFP on GKE has no model registry of its own)."""
+    if settings.backend == "vertex":
+        from serving.vertex import VertexRegistry  # noqa: PLC0415 (aiplatform is slow)
+
+        return VertexRegistry(settings, client)
+    return GcsRegistryWriter(settings.buckets.artifacts, client)
+
+
+def serving_for(settings: Settings) -> Serving | None:
+    """Vertex AI endpoints for ``vertex``; otherwise our prediction server, which follows
+    the decisions topic by itself and needs no call."""
+    if settings.backend == "vertex":
+        from serving.vertex import VertexEndpoint  # noqa: PLC0415
+
+        return VertexEndpoint(settings)
+    return None
