@@ -1,0 +1,120 @@
+# Every name comes from retrain.yaml, the file the code reads, so infra and code cannot disagree.
+# Where retrain/config.py gives a key a default, the same default is repeated here, each with a
+# pointer to the Python that owns it. tests/unit/test_terraform.py checks both directions.
+
+locals {
+  config = yamldecode(file(var.config_path))
+
+  project          = local.config.project
+  region           = try(local.config.region, "us-central1") # Settings.region
+  data_bucket      = local.config.buckets.data                # Buckets.data (required)
+  artifacts_bucket = local.config.buckets.artifacts           # Buckets.artifacts (required)
+  models           = local.config.models                      # Settings.models (required)
+
+  # retrain/config.py Topics: the code's field name -> default topic name.
+  topic_defaults = {
+    data_arrivals    = "data-arrivals"
+    drift_alerts     = "drift-alerts"
+    retrain_schedule = "retrain-schedule"
+    model_metrics    = "model-metrics"
+    model_decisions  = "model-decisions"
+  }
+  topics = merge(local.topic_defaults, try(local.config.topics, {}))
+
+  # retrain/topology.py DEAD_LETTER_SUFFIX: every topic has "<topic>-dead-letter".
+  dead_letter_suffix = "-dead-letter"
+  dead_letter_topics = { for field, topic in local.topics : field => "${topic}${local.dead_letter_suffix}" }
+
+  # retrain/topology.py topology().pulls: subscription name -> topic name. One pull
+  # subscription on every dead-letter topic (inspect and replay), and the ones on
+  # model-decisions that operators and the prediction server read.
+  decision_pull_suffixes = ["watch", "serving"]
+  pull_subscriptions = merge(
+    { for field, topic in local.dead_letter_topics : topic => topic },
+    { for suffix in local.decision_pull_suffixes : "${local.topics.model_decisions}-${suffix}" => local.topics.model_decisions },
+  )
+
+  # retrain/config.py Delivery: the policy of every subscription that feeds a function.
+  delivery_defaults = {
+    max_delivery_attempts = 5
+    ack_deadline_seconds  = 60
+    min_backoff_seconds   = 1
+    max_backoff_seconds   = 10
+  }
+  delivery = merge(local.delivery_defaults, try(local.config.delivery, {}))
+
+  # retrain/config.py FUNCTION_TOPICS: entry point in triggers/main.py -> field of `topics`.
+  # The local stack's push subscriptions are, in the cloud, the Eventarc triggers below.
+  function_topics = {
+    on_data_arrival = "data_arrivals"
+    on_drift        = "drift_alerts"
+    on_schedule     = "retrain_schedule"
+    gatekeeper      = "model_metrics"
+  }
+  # Cloud Run service names take no '_'; a kebab-case function name is also its service name.
+  function_names = { for entry_point, field in local.function_topics : entry_point => "retrain-${replace(entry_point, "_", "-")}" }
+  # The topics (fields) the functions publish to: drift alerts (on_data_arrival, when an
+  # arrival drifted) and decisions (gatekeeper). retrain/service.py is where they publish.
+  function_publishes = ["drift_alerts", "model_decisions"]
+
+  # retrain/config.py Gcp defaults, and the Settings properties derived from them.
+  repository = try(local.config.gcp.repository, "retrain")
+  image_tag  = try(local.config.gcp.image_tag, "latest")
+  # Settings.pipeline_service_account: null in the file means the default.
+  pipeline_service_account = coalesce(
+    try(local.config.gcp.pipeline_service_account, null),
+    "retrain-pipelines@${local.project}.iam.gserviceaccount.com",
+  )
+  pipeline_root   = "gs://${local.artifacts_bucket}/pipeline-root"                                          # Settings.pipeline_root
+  component_image = "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/components:${local.image_tag}" # Settings.component_image
+  # Settings.pipeline_template(model) is gs://<artifacts>/<this object>.
+  pipeline_objects = { for model, spec in local.models : model => "pipelines/${model}.yaml" }
+
+  # ModelSettings.schedule (optional; Schedule.timezone defaults to UTC). Schedule.via
+  # pipeline_schedule is `retrain schedule sync`'s instead (it would run twice otherwise).
+  schedules = {
+    for model, spec in local.models : model => {
+      cron      = spec.schedule.cron
+      time_zone = try(spec.schedule.timezone, "UTC")
+    } if try(spec.schedule, null) != null && try(spec.schedule.via, "cloud_scheduler") == "cloud_scheduler"
+  }
+  # ModelSettings.data_prefix (required): one storage notification per model.
+  data_prefixes = { for model, spec in local.models : model => spec.data_prefix }
+
+  # Service accounts that only Terraform names (the pipeline runner's comes from the file).
+  account_ids = {
+    functions = "retrain-functions"
+    trigger   = "retrain-trigger"
+    build     = "retrain-build"
+  }
+
+  # Gcp.labels go on every resource too, with our own two.
+  labels = merge(try(local.config.gcp.labels, {}), { app = "retrain", "managed-by" = "terraform" })
+
+  pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+data "google_project" "this" {
+  project_id = local.project
+}
+
+# The APIs this topology uses. Left enabled on destroy: other workloads may rely on them.
+resource "google_project_service" "enabled" {
+  for_each = toset([
+    "aiplatform.googleapis.com",
+    "artifactregistry.googleapis.com",
+    "cloudbuild.googleapis.com",
+    "cloudfunctions.googleapis.com",
+    "cloudresourcemanager.googleapis.com",
+    "cloudscheduler.googleapis.com",
+    "eventarc.googleapis.com",
+    "iam.googleapis.com",
+    "logging.googleapis.com",
+    "pubsub.googleapis.com",
+    "run.googleapis.com",
+    "storage.googleapis.com",
+  ])
+  project            = local.project
+  service            = each.value
+  disable_on_destroy = false
+}

@@ -1,0 +1,139 @@
+# The data bucket (new data lands under each model's data_prefix), the artifacts bucket
+# (pipeline root, models, registry, run ledger, compiled pipelines, function source) and the
+# bucket that receives both buckets' usage logs.
+
+locals {
+  # Derived from the artifacts bucket's name (63 characters at most).
+  access_log_bucket = "${substr(local.artifacts_bucket, 0, 51)}-access-logs"
+}
+
+resource "google_storage_bucket" "data" {
+  name     = local.data_bucket
+  project  = local.project
+  location = local.region # the notification topic, functions and Vertex jobs are all here
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = false
+
+  # Lineage names training data as bucket/object#generation: keep overwritten versions.
+  versioning {
+    enabled = true
+  }
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_version_days
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  logging {
+    log_bucket        = google_storage_bucket.access_logs.name
+    log_object_prefix = "data/"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_storage_bucket" "artifacts" {
+  name     = local.artifacts_bucket
+  project  = local.project
+  location = local.region # Vertex AI Pipelines wants its pipeline root in the job's region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = false
+
+  # Models, the registry and the ledger: an overwrite or delete by mistake can be undone.
+  versioning {
+    enabled = true
+  }
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_version_days
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  logging {
+    log_bucket        = google_storage_bucket.access_logs.name
+    log_object_prefix = "artifacts/"
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_storage_bucket" "access_logs" {
+  #checkov:skip=CKV_GCP_62:This is the usage-log sink of the other two buckets; logging it into itself would log its own log writes.
+  name     = local.access_log_bucket
+  project  = local.project
+  location = local.region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = false
+
+  versioning {
+    enabled = true
+  }
+  lifecycle_rule {
+    condition {
+      age = var.access_log_days
+    }
+    action {
+      type = "Delete"
+    }
+  }
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = 1
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_storage_bucket_iam_member" "analytics_writes_logs" {
+  # Why: Cloud Storage writes usage logs as this Google group, which needs to create objects
+  # in the log bucket (with uniform bucket-level access there are no ACLs to do it).
+  bucket = google_storage_bucket.access_logs.name
+  role   = "roles/storage.objectCreator"
+  member = "group:cloud-storage-analytics@google.com"
+}
+
+# New data: one OBJECT_FINALIZE notification per model, filtered to its data_prefix (prefixes
+# never overlap: retrain/config.py refuses that), so temporary and unrelated objects
+# never wake a function. The payload is the object resource (JSON_API_V1), as on_data_arrival
+# expects; its attributes carry bucketId, objectId and objectGeneration (the dedupe key).
+resource "google_storage_notification" "data_arrival" {
+  for_each = local.data_prefixes
+
+  bucket             = google_storage_bucket.data.name
+  payload_format     = "JSON_API_V1"
+  topic              = google_pubsub_topic.topic["data_arrivals"].id
+  event_types        = ["OBJECT_FINALIZE"]
+  object_name_prefix = each.value
+
+  depends_on = [google_pubsub_topic_iam_member.gcs_publishes_data_arrivals]
+}
+
+# Compiled pipelines, where Settings.pipeline_template(model) says they are:
+# gs://<buckets.artifacts>/pipelines/<model>.yaml.
+resource "google_storage_bucket_object" "pipeline" {
+  for_each = local.pipeline_objects
+
+  bucket       = google_storage_bucket.artifacts.name
+  name         = each.value
+  source       = "${var.pipelines_dir}/${each.key}.yaml"
+  content_type = "application/yaml"
+}
