@@ -29,6 +29,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate retrain.yaml.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+schedule_app = typer.Typer(
+    help="Vertex AI pipeline schedules or KFP recurring runs, from retrain.yaml.",
+    no_args_is_help=True,
+)
+app.add_typer(schedule_app, name="schedule")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -360,6 +365,45 @@ def package_(
         out.print(f"wrote {path} (image {settings.component_image})")
 
 
+@schedule_app.command("sync")
+def schedule_sync(
+    config: ConfigOption = Path("retrain.yaml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would change; change nothing.")
+    ] = False,
+) -> None:
+    """Make the backend's schedules match each model's `schedule` with `via:
+    pipeline_schedule`: Vertex AI PipelineJobSchedules (backend vertex) or KFP recurring
+    runs (backend kfp), one run at a time each. Stale ones of ours are deleted."""
+    from pipelines.schedules import (  # noqa: PLC0415 (aiplatform and kfp are slow)
+        ScheduleError,
+        sync_kfp_schedules,
+        sync_vertex_schedules,
+    )
+
+    settings = _load(config)
+    if settings.backend == "local":
+        err.print(
+            "[bold red]retrain schedule sync[/] is for backend vertex or kfp; locally, "
+            "`retrain up` runs the scheduler for every model's schedule"
+        )
+        raise typer.Exit(code=2)
+    text = config.read_text(encoding="utf-8")
+    sync = sync_vertex_schedules if settings.backend == "vertex" else sync_kfp_schedules
+    try:
+        with err.status(f"syncing {settings.backend} schedules"):
+            changes = sync(settings, text, dry_run=dry_run)
+    except ScheduleError as exc:
+        err.print(f"[bold red]retrain schedule sync[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    table = Table("model", "action", "cron", "detail", box=None)
+    for change in changes:
+        table.add_row(change.model, change.action, change.cron, change.detail)
+    out.print(table if changes else "no model is scheduled via pipeline_schedule; nothing to do")
+    if dry_run:
+        out.print("(dry run: nothing changed)")
+
+
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="Model name in retrain.yaml.")],
@@ -649,7 +693,7 @@ def _move(stack: Stack, model: str, version: str, reason: str, action: str) -> N
     out.print(f"{model}: champion v{current or '-'} -> v{version} ({action} by {who}: {reason})")
     from serving.registry import serving_for  # noqa: PLC0415
 
-    serving = serving_for(stack.settings)
+    serving = serving_for(stack.settings, registry)
     if serving is not None:  # Vertex AI: move the endpoint's traffic too
         with err.status(f"deploying v{version} of {model} to its endpoint"):
             serving.deploy(model, version)

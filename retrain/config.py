@@ -341,6 +341,13 @@ class Gate(_Strict):
 class Schedule(_Strict):
     cron: str
     timezone: str = "UTC"
+    via: Literal["cloud_scheduler", "pipeline_schedule"] = Field(
+        "cloud_scheduler",
+        description="cloud_scheduler: a Cloud Scheduler job publishes to retrain-schedule "
+        "(Terraform makes it; the tick goes through the ledger). pipeline_schedule: a Vertex "
+        "AI PipelineJobSchedule or KFP recurring run (`retrain schedule sync`) runs the "
+        "pipeline itself. Locally, the scheduler process stands in for both.",
+    )
 
     @field_validator("cron")
     @classmethod
