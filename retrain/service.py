@@ -252,9 +252,12 @@ class RetrainService:
             )
             if not promoted:
                 now = registry.champion(report.model)
+                moved = now.version if now else None
                 reasons.append(
-                    f"stale: the champion moved to v{now.version if now else '?'} while deciding"
-                    ": FAIL"
+                    f"stale: the champion moved to v{moved} while deciding: FAIL"
+                    if moved != current
+                    else f"stale: the registry's champion alias is not on v{current} (moved by "
+                    "hand?); adopt it with `retrain promote` or move it back: FAIL"
                 )
         return self._serve(self._finish_decision(report, version, current, promoted, reasons))
 
@@ -398,11 +401,12 @@ def build_service(settings: Settings, config_path: Path) -> RetrainService:
     from serving.registry import registry_writer, serving_for  # noqa: PLC0415
 
     ledger = GcsLedger(settings.buckets.artifacts)
+    registry = registry_writer(settings)
     return RetrainService(
         settings,
         ledger,
         launcher_for(settings, config_path, ledger),
         PubsubBus(settings.project),
-        registry_writer(settings),
-        serving_for(settings),
+        registry,
+        serving_for(settings, registry),
     )

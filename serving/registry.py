@@ -276,11 +276,14 @@ def registry_writer(settings: Settings, client: Any | None = None) -> GcsRegistr
     return GcsRegistryWriter(settings.buckets.artifacts, client)
 
 
-def serving_for(settings: Settings) -> Serving | None:
-    """Vertex AI endpoints for ``vertex``; otherwise our prediction server, which follows
-    the decisions topic by itself and needs no call."""
+def serving_for(settings: Settings, registry: GcsRegistryWriter) -> Serving | None:
+    """Vertex AI endpoints for ``vertex`` (which read versions from ``registry``, the one
+    :func:`registry_writer` gave); otherwise our prediction server, which follows the
+    decisions topic by itself and needs no call."""
     if settings.backend == "vertex":
-        from serving.vertex import VertexEndpoint  # noqa: PLC0415
+        from serving.vertex import VertexEndpoint, VertexRegistry  # noqa: PLC0415
 
-        return VertexEndpoint(settings)
+        if not isinstance(registry, VertexRegistry):
+            raise TypeError("backend vertex serves from the Vertex registry; see registry_writer")
+        return VertexEndpoint(settings, registry)
     return None
