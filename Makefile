@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help prereqs install browser lint test demo bench up down status clean
+.PHONY: help prereqs install browser lint checkov test demo bench up down status package deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+checkov: ## static checks of infra/terraform (in its own venv, .venv-checkov)
+	scripts/checkov
+
 browser: ## Debian's chromium for the dashboard's browser test (installed when run as root)
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -37,7 +40,7 @@ browser: ## Debian's chromium for the dashboard's browser test (installed when r
 	    echo "NOTE: the dashboard's browser test needs Chromium: sudo apt-get install chromium"; \
 	  fi; }
 
-test: install prereqs browser lint ## run every test tier but benchmarks (the tests start the emulators)
+test: install prereqs browser lint checkov ## run every test tier but benchmarks (the tests start the emulators)
 	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
 
 demo: install prereqs ## the main job on the local stack
@@ -55,5 +58,11 @@ down: install ## stop the local stack
 status: install ## health of each part of the local stack
 	$(BIN)/retrain status
 
+package: install ## build/functions.zip and build/pipelines/<model>.yaml, what deploy uploads
+	$(BIN)/retrain package --out build
+
+deploy: package ## deploy to Google Cloud (docs/deploy-gcp.md): image, Terraform, dead letters
+	scripts/deploy
+
 clean: ## remove the local stack state and caches (not .venv)
-	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info .venv-checkov

