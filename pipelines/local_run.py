@@ -170,8 +170,8 @@ def _release(settings: Settings, config: Path, model: str, run_id: str, exc: Exc
     error = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, LookupError):
         ledger.finish(model, run_id, "abandoned", error)
-    else:
-        ledger.finish(model, run_id, "failed", error)
+    else:  # what it gathered before it failed waits for the next run
+        ledger.abandon(model, run_id, error)
     if ledger.has_pending(model):
         build_service(settings, config).kick(model)
 

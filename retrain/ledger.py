@@ -94,6 +94,7 @@ class RunLedger(Protocol):
     def finish(
         self, model: str, run_id: str, state: RunState, error: str | None = None
     ) -> bool: ...
+    def abandon(self, model: str, run_id: str, error: str) -> bool: ...
     def has_pending(self, model: str) -> bool: ...
 
 
@@ -377,6 +378,17 @@ class GcsLedger:
     def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:
         """End ``run_id`` and release the lease if it still holds it; True if it did."""
         self._end_run(model, run_id, state, error)
+        current = self.lease(model)
+        if current is None or current.run_id != run_id:
+            return False
+        return self._delete(self._path(model, "lease.json"), current.generation)
+
+    def abandon(self, model: str, run_id: str, error: str) -> bool:
+        """``run_id`` will never run (its launch failed after it gathered its events): end
+        it as abandoned, put its events back in the queue for the next run, and release
+        the lease if it holds it; True if it did. Nothing it covered is lost."""
+        self._end_run(model, run_id, "abandoned", error)
+        self._requeue(model, run_id)
         current = self.lease(model)
         if current is None or current.run_id != run_id:
             return False

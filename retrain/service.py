@@ -93,8 +93,10 @@ class RetrainService:
             return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
         try:
             self.launcher.submit(name, run_id)
-        except Exception as exc:  # the lease must not outlive a launch that never happened
-            self.ledger.finish(name, run_id, "failed", f"launch failed: {exc}")
+        except Exception as exc:
+            # The lease must not outlive a launch that never happened, and the events the
+            # run gathered wait again: the redelivery that this error causes launches them.
+            self.ledger.abandon(name, run_id, f"launch failed: {type(exc).__name__}: {exc}")
             raise
         return Outcome("launched", name, run_id=run_id)
 

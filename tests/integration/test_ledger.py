@@ -48,3 +48,25 @@ def test_expired_lease_is_taken_over_and_its_events_wait_again(bucket: Any) -> N
     assert ledger.collect(model, "run-b") == []
     assert ledger.finish(model, "run-b", "succeeded")
     assert ledger.lease(model) is None
+
+
+def test_a_run_whose_launch_failed_gives_its_events_back(bucket: Any) -> None:
+    """A cloud launcher gathers the events, then the API call fails: nothing is lost, and
+    the redelivery that the failure causes launches them."""
+    ledger = GcsLedger(bucket.name, bucket.client)
+    model = unique("m")
+    request = RetrainRequest(model=model, reason="data", dedupe_key="k-1", trigger_event_id="1")
+    assert ledger.claim(request) == "new"
+    assert ledger.try_acquire(model, "run-a", ttl=60).acquired
+    assert [r.dedupe_key for r in ledger.collect(model, "run-a")] == ["k-1"]
+
+    assert ledger.abandon(model, "run-a", "launch failed: ServiceUnavailable: 503")
+
+    assert ledger.lease(model) is None
+    record = ledger.run(model, "run-a")
+    assert record is not None
+    assert (record.state, record.error) == ("abandoned", "launch failed: ServiceUnavailable: 503")
+    assert ledger.claim(request) == "pending", "the redelivery finds it waiting, not done"
+    assert ledger.try_acquire(model, "run-b", ttl=60).acquired
+    assert [r.dedupe_key for r in ledger.collect(model, "run-b")] == ["k-1"]
+    assert ledger.claim(request) == "done"
