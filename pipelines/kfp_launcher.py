@@ -176,6 +176,7 @@ class KfpLauncher:
                 # (e.g. pipeline-runner, or default-editor with Workload Identity) runs it.
                 service_account=None,
             )
+        self.ledger.launched(model, run_id, f"{settings.gcp.kfp.host}#runs/{result.run_id}")
         log.info(
             "run %s of %s: created KFP run %s (%s) in experiment %s for %d event(s)",
             run_id, model, result.run_id, name, experiment, len(inputs.requests),

@@ -164,6 +164,7 @@ class VertexLauncher:
                 raise
             settle_relaunch(self.ledger, model, run_id, f"Vertex AI pipeline job {name}", earlier)
             return
+        self.ledger.launched(model, run_id, job.resource_name)
         log.info(
             "run %s of %s: submitted Vertex AI pipeline job %s for %d event(s), %d object(s)",
             run_id, model, job.resource_name, len(inputs.requests), len(inputs.data_uris),

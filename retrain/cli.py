@@ -600,6 +600,7 @@ def runs(
     table = Table(box=None, pad_edge=False)
     for column in ("model", "run", "reason", "trigger", "events", "state", "started", "took"):
         table.add_column(column)
+    jobs = []
     for name in models:
         for record in ledger.runs(name):
             started = record.started_at or record.created_at
@@ -610,7 +611,11 @@ def runs(
                 str(len(record.events)), record.state,
                 datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S"), took,
             )  # fmt: skip
+            if record.launched_as:
+                jobs.append(f"{record.run_id}: {record.launched_as}")
     out.print(table)
+    for job in jobs:  # the pipeline job each cloud run submitted
+        out.print(job, markup=False, soft_wrap=True)
 
 
 def _writer(stack: Stack) -> GcsRegistryWriter:

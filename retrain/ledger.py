@@ -82,6 +82,7 @@ class RunRecord:
     started_at: float | None = None
     ended_at: float | None = None
     error: str | None = None
+    launched_as: str | None = None  # the pipeline job (Vertex AI) or run (KFP) it submitted
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2).encode()
@@ -382,6 +383,12 @@ class GcsLedger:
         if current is None or current.run_id != run_id:
             return False
         return self._delete(self._path(model, "lease.json"), current.generation)
+
+    def launched(self, model: str, run_id: str, job: str) -> None:
+        """Record which pipeline job ``run_id`` submitted (the cloud launchers)."""
+        record = self.run(model, run_id) or RunRecord(model, run_id, "running")
+        record.launched_as = job
+        self._write_run(record)
 
     def abandon(self, model: str, run_id: str, error: str) -> bool:
         """``run_id`` will never run (its launch failed after it gathered its events): end

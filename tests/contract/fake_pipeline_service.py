@@ -352,7 +352,8 @@ class FakeStorage(RecordingServer):
 
 @dataclass
 class MemoryLedger:
-    """The ledger methods that the launchers call (``collect``, ``start``, ``finish``),
+    """The ledger methods that the launchers call (``collect``, ``start``, ``finish``,
+    ``launched``),
     in memory: ``pending`` events are handed to the first run that collects them, and
     every call is recorded in ``calls``."""
 
@@ -371,6 +372,9 @@ class MemoryLedger:
     def finish(self, model: str, run_id: str, state: str, error: str | None = None) -> bool:
         self.calls.append(("finish", model, run_id, state, error))
         return True
+
+    def launched(self, model: str, run_id: str, job: str) -> None:
+        self.calls.append(("launched", model, run_id, job))
 
     def of(self, kind: str) -> Iterator[tuple[Any, ...]]:
         return (call for call in self.calls if call[0] == kind)

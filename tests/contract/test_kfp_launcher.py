@@ -120,7 +120,11 @@ def test_one_run_is_created_in_the_experiment(
         },
     }
     assert "service_account" not in run
-    assert ledger.calls == [("collect", MODEL, EARLIER), ("start", MODEL, EARLIER, [OBJECT])]
+    assert ledger.calls == [
+        ("collect", MODEL, EARLIER),
+        ("start", MODEL, EARLIER, [OBJECT]),
+        ("launched", MODEL, EARLIER, f"{settings.gcp.kfp.host}#runs/{run_id}"),
+    ]
     assert storage.received("GET", r"^/download/storage/v1/b/retrain-artifacts/o/pipelines")
 
 

@@ -182,7 +182,7 @@ def test_one_pipeline_job_is_submitted_for_the_pending_events(
     assert job["serviceAccount"] == PIPELINE_ACCOUNT == settings.pipeline_service_account
     assert job["network"] == NETWORK
     assert job["displayName"] == f"retrain-{EARLIER}"
-    # The job's resource name is logged with the run id (the ledger has no field for it).
+    # The job's resource name is logged with the run id, and kept in the run's record.
     job_name = vertex.jobs[expected_id]["name"]
     assert f"run {EARLIER} of {MODEL}: submitted Vertex AI pipeline job {job_name}" in caplog.text
     assert job["labels"] == {
@@ -192,7 +192,11 @@ def test_one_pipeline_job_is_submitted_for_the_pending_events(
         "retrain_reason": "data",
     }
     # The run took its events and data window, and holds the lease: it did not finish.
-    assert ledger.calls == [("collect", MODEL, EARLIER), ("start", MODEL, EARLIER, window)]
+    assert ledger.calls == [
+        ("collect", MODEL, EARLIER),
+        ("start", MODEL, EARLIER, window),
+        ("launched", MODEL, EARLIER, job_name),
+    ]
     # What storage saw: the data window and the template (the clients also read each
     # bucket's metadata, not always first).
     assert sorted(r.path for r in storage.requests) == [
