@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipelines.vertex_launcher import launch_name, pipeline_parameters, settle_relaunch
+from pipelines.vertex_launcher import (
+    launch_name,
+    pipeline_parameters,
+    record_launch,
+    settle_relaunch,
+)
 from retrain.data_objects import gather
 
 if TYPE_CHECKING:
@@ -161,7 +166,10 @@ class KfpLauncher:
         if earlier is not None:
             where = f"KFP run {earlier.run_id} ({name})"
             parameters = (earlier.runtime_config.parameters or {}) if earlier.runtime_config else {}
-            settle_relaunch(self.ledger, model, run_id, where, str(parameters.get("run_id", "")))
+            settle_relaunch(
+                self.ledger, model, run_id, where, str(parameters.get("run_id", "")),
+                running=str(earlier.state) in _RUNNING, ttl=settings.models[model].lease_seconds,
+            )  # fmt: skip
             return
         template = self.template or settings.pipeline_template(model)
         with pipeline_package(template, settings.gcp.enable_caching) as package:
@@ -176,11 +184,17 @@ class KfpLauncher:
                 # (e.g. pipeline-runner, or default-editor with Workload Identity) runs it.
                 service_account=None,
             )
-        self.ledger.launched(model, run_id, f"{settings.gcp.kfp.host}#runs/{result.run_id}")
+        record_launch(
+            self.ledger, model, run_id, f"{settings.gcp.kfp.host}#runs/{result.run_id}",
+            settings.models[model].lease_seconds,
+        )  # fmt: skip
         log.info(
             "run %s of %s: created KFP run %s (%s) in experiment %s for %d event(s)",
             run_id, model, result.run_id, name, experiment, len(inputs.requests),
         )  # fmt: skip
+
+
+_RUNNING = {"PENDING", "RUNNING", "PAUSED", "CANCELING"}  # KFP v2beta1 RuntimeState
 
 
 def _run_named(client: Any, experiment: str | None, name: str) -> Any | None:

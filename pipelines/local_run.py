@@ -153,9 +153,9 @@ def _keep_lease(settings: Settings, model: str, run_id: str) -> None:
     ledger = GcsLedger(settings.buckets.artifacts)
 
     def renew() -> None:
-        while not threading.Event().wait(ttl / 3):
-            if not ledger.renew(model, run_id, ttl):
-                return  # released (the report arrived) or taken over
+        # At once (kick took the lease only for the gathering), then every third of it.
+        while ledger.renew(model, run_id, ttl):  # until released (the report) or taken over
+            threading.Event().wait(ttl / 3)
 
     threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
 

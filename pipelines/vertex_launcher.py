@@ -29,6 +29,7 @@ __all__ = [
     "label_value",
     "launch_name",
     "pipeline_parameters",
+    "record_launch",
     "settle_relaunch",
 ]
 
@@ -73,15 +74,23 @@ def pipeline_parameters(
 
 
 def settle_relaunch(
-    ledger: GcsLedger, model: str, run_id: str, launched_as: str, earlier_run: str | None
+    ledger: GcsLedger,
+    model: str,
+    run_id: str,
+    launched_as: str,
+    earlier_run: str | None,
+    *,
+    running: bool,
+    ttl: float,
 ) -> None:
     """The events of ``run_id`` were launched already, as ``launched_as``.
 
     If that launch was this very run's (a retried request), nothing is left to do. If it
     was an earlier run's, that run's lease expired and the ledger requeued its events,
-    which this run then took; the pipeline that covers them exists, so this run launches
-    nothing and ends as ``abandoned``, which frees the model's lease for the next run
-    instead of holding it until it expires.
+    which this run then took. The pipeline that covers them exists, so this run launches
+    nothing and ends as ``abandoned``. If that pipeline still runs, the lease goes to the
+    earlier run, whose report releases it: one run per model at a time. If it ended, the
+    lease is freed for the next run instead of waiting for it to expire.
     """
     if earlier_run == run_id:
         log.info("run %s of %s: already launched as %s", run_id, model, launched_as)
@@ -91,7 +100,25 @@ def settle_relaunch(
         f"(by run {earlier_run or 'unknown'}); nothing new to run"
     )
     log.warning("run %s of %s: %s", run_id, model, error)
-    ledger.finish(model, run_id, "abandoned", error)
+    if running and earlier_run:
+        ledger.hand_over(model, run_id, earlier_run, ttl, error)
+    else:
+        ledger.finish(model, run_id, "abandoned", error)
+
+
+def record_launch(ledger: GcsLedger, model: str, run_id: str, job: str, ttl: float) -> None:
+    """Keep the job in the run's record and hold the lease for the run. The job runs
+    either way: a storage error here is logged, not raised (raising would abandon a run
+    whose pipeline exists, and its events would run twice)."""
+    try:
+        ledger.launched(model, run_id, job, ttl)
+    except Exception:
+        log.exception("run %s of %s: launched as %s, but the ledger did not take it", run_id,
+                      model, job)  # fmt: skip
+
+
+_RUNNING = {"PIPELINE_STATE_QUEUED", "PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING",
+            "PIPELINE_STATE_PAUSED", "PIPELINE_STATE_CANCELLING"}  # fmt: skip
 
 
 class VertexLauncher:
@@ -159,12 +186,18 @@ class VertexLauncher:
             )
         except Conflict:  # AlreadyExists over gRPC; over REST a 409 arrives as Conflict
             name = self._job_name(job_id)
-            earlier = self._run_of(aiplatform, name)
-            if earlier is None:  # not there after all: a real conflict, not a relaunch
+            found = self._run_of(aiplatform, name)
+            if found is None:  # not there after all: a real conflict, not a relaunch
                 raise
-            settle_relaunch(self.ledger, model, run_id, f"Vertex AI pipeline job {name}", earlier)
+            earlier, running = found
+            settle_relaunch(
+                self.ledger, model, run_id, f"Vertex AI pipeline job {name}", earlier,
+                running=running, ttl=settings.models[model].lease_seconds,
+            )  # fmt: skip
             return
-        self.ledger.launched(model, run_id, job.resource_name)
+        record_launch(
+            self.ledger, model, run_id, job.resource_name, settings.models[model].lease_seconds
+        )
         log.info(
             "run %s of %s: submitted Vertex AI pipeline job %s for %d event(s), %d object(s)",
             run_id, model, job.resource_name, len(inputs.requests), len(inputs.data_uris),
@@ -176,9 +209,9 @@ class VertexLauncher:
             f"/pipelineJobs/{job_id}"
         )
 
-    def _run_of(self, aiplatform: Any, name: str) -> str | None:
-        """The run id that the existing job ``name`` was launched with; None if no such job
-        exists, and ``""`` if it exists without one."""
+    def _run_of(self, aiplatform: Any, name: str) -> tuple[str, bool] | None:
+        """The run id that the existing job ``name`` was launched with (``""`` if none),
+        and whether it still runs; None if there is no such job."""
         from google.api_core.exceptions import NotFound  # noqa: PLC0415
 
         try:
@@ -188,4 +221,6 @@ class VertexLauncher:
         except NotFound:
             return None
         values = job.gca_resource.runtime_config.parameter_values
-        return str(values["run_id"]) if "run_id" in values else ""
+        state = job.gca_resource.state  # (job.state would fetch the job again)
+        state = getattr(state, "name", str(state))
+        return (str(values["run_id"]) if "run_id" in values else ""), state in _RUNNING

@@ -384,11 +384,36 @@ class GcsLedger:
             return False
         return self._delete(self._path(model, "lease.json"), current.generation)
 
-    def launched(self, model: str, run_id: str, job: str) -> None:
-        """Record which pipeline job ``run_id`` submitted (the cloud launchers)."""
+    def launched(self, model: str, run_id: str, job: str, ttl: float) -> None:
+        """Record which pipeline job ``run_id`` submitted (the cloud launchers), and hold
+        the model's lease for the run's whole length, ``ttl``: until then it held it only
+        for the gathering (see :meth:`RetrainService.kick`)."""
         record = self.run(model, run_id) or RunRecord(model, run_id, "running")
         record.launched_as = job
         self._write_run(record)
+        self.renew(model, run_id, ttl)
+
+    def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
+        """``run_id`` found its events already running as run ``to_run``'s pipeline (whose
+        lease had expired): give the lease to ``to_run`` for ``ttl``, so that its report
+        releases it and no other run starts meanwhile; ``run_id`` ends as abandoned."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        self._end_run(model, run_id, "abandoned", why)
+        current = self.lease(model)
+        if current is None or current.run_id != run_id:
+            return False
+        now = self.clock()
+        body = {"run_id": to_run, "acquired_at": now, "expires_at": now + ttl}
+        try:
+            self.bucket.blob(self._path(model, "lease.json")).upload_from_string(
+                json.dumps(body).encode(),
+                content_type="application/json",
+                if_generation_match=current.generation,
+            )
+        except PreconditionFailed:
+            return False
+        return True
 
     def abandon(self, model: str, run_id: str, error: str) -> bool:
         """``run_id`` will never run (its launch failed after it gathered its events): end

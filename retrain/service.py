@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ValidationError
 
 from retrain.config import ModelSettings, Settings
-from retrain.events import EventError, ObjectEvent, PubsubMessage, json_object
+from retrain.events import DEDUPE_ATTRIBUTE, EventError, ObjectEvent, PubsubMessage, json_object
 from retrain.ledger import new_run_id
 from retrain.messages import (
     Decision,
@@ -33,9 +33,17 @@ if TYPE_CHECKING:
     from retrain.ledger import GcsLedger
     from serving.registry import GcsRegistryWriter, Serving
 
-__all__ = ["Outcome", "RetrainService", "build_service"]
+__all__ = ["GATHER_SECONDS", "Outcome", "RetrainService", "build_service", "gathering_lease"]
 
 Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "decided"]
+
+
+# How long a run may take, past the coalescing window, to gather its events and launch.
+GATHER_SECONDS = 300.0
+
+
+def gathering_lease(model: ModelSettings) -> float:
+    return min(model.lease_seconds, model.coalesce_seconds + GATHER_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,9 @@ class RetrainService:
         """Start a run for ``name`` if none holds its lease; the run gathers what is pending."""
         model = model or self._model(name)
         run_id = new_run_id(name)
-        lease = self.ledger.try_acquire(name, run_id, ttl=model.lease_seconds)
+        # Held only for the gathering at first: a launch that dies in between frees the model
+        # soon. The launcher (or the local worker) extends it to lease_seconds once it runs.
+        lease = self.ledger.try_acquire(name, run_id, ttl=gathering_lease(model))
         if not lease.acquired:
             return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
         try:
@@ -374,7 +384,12 @@ class RetrainService:
             summary="; ".join(reasons),
             details=details | {"champion_version": champion.version},
         )
-        message_id = self.bus.publish(self.settings.topics.drift_alerts, alert, model=alert.model)
+        # Keyed by the arrival, not by this publish: if this delivery dies before it settles
+        # and the arrival is checked again, the second alert is a duplicate, not a new run.
+        message_id = self.bus.publish(
+            self.settings.topics.drift_alerts, alert, model=alert.model,
+            **{DEDUPE_ATTRIBUTE: f"drift:{event.dedupe_key}"},
+        )  # fmt: skip
         self.ledger.settle_arrival(
             request, kind, alert_message_id=message_id, summary=alert.summary
         )

@@ -373,8 +373,12 @@ class MemoryLedger:
         self.calls.append(("finish", model, run_id, state, error))
         return True
 
-    def launched(self, model: str, run_id: str, job: str) -> None:
+    def launched(self, model: str, run_id: str, job: str, ttl: float) -> None:
         self.calls.append(("launched", model, run_id, job))
+
+    def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
+        self.calls.append(("hand_over", model, run_id, to_run, ttl, why))
+        return True
 
     def of(self, kind: str) -> Iterator[tuple[Any, ...]]:
         return (call for call in self.calls if call[0] == kind)

@@ -128,11 +128,19 @@ def test_one_run_is_created_in_the_experiment(
     assert storage.received("GET", r"^/download/storage/v1/b/retrain-artifacts/o/pipelines")
 
 
+@pytest.mark.parametrize(("state", "still_running"), [("RUNNING", True), ("FAILED", False)])
 def test_the_same_events_are_not_launched_twice(
-    config: tuple[Settings, str], kfp: FakeKfp, storage: FakeStorage
+    config: tuple[Settings, str],
+    kfp: FakeKfp,
+    storage: FakeStorage,
+    state: str,
+    still_running: bool,
 ) -> None:
+    settings, _ = config
     shared = launcher(config, MemoryLedger(pending()), template=str(GOLDEN_TEMPLATE))
     shared.submit(MODEL, EARLIER)
+    (run,) = kfp.runs.values()
+    run["state"] = state
     later = MemoryLedger(pending())
     shared.ledger = cast("GcsLedger", later)
 
@@ -142,10 +150,24 @@ def test_the_same_events_are_not_launched_twice(
     assert len(kfp.received("GET", r"/runs$")) == 2
     assert len(kfp.received("GET", r"/healthz$")) == 1, "one client, made once"
     (run_id,) = kfp.runs
-    (finish,) = later.of("finish")
-    assert finish[:4] == ("finish", MODEL, LATER, "abandoned")
-    assert run_id in finish[4]
-    assert EARLIER in finish[4]
+    if still_running:  # the lease goes to the run whose pipeline runs
+        assert not list(later.of("finish"))
+        (handed,) = later.of("hand_over")
+        assert handed[:5] == (
+            "hand_over",
+            MODEL,
+            LATER,
+            EARLIER,
+            settings.models[MODEL].lease_seconds,
+        )
+        why = handed[5]
+    else:
+        assert not list(later.of("hand_over"))
+        (finish,) = later.of("finish")
+        assert finish[:4] == ("finish", MODEL, LATER, "abandoned")
+        why = finish[4]
+    assert run_id in why
+    assert EARLIER in why
     assert not storage.received("GET", r"^/download/"), "a local template is read from disk"
 
 

@@ -213,11 +213,22 @@ def test_one_pipeline_job_is_submitted_for_the_pending_events(
     ]
 
 
+@pytest.mark.parametrize(
+    ("state", "still_running"),
+    [("PIPELINE_STATE_RUNNING", True), ("PIPELINE_STATE_SUCCEEDED", False)],
+)
 def test_the_same_events_are_not_launched_twice(
-    config: tuple[Settings, str], storage: FakeStorage, vertex: FakeVertex
+    config: tuple[Settings, str],
+    storage: FakeStorage,
+    vertex: FakeVertex,
+    state: str,
+    still_running: bool,
 ) -> None:
+    settings, _ = config
     local = {"template": str(GOLDEN_TEMPLATE)}
     launcher(config, MemoryLedger(requests_of(*KEYS)), **local).submit(MODEL, EARLIER)
+    (job,) = vertex.jobs.values()
+    job["state"] = state
 
     # The earlier run's lease expired and the ledger requeued its events; a later run
     # takes them and gets 409 ALREADY_EXISTS for the same job id.
@@ -232,10 +243,26 @@ def test_the_same_events_are_not_launched_twice(
     job_name = vertex.jobs[str(first.param("pipelineJobId"))]["name"]
     assert lookup.path == f"/v1/{job_name}"
     # The later run launched nothing: it ends, naming the job and the run that has them.
-    (finish,) = later.of("finish")
-    assert finish[:4] == ("finish", MODEL, LATER, "abandoned")
-    assert job_name in finish[4]
-    assert EARLIER in finish[4]
+    # While that job runs, the lease goes to its run (whose report releases it), so that
+    # no other run starts meanwhile; once it ended, the lease is simply freed.
+    if still_running:
+        assert not list(later.of("finish"))
+        (handed,) = later.of("hand_over")
+        assert handed[:5] == (
+            "hand_over",
+            MODEL,
+            LATER,
+            EARLIER,
+            settings.models[MODEL].lease_seconds,
+        )
+        why = handed[5]
+    else:
+        assert not list(later.of("hand_over"))
+        (finish,) = later.of("finish")
+        assert finish[:4] == ("finish", MODEL, LATER, "abandoned")
+        why = finish[4]
+    assert job_name in why
+    assert EARLIER in why
     # A local template is read from disk, not from storage.
     assert not storage.received("GET", r"^/download/")
 

@@ -70,3 +70,31 @@ def test_a_run_whose_launch_failed_gives_its_events_back(bucket: Any) -> None:
     assert ledger.try_acquire(model, "run-b", ttl=60).acquired
     assert [r.dedupe_key for r in ledger.collect(model, "run-b")] == ["k-1"]
     assert ledger.claim(request) == "done"
+
+
+def test_a_launch_holds_the_lease_for_the_run_and_a_relaunch_hands_it_over(bucket: Any) -> None:
+    clock = Clock()
+    ledger = GcsLedger(bucket.name, bucket.client, clock=clock)
+    model = unique("m")
+    assert ledger.try_acquire(model, "run-a", ttl=30).acquired  # for the gathering only
+    ledger.launched(model, "run-a", "projects/p/locations/l/pipelineJobs/j-1", ttl=3600)
+    lease = ledger.lease(model)
+    assert lease is not None
+    assert (lease.run_id, lease.expires_at) == ("run-a", clock.now + 3600)
+    record = ledger.run(model, "run-a")
+    assert record is not None
+    assert record.launched_as == "projects/p/locations/l/pipelineJobs/j-1"
+
+    clock.now += 3601  # run-a's pipeline outlived its lease; run-b takes over ...
+    assert ledger.try_acquire(model, "run-b", ttl=30).acquired
+    # ... finds run-a's pipeline still running, and gives the lease back to run-a,
+    assert ledger.hand_over(model, "run-b", "run-a", ttl=3600, why="launched already as j-1")
+    lease = ledger.lease(model)
+    assert lease is not None
+    assert lease.run_id == "run-a"
+    b = ledger.run(model, "run-b")
+    assert b is not None
+    assert (b.state, b.error) == ("abandoned", "launched already as j-1")
+    assert not ledger.try_acquire(model, "run-c", ttl=30).acquired  # one run at a time
+    assert ledger.finish(model, "run-a", "succeeded")  # run-a's report releases it
+    assert ledger.lease(model) is None
