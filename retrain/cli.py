@@ -158,6 +158,26 @@ def up(
             err.print(f"[dim]last lines of the {exc.part} log:[/]")
             err.print(exc.log, markup=False)
         raise typer.Exit(code=1) from exc
+    except KeyboardInterrupt:  # Ctrl-C while it started: stop what is up, like below
+        _stop(stack)
+        return
+    if detach:
+        _announce(stack)
+        out.print("Stop it with: retrain down")
+        return
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        _announce(stack)
+        out.print("Press Ctrl-C to stop.")
+        stopping.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop(stack)
+
+
+def _announce(stack: Stack) -> None:
     out.print(f"[green]local stack is up[/] (state in {stack.state_dir})")
     _print_parts(stack)
     env = stack.env()
@@ -171,20 +191,12 @@ def up(
         markup=False,
         soft_wrap=True,
     )
-    if detach:
-        out.print("Stop it with: retrain down")
-        return
-    out.print("Press Ctrl-C to stop.")
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    try:
-        stopping.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        with err.status("stopping the local stack"):
-            stopped = stack.down()
-        out.print(f"stopped {', '.join(stopped) or 'nothing'}")
+
+
+def _stop(stack: Stack) -> None:
+    with err.status("stopping the local stack"):
+        stopped = stack.down()
+    out.print(f"stopped {', '.join(stopped) or 'nothing'}")
 
 
 @app.command()
@@ -351,6 +363,13 @@ def package_(
     from retrain.packaging import compile_pipelines, package_functions  # noqa: PLC0415
 
     settings = _load(config)
+    if settings.backend == "local":
+        err.print(
+            f"[bold red]retrain package[/]: {escape(str(config))} has backend: local, which runs "
+            "pipelines on this machine; set backend: vertex (or kfp, with gcp.kfp.host) to "
+            "deploy to Google Cloud"
+        )
+        raise typer.Exit(code=2)
     package = package_functions(config, out_dir)
     out.print(
         f"wrote {package.zip_path}: {len(package.modules)} modules, "

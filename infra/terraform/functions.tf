@@ -55,6 +55,14 @@ resource "google_cloudfunctions2_function" "fn" {
     service_account_email = google_service_account.trigger.email
   }
 
+  lifecycle {
+    precondition {
+      # backend local runs pipelines with kfp.local in a subprocess: not in a Cloud Function.
+      condition     = contains(["vertex", "kfp"], local.backend)
+      error_message = "retrain.yaml has backend: ${local.backend}; set backend: vertex (or kfp with gcp.kfp.host) to deploy."
+    }
+  }
+
   depends_on = [
     google_project_service.enabled,
     google_project_iam_member.build_writes_logs,

@@ -10,6 +10,7 @@ locals {
   data_bucket      = local.config.buckets.data                # Buckets.data (required)
   artifacts_bucket = local.config.buckets.artifacts           # Buckets.artifacts (required)
   models           = local.config.models                      # Settings.models (required)
+  backend          = try(local.config.backend, "local")       # Settings.backend
 
   # retrain/config.py Topics: the code's field name -> default topic name.
   topic_defaults = {

@@ -28,8 +28,8 @@ output "eventarc_triggers" {
 # google_eventarc_trigger accepts a dead-letter or retry policy for it (provider issues
 # hashicorp/terraform-provider-google#17697 and #25069). So `make deploy` runs these commands
 # after `terraform apply`: they look the subscription up from the trigger and give it the
-# dead-letter topic and retry backoff of retrain.yaml's `delivery`. The ack deadline is left
-# as Eventarc sets it, because a function call may take up to its timeout. The Pub/Sub service
+# dead-letter topic and retry backoff of retrain.yaml's `delivery`, and an ack deadline longer
+# than the functions' timeout (delivery.ack_deadline_seconds is for the local stack). The Pub/Sub service
 # agent's roles for dead-lettering are granted in iam.tf.
 output "dead_letter_commands" {
   description = "Entry point -> shell command that puts delivery's dead-letter and retry policy on the function's Eventarc subscription."
@@ -41,6 +41,9 @@ output "dead_letter_commands" {
       "--max-delivery-attempts=${local.delivery.max_delivery_attempts}",
       "--min-retry-delay=${local.delivery.min_backoff_seconds}s",
       "--max-retry-delay=${local.delivery.max_backoff_seconds}s",
+      # Longer than a call may take (the gatekeeper waits for endpoint deploys), so that a
+      # slow call is not delivered again to a second instance meanwhile.
+      "--ack-deadline=${min(600, var.function_timeout_seconds + 60)}",
     ])
   }
 }

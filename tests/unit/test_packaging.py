@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -78,3 +79,27 @@ def test_the_unpacked_source_imports_everything_from_itself(
     }
     assert outside == {}
     assert set(loaded) <= set(modules) | {"main"}, "imported at run time but not packaged"
+
+
+def test_the_same_source_gives_the_same_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Terraform names the uploaded zip by its MD5: no timestamps may leak into it."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000_000.0)
+    first = package_functions(ROOT / "retrain.yaml", tmp_path / "a").zip_path.read_bytes()
+    monkeypatch.setattr(time, "time", lambda: 2_000_000_000.0)  # years later
+    second = package_functions(ROOT / "retrain.yaml", tmp_path / "b").zip_path.read_bytes()
+    assert first == second
+
+
+def test_package_refuses_the_local_backend(tmp_path: Path) -> None:
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from retrain.cli import app  # noqa: PLC0415
+
+    done = CliRunner().invoke(
+        app, ["package", "--config", str(ROOT / "retrain.yaml"), "--out", str(tmp_path)]
+    )
+    assert done.exit_code == 2
+    assert "has backend: local" in " ".join(done.output.split())
+    assert not (tmp_path / "functions.zip").exists()

@@ -752,6 +752,7 @@ def test_dead_letter_commands_use_delivery(terraform: Terraform) -> None:
         ("--max-retry-delay", "max_backoff_seconds"),
     ):
         assert f"{flag}=${{local.delivery.{key}}}" in command
+    assert "--ack-deadline=${min(600, var.function_timeout_seconds + 60)}" in command
     assert "google_pubsub_topic.dead_letter[local.function_topics[entry_point]].id" in command
     assert terraform.locals["dead_letter_suffix"] == DEAD_LETTER_SUFFIX
 
