@@ -201,10 +201,12 @@ def test_drift_raises_an_alert_and_an_unshifted_copy_does_not(
             shifted[column] += 2 * shifted[column].std()
         moved = upload(gcs, stack, "drifty/shifted.csv", shifted)
 
-        def outcome(uri: str) -> Any:
+        def key_of(uri: str) -> str:
             blob = gcs.bucket(stack.settings.buckets.data).get_blob(uri.split("/", 3)[3])
-            key = f"{stack.settings.buckets.data}/{blob.name}#{blob.generation}"
-            arrival = ledger.arrival("drifty", key)
+            return f"{stack.settings.buckets.data}/{blob.name}#{blob.generation}"
+
+        def outcome(uri: str) -> Any:
+            arrival = ledger.arrival("drifty", key_of(uri))
             return arrival and arrival.get("outcome")
 
         assert wait_until(lambda: outcome(same) and outcome(moved), timeout=60, interval=0.5)
@@ -217,8 +219,11 @@ def test_drift_raises_an_alert_and_an_unshifted_copy_does_not(
         assert alert.data_uris == [moved]
         drifted = alert.details["drift"]["drifted_features"]
         assert set(drifted[:2]) == {"dew point", "sea-level pressure"}
+        # Keyed by the arrival: checking it again could not start a second run.
+        assert message.attributes["retrain_dedupe_key"] == f"drift:{key_of(moved)}"
         runs = settled(ledger, "drifty", runs=2)
         assert runs[-1].reason == "drift"
+        assert runs[-1].request_id == f"drift:{key_of(moved)}"
     finally:
         subscriber.delete_subscription(subscription=alerts)
 
