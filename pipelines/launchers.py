@@ -1,8 +1,10 @@
-"""The ``PipelineLauncher`` port and its local adapter.
+"""The ``PipelineLauncher`` port, its local adapter, and :func:`launcher_for`.
 
 The local adapter runs the pipeline with kfp.local in a worker process
 (``python -m pipelines.local_run``), so the caller never blocks on the pipeline unless it
-asks to follow it. The Vertex AI and Kubeflow adapters arrive with the Google Cloud issue.
+asks to follow it. The Vertex AI and Kubeflow adapters live in
+:mod:`pipelines.vertex_launcher` and :mod:`pipelines.kfp_launcher`; ``backend`` in
+retrain.yaml picks one.
 """
 
 from __future__ import annotations
