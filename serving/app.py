@@ -13,6 +13,7 @@ Errors use Google's JSON error shape: ``{"error": {"code", "message", "status"}}
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -29,7 +30,14 @@ from retrain.config import Settings
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 
-__all__ = ["MAX_BODY_BYTES", "ApiError", "create_app"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "ApiError",
+    "api_error",
+    "create_app",
+    "http_error",
+    "predictions_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,30 @@ def _predict(loaded: LoadedModel, instances: list[Any]) -> list[dict[str, Any]]:
     return loaded.predict(x)
 
 
+@functools.cache
+def _openmp() -> Any:
+    from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+
+    return ThreadpoolController()
+
+
+def _predict_off_loop(loaded: LoadedModel, instances: list[Any]) -> list[dict[str, Any]]:
+    """``_predict`` on a threadpool thread, with one OpenMP thread: the limit that the
+    server sets at start is per thread, and does not reach this one."""
+    with _openmp().limit(limits=1, user_api="openmp"):
+        return _predict(loaded, instances)
+
+
+async def predictions_for(loaded: LoadedModel, request: Request) -> list[dict[str, Any]]:
+    """The predictions for a predict request's body (Vertex AI's shape), or an
+    :class:`ApiError` naming what is wrong with it. Small requests are answered on the
+    event loop; large ones on a worker thread."""
+    instances = _instances(await _read_json(request))
+    if len(instances) <= INLINE_MAX_INSTANCES:
+        return _predict(loaded, instances)
+    return await run_in_threadpool(_predict_off_loop, loaded, instances)
+
+
 class _Api:
     """The route handlers, bound to one project, region and store."""
 
@@ -152,11 +184,7 @@ class _Api:
         return model
 
     async def answer(self, loaded: LoadedModel, request: Request) -> JSONResponse:
-        instances = _instances(await _read_json(request))
-        if len(instances) <= INLINE_MAX_INSTANCES:
-            predictions = _predict(loaded, instances)
-        else:
-            predictions = await run_in_threadpool(_predict, loaded, instances)
+        predictions = await predictions_for(loaded, request)
         version = loaded.version.version
         return JSONResponse(
             {
@@ -222,12 +250,12 @@ class _Api:
         return JSONResponse({"status": "ok", "models": self.store.versions()})
 
 
-async def _api_error(_: Request, exc: Exception) -> Response:
+async def api_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)  # noqa: S101 (registered for ApiError only)
     return exc.response()
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405, in the same error shape."""
     assert isinstance(exc, HTTPException)  # noqa: S101 (registered for HTTPException only)
     message = {
@@ -288,6 +316,6 @@ def create_app(
                 prefix + "/models/{model}@{version}:predict", api.predict_version, methods=["POST"]
             ),
         ],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=lifespan,
     )
