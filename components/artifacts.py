@@ -20,7 +20,8 @@ __all__ = [
 TRAIN_FILE = "train.parquet"
 EVAL_FILE = "eval.parquet"
 SUMMARY_FILE = "summary.json"
-# model directory: the layout Vertex AI's prebuilt scikit-learn serving container loads
+# model directory: Vertex AI's layout for scikit-learn models (artifact_uri/model.joblib);
+# our serving container (serving/vertex_container.py) loads it with the same scikit-learn
 MODEL_FILE = "model.joblib"
 METADATA_FILE = "metadata.json"
 

@@ -195,10 +195,11 @@ class Endpoint(_Strict):
         description="0: the new version takes all traffic and the old one is undeployed once "
         "the new one serves; 1-99: the new version gets this share, the old keeps the rest.",
     )
-    serving_image: str = Field(
-        "us-docker.pkg.dev/vertex-ai/prediction/sklearn-cpu.1-5:latest",
-        description="Prebuilt scikit-learn serving container; its scikit-learn must load "
-        "the models that the component image trains.",
+    serving_image: str | None = Field(
+        None,
+        description="The endpoint's serving container. Default: ours (serving/Dockerfile, "
+        "built next to the component image), whose scikit-learn is the one the models were "
+        "trained with; Vertex AI's prebuilt scikit-learn images cannot load them.",
     )
 
     @model_validator(mode="after")
@@ -226,7 +227,8 @@ class Gcp(_Strict):
     """
 
     repository: str = Field(
-        "retrain", description="Artifact Registry (Docker) repository of the component image."
+        "retrain",
+        description="Artifact Registry (Docker) repository of the component and serving images.",
     )
     image_tag: str = Field("latest", description="Tag of the component image.")
     pipeline_service_account: str | None = Field(
@@ -497,6 +499,14 @@ class Settings(_Strict):
         return (
             f"{self.region}-docker.pkg.dev/{self.project}/{self.gcp.repository}/"
             f"components:{self.gcp.image_tag}"
+        )
+
+    @property
+    def serving_image(self) -> str:
+        """The container that serves a model version on a Vertex AI endpoint."""
+        return self.gcp.endpoint.serving_image or (
+            f"{self.region}-docker.pkg.dev/{self.project}/{self.gcp.repository}/"
+            f"serving:{self.gcp.image_tag}"
         )
 
     def pipeline_template(self, model: str) -> str:

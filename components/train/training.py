@@ -1,7 +1,7 @@
 """Fit the configured estimator on the training split and write a model directory.
 
-The directory holds ``model.joblib`` (what Vertex AI's prebuilt scikit-learn serving
-container loads) and ``metadata.json``: features in order, label and classes, library
+The directory holds ``model.joblib`` (Vertex AI's layout for scikit-learn models, which
+our serving container loads) and ``metadata.json``: features in order, label and classes, library
 versions, the training data's lineage, and reference statistics for drift checks.
 """
 

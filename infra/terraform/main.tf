@@ -68,6 +68,7 @@ locals {
   )
   pipeline_root   = "gs://${local.artifacts_bucket}/pipeline-root"                                          # Settings.pipeline_root
   component_image = "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/components:${local.image_tag}" # Settings.component_image
+  serving_image   = coalesce(try(local.config.gcp.endpoint.serving_image, null), "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/serving:${local.image_tag}") # Settings.serving_image
   # Settings.pipeline_template(model) is gs://<artifacts>/<this object>.
   pipeline_objects = { for model, spec in local.models : model => "pipelines/${model}.yaml" }
 

@@ -82,12 +82,17 @@ output "component_image" {
   value       = local.component_image
 }
 
+output "serving_image" {
+  description = "Settings.serving_image: the endpoints' serving container (ours unless retrain.yaml names another)."
+  value       = local.serving_image
+}
+
 output "component_image_build_command" {
   description = "Builds components/Dockerfile and pushes it as the component image; run it from the repository root."
   value = join(" ", [
     "gcloud builds submit --project='${local.project}' --region='${local.region}'",
     "--config=infra/cloudbuild.yaml",
-    "--substitutions=_IMAGE='${local.component_image}'",
+    "--substitutions=_IMAGE='${local.component_image}',_SERVING_IMAGE='${local.serving_image}'",
     "--service-account='${google_service_account.build.id}'",
     "--gcs-source-staging-dir='gs://${google_storage_bucket.artifacts.name}/cloudbuild/source'",
     ".",

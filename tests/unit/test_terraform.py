@@ -355,6 +355,7 @@ def terraform_names(tf: Terraform, config: dict[str, Any]) -> dict[str, Any]:
         },
         "pipeline root": ev.local("pipeline_root"),
         "component image": ev.local("component_image"),
+        "serving image": ev.local("serving_image"),
         "pipeline service account": ev.local("pipeline_service_account"),
         "repository": ev.local("repository"),
     }
@@ -384,6 +385,7 @@ def code_names(settings: Settings) -> dict[str, Any]:
         "pipeline templates": {m: settings.pipeline_template(m) for m in settings.models},
         "pipeline root": settings.pipeline_root,
         "component image": settings.component_image,
+        "serving image": settings.serving_image,
         "pipeline service account": settings.pipeline_service_account,
         "repository": settings.gcp.repository,
     }
@@ -666,6 +668,7 @@ def _custom_config(tmp_path: Path) -> Path:
             "repository": "acme-images",
             "image_tag": "v3",
             "pipeline_service_account": "acme-runner@acme-ml-test.iam.gserviceaccount.com",
+            "endpoint": {"serving_image": "europe-docker.pkg.dev/acme-ml-test/own/serve:1"},
         },
     }
     raw["models"]["other"] = {
