@@ -717,10 +717,23 @@ def _move(stack: Stack, model: str, version: str, reason: str, action: str) -> N
     out.print(f"{model}: champion v{current or '-'} -> v{version} ({action} by {who}: {reason})")
     from serving.registry import serving_for  # noqa: PLC0415
 
-    serving = serving_for(stack.settings, registry)
-    if serving is not None:  # Vertex AI: move the endpoint's traffic too
+    # Vertex AI: move the endpoint's traffic too. No function timeout here: wait up to an hour.
+    serving = serving_for(stack.settings, registry, wait_seconds=3600.0)
+    if serving is None:
+        return
+    try:
         with err.status(f"deploying v{version} of {model} to its endpoint"):
             serving.deploy(model, version)
+    except RuntimeError as exc:  # DeployError: e.g. another version's deploy is under way
+        err.print(f"[bold red]the endpoint did not move[/]: {escape(str(exc))}")
+        raise typer.Exit(code=1) from exc
+    under_way = getattr(registry, "deploy_record", lambda _: None)(model)
+    if under_way is not None:
+        out.print(
+            f"{model}: the deploy of v{version} goes on in Vertex AI; the endpoint's next "
+            "deploy call finishes it and undeploys the old version once the new one serves"
+        )
+    else:
         out.print(f"{model}: the endpoint serves v{version}")
 
 

@@ -195,6 +195,13 @@ class Endpoint(_Strict):
         description="0: the new version takes all traffic and the old one is undeployed once "
         "the new one serves; 1-99: the new version gets this share, the old keeps the rest.",
     )
+    deploy_wait_seconds: float = Field(
+        360.0,
+        ge=0,
+        le=480,
+        description="How long the gatekeeper waits for a deploy before it lets the deploy go "
+        "on in Vertex AI (the next call finishes it); under the functions' 540 s timeout.",
+    )
     serving_image: str | None = Field(
         None,
         description="The endpoint's serving container. Default: ours (serving/Dockerfile, "

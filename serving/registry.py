@@ -70,7 +70,8 @@ class Serving(Protocol):
 
     def deploy(self, model: str, version: str) -> None:
         """Serve ``version`` of ``model``; idempotent, so a redelivered decision may call it
-        again. Returns once the version serves its traffic share."""
+        again. Returns once the version serves its traffic share, or once the adapter's
+        bounded wait is over: a deploy still under way is then finished by the next call."""
         ...
 
 
@@ -276,14 +277,18 @@ def registry_writer(settings: Settings, client: Any | None = None) -> GcsRegistr
     return GcsRegistryWriter(settings.buckets.artifacts, client)
 
 
-def serving_for(settings: Settings, registry: GcsRegistryWriter) -> Serving | None:
+def serving_for(
+    settings: Settings, registry: GcsRegistryWriter, wait_seconds: float | None = None
+) -> Serving | None:
     """Vertex AI endpoints for ``vertex`` (which read versions from ``registry``, the one
-    :func:`registry_writer` gave); otherwise our prediction server, which follows the
+    :func:`registry_writer` gave; a deploy is waited for ``wait_seconds``, by default
+    ``gcp.endpoint.deploy_wait_seconds``); otherwise our prediction server, which follows the
     decisions topic by itself and needs no call."""
     if settings.backend == "vertex":
         from serving.vertex import VertexEndpoint, VertexRegistry  # noqa: PLC0415
 
         if not isinstance(registry, VertexRegistry):
             raise TypeError("backend vertex serves from the Vertex registry; see registry_writer")
-        return VertexEndpoint(settings, registry)
+        wait = settings.gcp.endpoint.deploy_wait_seconds if wait_seconds is None else wait_seconds
+        return VertexEndpoint(settings, registry, wait_seconds=wait)
     return None

@@ -24,17 +24,24 @@ Layout added to the GCS registry::
 ``vertex.json`` tells "Vertex lags behind GCS" (a promotion died between the GCS swap and
 the alias move: safe to finish) from "someone moved the alias in the console" (not ours to
 overwrite: the promotion is refused as stale).
+
+And, while an endpoint change is under way (see :class:`VertexEndpoint`)::
+
+    registry/<model>/deploy.json              the change that :meth:`VertexEndpoint.deploy`
+                                              started and has not finished; deleted when done
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from serving.registry import GcsRegistryWriter, RegistryError
@@ -54,8 +61,11 @@ __all__ = [
     "plan_traffic",
 ]
 
+log = logging.getLogger(__name__)
+
 CHAMPION_ALIAS = "champion"
 _DEFAULT_ALIAS = "default"  # the version used when none is named; Vertex keeps exactly one
+_PREDICT_ROUTE, _HEALTH_ROUTE, _HTTP_PORT = "/predict", "/health", 8080  # the serving image's
 _MAX_LABELS = 64
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _NOT_LABEL = re.compile(r"[^a-z0-9_-]")
@@ -124,6 +134,45 @@ class VertexRegistry(GcsRegistryWriter):
 
     def _sync_uri(self, model: str) -> str:
         return f"{self.root}/{model}/vertex.json"
+
+    # -- the endpoint change under way (used by VertexEndpoint) -------------------------
+
+    def deploy_uri(self, model: str) -> str:
+        return f"{self.root}/{model}/deploy.json"
+
+    def deploy_record(self, model: str) -> tuple[dict[str, Any], int] | None:
+        """The endpoint change under way and its generation, or None if there is none."""
+        found = self._read_gen(self.deploy_uri(model))
+        if found is not None and not isinstance(found[0], dict):
+            raise RegistryError(f"{self.deploy_uri(model)}: expected a JSON object")
+        return found
+
+    def write_deploy_record(self, model: str, value: dict[str, Any], generation: int) -> int | None:
+        """Write the record if its generation is still ``generation`` (0: only if there is
+        none); its new generation, or None if another call wrote or removed it first."""
+        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+
+        blob = self._bucket().blob(self._name(self.deploy_uri(model)))
+        try:
+            blob.upload_from_string(
+                json.dumps(value, indent=2),
+                content_type="application/json",
+                if_generation_match=generation,
+            )
+        except PreconditionFailed:
+            return None
+        return int(blob.generation)
+
+    def clear_deploy_record(self, model: str, generation: int) -> bool:
+        """Delete the record if its generation is still ``generation``."""
+        from google.api_core.exceptions import NotFound, PreconditionFailed  # noqa: PLC0415
+
+        blob = self._bucket().blob(self._name(self.deploy_uri(model)))
+        try:
+            blob.delete(if_generation_match=generation)
+        except (NotFound, PreconditionFailed):
+            return False
+        return True
 
     # -- register ----------------------------------------------------------------------
 
@@ -209,7 +258,17 @@ class VertexRegistry(GcsRegistryWriter):
         upload = {
             "display_name": model,
             "artifact_uri": str(record["artifact_uri"]),
-            "serving_container_image_uri": self.settings.gcp.endpoint.serving_image,
+            "serving_container_image_uri": self.settings.serving_image,
+            # Vertex AI passes these to the container as AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE
+            # and AIP_HTTP_PORT; our serving image (serving.vertex_container) honours them.
+            "serving_container_predict_route": _PREDICT_ROUTE,
+            "serving_container_health_route": _HEALTH_ROUTE,
+            "serving_container_ports": [_HTTP_PORT],
+            # Names in our container's logs and health answer (serving/vertex_container.py).
+            "serving_container_environment_variables": {
+                "RETRAIN_MODEL": model,
+                "RETRAIN_MODEL_VERSION": version,
+            },
             "labels": self._labels(model, version, record),
             "is_default_version": False,  # the champion alias moves "default", not uploads
             "version_description": self._description(model, version, record),
@@ -419,17 +478,103 @@ def plan_traffic(deployed: Sequence[DeployedVersion], target: str, canary: int) 
     return TrafficPlan(deploy=not ours, split=split, undeploy=undeploy)
 
 
+_CLAIM_GRACE_SECONDS = 120.0  # a DeployModel request is sent within seconds of its claim
+
+
+class _RecordChanged(Exception):
+    """Another call wrote ``deploy.json`` meanwhile: read it again."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one :meth:`VertexEndpoint.deploy` call serves."""
+
+    model: str
+    version: str
+    vertex_id: str
+
+    def __str__(self) -> str:
+        return (
+            f"endpoint retrain-{self.model} ({self.model} v{self.version} = "
+            f"Vertex version {self.vertex_id})"
+        )
+
+    def owns(self, record: Mapping[str, Any]) -> bool:
+        return (str(record.get("version")), str(record.get("vertex_version_id"))) == (
+            self.version,
+            self.vertex_id,
+        )
+
+
+def _age(record: Mapping[str, Any]) -> float:
+    """Seconds since the record's ``started_at`` (infinite if it has none)."""
+    try:
+        started = datetime.fromisoformat(str(record["started_at"]))
+    except (KeyError, ValueError):
+        return math.inf
+    return (datetime.now(UTC) - started).total_seconds()
+
+
+def _deployed_model_id(operation: Any) -> str | None:
+    """The deployed model's id from a finished DeployModel operation, if it says."""
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    try:
+        response = json_format.MessageToDict(operation.response)
+    except (TypeError, ValueError, json_format.Error):
+        return None
+    found = (response.get("deployedModel") or {}).get("id")
+    return str(found) if found else None
+
+
 class VertexEndpoint:
     """:class:`~serving.registry.Serving` on a Vertex AI endpoint, one per model.
 
     The endpoint is found by its label ``retrain_model=<model>`` (display name
     ``retrain-<model>``) or created. :meth:`deploy` is idempotent: a redelivered decision
     finds the endpoint as it wants it and changes nothing.
+
+    A deployment takes 10-30 minutes, longer than a Cloud Function may run (540 s). So
+    :meth:`deploy` starts the DeployModel operation without blocking on it, keeps it in
+    ``registry/<model>/deploy.json`` and waits for it at most ``wait_seconds`` (polling it
+    every ``poll_seconds``). Whatever is not finished by then goes on in Vertex AI, and the
+    next :meth:`deploy` call (a redelivery, the next promotion, ``retrain promote`` or
+    ``rollback``) finishes it: it never sends a second DeployModel for one in flight.
+
+    The record (one per model; deleted once the change is complete)::
+
+        {"version", "vertex_version_id", "endpoint",
+         "phase": "starting"      claimed; DeployModel is being sent
+                  "deploying"     DeployModel sent: "operation" names it
+                  "undeploying"   the new split serves: removing "undeploy", one by one
+         "operation": the DeployModel operation (None before it is sent, and when the
+                      target was deployed already and only the traffic moved),
+         "deployed_model_display_name", "deployed_model_id" (once known),
+         "traffic_split": the split requested ("0" = the model being deployed),
+         "undeploy": the deployed model ids without traffic in that split,
+         "undeploy_operations": {deployed model id: its UndeployModel operation},
+         "started_at": ISO 8601, UTC}
     """
 
-    def __init__(self, settings: Settings, registry: VertexRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: VertexRegistry | None = None,
+        *,
+        wait_seconds: float = 420.0,
+        poll_seconds: float = 5.0,
+    ) -> None:
+        """``wait_seconds``: how long one :meth:`deploy` call waits for the endpoint
+        change it started or found (keep it below the function's timeout, 540 s at most,
+        with room for the calls around it); ``poll_seconds``: how often it asks."""
+        if wait_seconds < 0:
+            raise ValueError(f"wait_seconds must be at least 0, not {wait_seconds}")
+        if poll_seconds <= 0:
+            raise ValueError(f"poll_seconds must be positive, not {poll_seconds}")
         self.settings = settings
         self.registry = registry or VertexRegistry(settings)
+        self.wait_seconds = wait_seconds
+        self.poll_seconds = poll_seconds
         self._where = {"project": settings.project, "location": settings.region}
 
     def endpoint(self, model: str) -> Any:
@@ -455,7 +600,10 @@ class VertexEndpoint:
         return str(ordered[0].resource_name) if ordered else None
 
     def _state(self, endpoint: Any, model: str) -> tuple[list[DeployedVersion], dict[str, int]]:
-        """The deployed models (fresh from the API) and the traffic split, zeros left out."""
+        """The deployed models (fresh from the API) and the traffic split, zeros left out.
+
+        A deployed model whose DeployModel operation has not finished is not listed yet:
+        the record in ``deploy.json``, not this list, says that one is in flight."""
         listed = endpoint.list_models()
         split = {str(k): int(v) for k, v in endpoint.gca_resource.traffic_split.items() if v}
         deployed = []
@@ -466,43 +614,268 @@ class VertexEndpoint:
         return deployed, split
 
     def deploy(self, model: str, version: str) -> None:
-        """Serve ``version`` of ``model`` (see :func:`plan_traffic`); returns once it serves
-        its share and the versions without traffic are undeployed. Also moves Vertex's
-        ``champion`` alias if it lags behind GCS (:meth:`VertexRegistry.sync_champion`)."""
+        """Serve ``version`` of ``model`` (see :func:`plan_traffic`).
+
+        Returns once the version serves its share and the versions left without traffic
+        are undeployed; or, if that takes longer than ``wait_seconds``, once the change is
+        started and recorded (it goes on in Vertex AI; the next call finishes it). First
+        finishes a change that an earlier call recorded: one of this version is waited
+        for, never started twice. Raises :class:`DeployError` if another version's
+        deployment is in flight (the caller retries later) or if the deployment failed.
+        Also moves Vertex's ``champion`` alias if it lags behind GCS
+        (:meth:`VertexRegistry.sync_champion`)."""
         from google.api_core.exceptions import GoogleAPICallError  # noqa: PLC0415
 
-        spec = self.settings.gcp.endpoint
-        vertex_id = self.registry.vertex_version(model, version)
+        deadline = time.monotonic() + self.wait_seconds
+        target = _Target(model, version, self.registry.vertex_version(model, version))
         # A promotion that died between the GCS swap and the alias move is finished here, as
         # the redelivered decision deploys it. An alias moved by hand stays for an operator
         # (the next promotion is refused as stale and says so).
         self.registry.sync_champion(model)
-        where = f"endpoint retrain-{model} ({model} v{version} = Vertex version {vertex_id})"
         try:
             endpoint = self.endpoint(model)
-            deployed, split = self._state(endpoint, model)
-            plan = plan_traffic(deployed, vertex_id, spec.canary_percent)
-            if plan.deploy:
-                aiplatform().Model(
-                    model_name=self.registry.vertex_model(model), version=vertex_id, **self._where
-                ).deploy(
-                    endpoint=endpoint,
-                    deployed_model_display_name=f"{model}-v{version}",
-                    traffic_split=plan.split,
-                    machine_type=spec.machine_type,
-                    min_replica_count=spec.min_replica_count,
-                    max_replica_count=spec.max_replica_count,
-                    sync=True,
-                )
-            elif plan.split != split:
-                endpoint.update(traffic_split=plan.split)
-            if plan.undeploy:
-                # Only now that the new split serves: what is left has no traffic.
-                _, serving = self._state(endpoint, model)
-                busy = [d for d in plan.undeploy if serving.get(d)]
-                if busy:
-                    raise DeployError(f"{where}: {busy} still take traffic ({serving})")
-                for deployed_id in plan.undeploy:
-                    endpoint.undeploy(deployed_model_id=deployed_id, traffic_split=serving)
+            for _ in range(5):
+                try:
+                    if not self._settle(endpoint, target, deadline):
+                        return  # this version's change goes on in the background
+                    if self._change(endpoint, target, deadline):
+                        return
+                except _RecordChanged:
+                    continue  # another call moved the record on: read it again
         except GoogleAPICallError as exc:
-            raise DeployError(f"{where}: {exc}") from exc
+            raise DeployError(f"{target}: {exc}") from exc
+        raise DeployError(f"{target}: {self.registry.deploy_uri(model)} keeps changing")
+
+    # -- one change: plan, record, start ---------------------------------------------------
+
+    def _change(self, endpoint: Any, target: _Target, deadline: float) -> bool:
+        """Plan from the endpoint's state and make the change; False if another call
+        recorded a change first (the caller settles that one and plans again)."""
+        spec = self.settings.gcp.endpoint
+        deployed, split = self._state(endpoint, target.model)
+        plan = plan_traffic(deployed, target.vertex_id, spec.canary_percent)
+        if not plan.deploy:
+            if plan.split != split:
+                endpoint.update(traffic_split=plan.split)  # no operation: it serves at once
+            if not plan.undeploy:
+                return True
+        serving = next(
+            (d.id for d in deployed if d.version_id == target.vertex_id and d.id in plan.split),
+            None,
+        )
+        record: dict[str, Any] = {
+            "version": target.version,
+            "vertex_version_id": target.vertex_id,
+            "endpoint": str(endpoint.resource_name),
+            "phase": "starting" if plan.deploy else "undeploying",
+            "operation": None,
+            "deployed_model_display_name": f"{target.model}-v{target.version}",
+            "deployed_model_id": None if plan.deploy else serving,
+            "traffic_split": plan.split,
+            "undeploy": list(plan.undeploy),
+            "undeploy_operations": {},
+            "started_at": datetime.now(UTC).isoformat(),
+        }
+        generation = self.registry.write_deploy_record(target.model, record, 0)
+        if generation is None:
+            return False
+        if plan.deploy:
+            generation = self._start(endpoint, target, record, generation)
+        self._drive(endpoint, target, record, generation, deadline)
+        return True
+
+    def _start(
+        self, endpoint: Any, target: _Target, record: dict[str, Any], generation: int
+    ) -> int:
+        """Send DeployModel for the claimed ``record``, without waiting for it, and keep
+        its operation in the record; the record's new generation."""
+        spec = self.settings.gcp.endpoint
+        request = {
+            "endpoint": str(endpoint.resource_name),
+            "deployed_model": {
+                "model": f"{self.registry.vertex_model(target.model)}@{target.vertex_id}",
+                "display_name": record["deployed_model_display_name"],
+                "dedicated_resources": {
+                    "machine_spec": {"machine_type": spec.machine_type},
+                    "min_replica_count": spec.min_replica_count,
+                    "max_replica_count": spec.max_replica_count,
+                },
+            },
+            # Vertex AI applies the split when the deployment completes ("0": the new one).
+            "traffic_split": record["traffic_split"],
+        }
+        try:
+            started = endpoint.api_client.deploy_model(request=request)
+        except Exception:
+            self.registry.clear_deploy_record(target.model, generation)  # nothing was started
+            raise
+        record.update(phase="deploying", operation=str(started.operation.name))
+        written = self.registry.write_deploy_record(target.model, record, generation)
+        if written is None:
+            raise DeployError(
+                f"{target}: started {record['operation']}, but "
+                f"{self.registry.deploy_uri(target.model)} changed meanwhile; check the "
+                "endpoint before deploying again"
+            )
+        log.info("%s: deployment started, operation %s", target, record["operation"])
+        return written
+
+    # -- a recorded change: wait for it, finish it -----------------------------------------
+
+    def _settle(self, endpoint: Any, target: _Target, deadline: float) -> bool:
+        """Finish the change that an earlier call recorded, if any. True if none is left
+        (plan afresh); False if this version's change goes on in the background. Raises
+        :class:`DeployError` if another version's deployment is in flight."""
+        found = self.registry.deploy_record(target.model)
+        if found is None:
+            return True
+        record, generation = found
+        return self._drive(endpoint, target, record, generation, deadline)
+
+    def _drive(
+        self,
+        endpoint: Any,
+        target: _Target,
+        record: dict[str, Any],
+        generation: int,
+        deadline: float,
+    ) -> bool:
+        """Move ``record`` on as far as it goes by ``deadline``; see :meth:`_settle`."""
+        model = target.model
+        ours = target.owns(record)
+        what = f"v{record.get('version')} (Vertex version {record.get('vertex_version_id')})"
+        phase = record.get("phase")
+        if phase == "starting":
+            age = _age(record)
+            if age < _CLAIM_GRACE_SECONDS:
+                raise DeployError(
+                    f"{target}: another call is starting the deployment of {what} "
+                    f"({age:.0f} s ago, {self.registry.deploy_uri(model)}); try again later"
+                )
+            log.warning(
+                "%s: the deployment of %s was claimed %.0f s ago and never started (the "
+                "call died); planning afresh", target, what, age,
+            )  # fmt: skip
+            self._clear(model, generation)
+            return True
+        if phase == "deploying":
+            name = str(record.get("operation"))
+            # Another version's deployment is not waited for: this call fails, and is retried.
+            operation = self._wait(endpoint, name, deadline if ours else time.monotonic())
+            if operation is None:
+                log.warning(
+                    "%s: Vertex AI no longer knows %s (the deployment of %s); planning "
+                    "afresh from the endpoint", target, name, what,
+                )  # fmt: skip
+                self._clear(model, generation)
+                return True
+            if not operation.done:
+                if not ours:
+                    raise DeployError(
+                        f"{target}: {what} is still being deployed (operation {name}, "
+                        f"started {record.get('started_at')}); deploy again once it is done"
+                    )
+                log.warning(  # a warning: logged without any logging set up, on stderr
+                    "%s: the deployment (operation %s, started %s) goes on in Vertex AI; "
+                    "the next deploy() call (a redelivery, the next promotion, or retrain "
+                    "promote/rollback) finishes it", target, name, record.get("started_at"),
+                )  # fmt: skip
+                return False
+            if operation.HasField("error"):
+                self._clear(model, generation, strict=False)
+                failure = (
+                    f"the deployment of {what} failed (operation {name}): "
+                    f"{operation.error.message} (code {operation.error.code})"
+                )
+                if ours:
+                    raise DeployError(f"{target}: {failure}")
+                log.error("%s: %s", target, failure)
+                return True
+            record.update(phase="undeploying", deployed_model_id=_deployed_model_id(operation))
+            generation = self._write(model, record, generation)
+            log.info("%s: %s serves (deployed model %s)", target, what, record["deployed_model_id"])
+        if record.get("phase") != "undeploying":
+            raise DeployError(f"{self.registry.deploy_uri(model)}: unknown phase {phase!r}")
+        return self._undeploy(endpoint, target, record, generation, deadline)
+
+    def _undeploy(
+        self,
+        endpoint: Any,
+        target: _Target,
+        record: dict[str, Any],
+        generation: int,
+        deadline: float,
+    ) -> bool:
+        """Undeploy the record's old deployed models, one at a time, only those still
+        without traffic (the new split serves); then delete the record."""
+        model = target.model
+        ours = target.owns(record)
+        running: dict[str, str] = record.setdefault("undeploy_operations", {})
+        for deployed_id in record.get("undeploy") or []:
+            name = running.get(deployed_id)
+            if name is None:
+                deployed, serving = self._state(endpoint, model)
+                if deployed_id not in {d.id for d in deployed}:
+                    continue  # gone already
+                if serving.get(deployed_id):
+                    log.warning(
+                        "%s: deployed model %s takes traffic again (%s); left deployed",
+                        target, deployed_id, serving,
+                    )  # fmt: skip
+                    continue
+                started = endpoint.api_client.undeploy_model(
+                    request={
+                        "endpoint": str(endpoint.resource_name),
+                        "deployed_model_id": deployed_id,
+                        "traffic_split": serving,
+                    }
+                )
+                name = running[deployed_id] = str(started.operation.name)
+                generation = self._write(model, record, generation)
+            operation = self._wait(endpoint, name, deadline)
+            if operation is None:
+                continue  # forgotten by Vertex AI: a later plan undeploys it if it is left
+            if not operation.done:
+                message = (
+                    f"undeploying {deployed_id} (operation {name}), after the deployment of "
+                    f"v{record.get('version')}"
+                )
+                if not ours:
+                    raise DeployError(f"{target}: still {message}; try again later")
+                log.warning("%s: %s goes on in Vertex AI; the next deploy() call finishes "
+                            "it", target, message)  # fmt: skip
+                return False
+            if operation.HasField("error"):
+                self._clear(model, generation, strict=False)  # a later plan undeploys it
+                raise DeployError(
+                    f"{target}: undeploying {deployed_id} (operation {name}) failed: "
+                    f"{operation.error.message} (code {operation.error.code})"
+                )
+        self._clear(model, generation)
+        return True
+
+    def _wait(self, endpoint: Any, name: str, deadline: float) -> Any | None:
+        """The operation ``name`` once it is done, or as it is at ``deadline`` (asked at
+        least once); None if Vertex AI does not know it (any more)."""
+        from google.api_core.exceptions import NotFound  # noqa: PLC0415
+
+        while True:
+            try:
+                operation = endpoint.api_client.get_operation({"name": name})
+            except NotFound:
+                return None
+            remaining = deadline - time.monotonic()
+            if operation.done or remaining <= 0:
+                return operation
+            time.sleep(min(self.poll_seconds, remaining))
+
+    def _write(self, model: str, record: dict[str, Any], generation: int) -> int:
+        written = self.registry.write_deploy_record(model, record, generation)
+        if written is None:
+            raise _RecordChanged
+        return written
+
+    def _clear(self, model: str, generation: int, strict: bool = True) -> None:
+        """Delete the record; unless it was changed meanwhile (raises if ``strict``)."""
+        if not self.registry.clear_deploy_record(model, generation) and strict:
+            raise _RecordChanged

@@ -19,7 +19,11 @@ semantics that matter to it, and answers anything else with 404 (and remembers i
   names only deployed models, a model is undeployed only without traffic);
 - operations: every long-running call answers a pending operation whose effect happens
   when the client first polls it (``GET /ui/{name}`` or ``/v1/{name}``), so a test can
-  tell "waited for the operation" from "did not".
+  tell "waited for the operation" from "did not". A test can make the operations of one
+  call (``deployModel`` or ``undeployModel``) stay not done for N polls or until it
+  releases them (:meth:`FakeModelService.hold`, :meth:`~FakeModelService.release`), or
+  end in an error with no effect (:meth:`~FakeModelService.fail`); every operation counts
+  its polls (:attr:`FakeModelService.operations`).
 
 Every request is recorded in :attr:`FakeModelService.calls` (method, path, query, JSON body).
 """
@@ -38,7 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["ApiError", "Call", "FakeModelService"]
+__all__ = ["ApiError", "Call", "FakeModelService", "Operation"]
 
 _LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
@@ -89,9 +93,15 @@ class Call:
 
 
 @dataclass
-class _Operation:
+class Operation:
+    """One long-running operation as the fake keeps it."""
+
     name: str
     effect: Callable[[], dict[str, Any]]
+    verb: str = ""  # the call that started it, where it can be held or failed
+    remaining: int | None = 0  # polls still answered "not done"; None: until released
+    error: dict[str, Any] | None = None  # ends with this error (and no effect)
+    polls: int = 0
     done: bool = False
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -108,7 +118,9 @@ class FakeModelService:
         # model id -> version id -> Model JSON (one version each)
         self.models: dict[str, dict[str, dict[str, Any]]] = {}
         self.endpoints: dict[str, dict[str, Any]] = {}
-        self.operations: dict[str, _Operation] = {}
+        self.operations: dict[str, Operation] = {}
+        self._holds: dict[str, int | None] = {}  # verb -> polls that its operations wait
+        self._failures: dict[str, str] = {}  # verb -> the error its operations end with
         self._barrier: threading.Barrier | None = None
         self._held = 0
         self._ids = itertools.count(1)
@@ -184,6 +196,34 @@ class FakeModelService:
             assert len(found) == 1, f"{len(found)} endpoints named {display_name}"
             copy: dict[str, Any] = json.loads(json.dumps(found[0]))
             return copy
+
+    def hold(self, verb: str = "deployModel", polls: int | None = None) -> None:
+        """Operations of ``verb`` started from now on answer "not done" to their first
+        ``polls`` polls, or (None) to every poll until :meth:`release`."""
+        with self._lock:
+            self._holds[verb] = polls
+
+    def release(self, verb: str = "deployModel") -> None:
+        """Held operations of ``verb`` finish at their next poll; later ones at once."""
+        with self._lock:
+            self._holds.pop(verb, None)
+            for operation in self.operations.values():
+                if operation.verb == verb and not operation.done:
+                    operation.remaining = 0
+
+    def fail(self, verb: str = "deployModel", message: str | None = None) -> None:
+        """Operations of ``verb`` started from now on end in an error (code 9,
+        FAILED_PRECONDITION) with ``message``, changing nothing; None: they succeed again."""
+        with self._lock:
+            if message is None:
+                self._failures.pop(verb, None)
+            else:
+                self._failures[verb] = message
+
+    def operations_of(self, verb: str) -> list[Operation]:
+        """The operations that ``verb`` calls started, oldest first."""
+        with self._lock:
+            return [o for o in self.operations.values() if o.verb == verb]
 
     @contextmanager
     def uploads_meet(self, parties: int, timeout: float = 5.0) -> Iterator[None]:
@@ -264,18 +304,35 @@ class FakeModelService:
         moment = _EPOCH + timedelta(microseconds=next(self._clock))
         return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    def _operation(self, under: str, effect: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def _operation(
+        self, under: str, effect: Callable[[], dict[str, Any]], verb: str = ""
+    ) -> dict[str, Any]:
         name = f"{under}/operations/{next(self._ids)}"
-        self.operations[name] = _Operation(name, effect)
+        failure = self._failures.get(verb)
+        self.operations[name] = Operation(
+            name,
+            effect,
+            verb=verb,
+            remaining=self._holds.get(verb, 0),
+            error=None if failure is None else {"code": 9, "message": failure},
+        )
         return {"name": name, "done": False}
 
     def _get_operation(self, call: Call, name: str) -> dict[str, Any]:
         operation = self.operations.get(name)
         if operation is None:
             raise ApiError(404, f"operation {name} not found")
+        operation.polls += 1
         if not operation.done:
-            operation.result = operation.effect()
+            if operation.remaining is None or operation.remaining > 0:
+                if operation.remaining is not None:
+                    operation.remaining -= 1
+                return {"name": name, "done": False}
+            if operation.error is None:
+                operation.result = operation.effect()
             operation.done = True
+        if operation.error is not None:
+            return {"name": name, "done": True, "error": operation.error}
         return {"name": name, "done": True, "response": operation.result}
 
     @staticmethod
@@ -541,7 +598,7 @@ class FakeModelService:
             endpoint["updateTime"] = self._now()
             return {"@type": _TYPES + "DeployModelResponse", "deployedModel": value}
 
-        return self._operation(name, effect)
+        return self._operation(name, effect, call.verb)
 
     def _undeploy_model(self, call: Call, endpoint_id: str) -> dict[str, Any]:
         endpoint = self._endpoint(endpoint_id)
@@ -564,4 +621,4 @@ class FakeModelService:
             endpoint["updateTime"] = self._now()
             return {"@type": _TYPES + "UndeployModelResponse"}
 
-        return self._operation(name, effect)
+        return self._operation(name, effect, call.verb)

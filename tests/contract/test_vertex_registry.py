@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from google.api_core.exceptions import NotFound, PreconditionFailed
 from retrain.config import Settings
 from retrain.ledger import event_hash
 from serving.registry import RegistryError
-from serving.vertex import VertexEndpoint, VertexRegistry
+from serving.vertex import DeployError, VertexEndpoint, VertexRegistry
 from tests.contract.fake_model_service import Call, FakeModelService
 
 pytestmark = pytest.mark.contract
@@ -30,10 +32,12 @@ MODEL = "churn"
 PROJECT, REGION = "retrain-test", "us-central1"
 PARENT = f"projects/{PROJECT}/locations/{REGION}"
 RESOURCE = f"{PARENT}/models/{MODEL}"
-IMAGE = "us-docker.pkg.dev/vertex-ai/prediction/sklearn-cpu.1-5:latest"
+# Ours by default (serving/Dockerfile), in the project's Artifact Registry repository.
+IMAGE = f"{REGION}-docker.pkg.dev/{PROJECT}/retrain/serving:latest"
 RUN_A = "churn-20260101-030000-aaaaaa"
 RUN_B = "churn-20260102-030000-bbbbbb"
 RUN_C = "churn-20260103-030000-cccccc"
+WAIT, POLL = 0.2, 0.01  # a deploy() call waits 0.2 s for its operation, asking every 10 ms
 
 
 # -- GCS, in memory ------------------------------------------------------------------------
@@ -107,10 +111,14 @@ class MemoryBlob:
         raw = data.encode() if isinstance(data, str) else data
         self.generation = self.client.write(self.key, raw, if_generation_match)
 
-    def delete(self) -> None:
+    def delete(self, if_generation_match: int | None = None) -> None:
         with self.client.lock:
-            if self.client.objects.pop(self.key, None) is None:
+            found = self.client.objects.get(self.key)
+            if found is None:
                 raise NotFound(f"gs://{self.key[0]}/{self.key[1]}")
+            if if_generation_match is not None and if_generation_match != found[1]:
+                raise PreconditionFailed(f"gs://{self.key[0]}/{self.key[1]}: generation mismatch")
+            del self.client.objects[self.key]
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -130,7 +138,6 @@ def make_settings(canary: int = 0) -> Settings:
                     "min_replica_count": 1,
                     "max_replica_count": 3,
                     "canary_percent": canary,
-                    "serving_image": IMAGE,
                 },
             },
             "models": {MODEL: {"data_prefix": "churn/", "label": "y", "order_column": "t"}},
@@ -217,7 +224,18 @@ def test_register_uploads_one_version_per_run(
     model = first["model"]
     assert model["displayName"] == MODEL
     assert model["artifactUri"] == record(RUN_A)["artifact_uri"]
-    assert model["containerSpec"]["imageUri"] == IMAGE
+    assert model["containerSpec"] == {
+        "imageUri": IMAGE,
+        # Vertex AI hands these to the container as AIP_PREDICT_ROUTE, AIP_HEALTH_ROUTE and
+        # AIP_HTTP_PORT (serving.vertex_container serves there).
+        "predictRoute": "/predict",
+        "healthRoute": "/health",
+        "ports": [{"containerPort": 8080}],
+        "env": [
+            {"name": "RETRAIN_MODEL", "value": MODEL},
+            {"name": "RETRAIN_MODEL_VERSION", "value": "1"},
+        ],
+    }
     assert "versionAliases" not in model  # uploads never take "default" from the champion
     assert model["labels"] == {
         "team": "ml",
@@ -286,10 +304,16 @@ def test_concurrent_deliveries_keep_one_vertex_version(
     with fake.uploads_meet(2), ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda _: registry.register(MODEL, record(RUN_B)), range(2)))
 
-    assert sorted(results) == [("2", False), ("2", True)]
+    # One version for both deliveries, created by one of them. GCS numbers it 2, or 3 if
+    # the delivery that found 2 taken won the run's by-run record (the other then deletes
+    # its own number): both orders happen, depending on the threads' timing.
+    (version,) = {v for v, _ in results}
+    assert sorted(created for _, created in results) == [False, True]
+    assert version in ("2", "3")
+    assert registry.version(MODEL, {"2": "3", "3": "2"}[version]) is None
     assert len(of(fake.calls, "upload")) == 3  # both deliveries of RUN_B uploaded ...
     (deleted,) = of(fake.calls, "deleteVersion")  # ... and the loser removed its own
-    kept = storage.json(registry.version_uri(MODEL, "2"))["vertex_version_id"]
+    kept = storage.json(registry.version_uri(MODEL, version))["vertex_version_id"]
     (loser,) = {"2", "3"} - {kept}
     assert deleted.path == f"/v1/{RESOURCE}@{loser}:deleteVersion"
     survivors = [v for v in fake.models[MODEL].values() if v["labels"]["retrain_run"] == RUN_B]
@@ -432,6 +456,23 @@ def serving(fake: FakeModelService) -> dict[str, int]:
     return {d["modelVersionId"]: split.get(d["id"], 0) for d in state["deployedModels"]}
 
 
+def vertex_endpoint(registry: VertexRegistry, canary: int = 0) -> VertexEndpoint:
+    return VertexEndpoint(make_settings(canary), registry, wait_seconds=WAIT, poll_seconds=POLL)
+
+
+def deploy_record(storage: MemoryStorage) -> dict[str, Any] | None:
+    """``registry/<model>/deploy.json``: the endpoint change under way, if any."""
+    key = ("retrain-artifacts", f"registry/{MODEL}/deploy.json")
+    with storage.lock:
+        found = storage.objects.get(key)
+    return None if found is None else storage.json(f"gs://{key[0]}/{key[1]}")
+
+
+def polls_of(calls: list[Call], operation: str) -> list[int]:
+    """The indexes of the calls that asked for ``operation``."""
+    return [i for i, c in enumerate(calls) if c.method == "GET" and c.path.endswith(operation)]
+
+
 def deployed_id(fake: FakeModelService, version_id: str) -> str:
     (found,) = [
         d["id"] for d in endpoint_of(fake)["deployedModels"] if d["modelVersionId"] == version_id
@@ -442,7 +483,7 @@ def deployed_id(fake: FakeModelService, version_id: str) -> str:
 def test_deploy_replaces_the_old_version_only_after_the_new_one_serves(
     registry: VertexRegistry, fake: FakeModelService
 ) -> None:
-    endpoint = VertexEndpoint(make_settings(canary=0), registry)
+    endpoint = vertex_endpoint(registry, canary=0)
     promoted(registry, RUN_A, None)
     endpoint.deploy(MODEL, "1")
 
@@ -487,7 +528,7 @@ def test_deploy_replaces_the_old_version_only_after_the_new_one_serves(
 def test_canary_splits_traffic_and_rollback_moves_it_back(
     registry: VertexRegistry, fake: FakeModelService
 ) -> None:
-    endpoint = VertexEndpoint(make_settings(canary=10), registry)
+    endpoint = vertex_endpoint(registry, canary=10)
     promoted(registry, RUN_A, None)
     endpoint.deploy(MODEL, "1")  # nothing serves yet: the first version takes everything
     assert serving(fake) == {"1": 100}
@@ -524,7 +565,7 @@ def test_canary_splits_traffic_and_rollback_moves_it_back(
 def test_rollback_to_an_undeployed_version_deploys_it_in_full(
     registry: VertexRegistry, fake: FakeModelService
 ) -> None:
-    endpoint = VertexEndpoint(make_settings(canary=10), registry)
+    endpoint = vertex_endpoint(registry, canary=10)
     for run, expected, version in ((RUN_A, None, "1"), (RUN_B, "1", "2"), (RUN_C, "2", "3")):
         promoted(registry, run, expected)
         endpoint.deploy(MODEL, version)
@@ -537,3 +578,192 @@ def test_rollback_to_an_undeployed_version_deploys_it_in_full(
     assert [c.verb for c in calls] == ["deployModel", "undeployModel", "undeployModel"]
     assert calls[0].body["trafficSplit"] == {"0": 100}  # a rollback is never a canary
     assert serving(fake) == {"1": 100}
+
+
+def test_a_deployment_that_outlasts_the_wait_is_finished_by_the_next_call(
+    registry: VertexRegistry, fake: FakeModelService, storage: MemoryStorage
+) -> None:
+    endpoint = vertex_endpoint(registry)
+    promoted(registry, RUN_A, None)
+    endpoint.deploy(MODEL, "1")
+    old = deployed_id(fake, "1")
+    promoted(registry, RUN_B, "1")
+    fake.hold("deployModel")  # a deployment takes 10-30 minutes, a function 540 s at most
+    before = len(fake.calls)
+
+    started = time.monotonic()
+    endpoint.deploy(MODEL, "2")  # returns; the deployment goes on in Vertex AI
+    assert time.monotonic() - started < 5  # WAIT (0.2 s), with room for a loaded machine
+
+    (deploy,) = of(fake.mutations(before), "deployModel")
+    assert deploy.body["trafficSplit"] == {"0": 100}
+    assert of(fake.mutations(before), "undeployModel") == []  # v1 still serves everything
+    operation = fake.operations_of("deployModel")[-1]
+    assert not operation.done
+    assert operation.polls >= 2  # waited for it, a bounded while
+    kept = deploy_record(storage)
+    assert kept is not None
+    assert kept["started_at"]
+    assert {k: v for k, v in kept.items() if k != "started_at"} == {
+        "version": "2",
+        "vertex_version_id": "2",
+        "endpoint": endpoint_of(fake)["name"],
+        "phase": "deploying",
+        "operation": operation.name,
+        "deployed_model_display_name": f"{MODEL}-v2",
+        "deployed_model_id": None,
+        "traffic_split": {"0": 100},
+        "undeploy": [old],
+        "undeploy_operations": {},
+    }
+    assert serving(fake) == {"1": 100}
+
+    # A redelivered decision waits for the same operation; it sends no second DeployModel
+    # (nor anything else), although the endpoint does not list the model in flight.
+    before, polls = len(fake.calls), operation.polls
+    endpoint.deploy(MODEL, "2")
+    assert fake.mutations(before) == []
+    assert operation.polls > polls
+    assert deploy_record(storage) == kept
+
+    # Vertex AI finishes it; the next call sees it done and only then undeploys v1.
+    fake.release("deployModel")
+    before = len(fake.calls)
+    endpoint.deploy(MODEL, "2")
+    calls = fake.calls[before:]
+    assert of(calls, "deployModel") == []
+    (undeploy,) = of(calls, "undeployModel")
+    assert undeploy.body["deployedModelId"] == old
+    assert polls_of(calls, operation.name)[0] < calls.index(undeploy)
+    assert fake.operations[operation.name].done  # (by then, as that first poll answered)
+    assert serving(fake) == {"2": 100}
+    assert deploy_record(storage) is None
+
+    before = len(fake.calls)
+    endpoint.deploy(MODEL, "2")  # and then a repeat is a no-op again
+    assert fake.mutations(before) == []
+
+
+def test_another_version_is_refused_while_a_deployment_is_in_flight(
+    registry: VertexRegistry, fake: FakeModelService, storage: MemoryStorage
+) -> None:
+    endpoint = vertex_endpoint(registry)
+    promoted(registry, RUN_A, None)
+    endpoint.deploy(MODEL, "1")
+    first = deployed_id(fake, "1")
+    promoted(registry, RUN_B, "1")
+    fake.hold("deployModel")
+    endpoint.deploy(MODEL, "2")
+    in_flight = deploy_record(storage)
+    assert in_flight is not None
+    assert in_flight["phase"] == "deploying"
+
+    # The next promotion, and a rollback to v1 (which would only move traffic): both fail,
+    # naming the version in flight, and change nothing; Pub/Sub (or the operator) retries.
+    promoted(registry, RUN_C, "2")
+    before = len(fake.calls)
+    for version in ("3", "1"):
+        with pytest.raises(DeployError, match=r"v2 \(Vertex version 2\) is still being deployed"):
+            endpoint.deploy(MODEL, version)
+    assert fake.mutations(before) == []
+    assert deploy_record(storage) == in_flight
+
+    # Once v2 serves, the retried v3 first finishes v2's change (v1 goes), then deploys.
+    fake.release("deployModel")
+    before = len(fake.calls)
+    endpoint.deploy(MODEL, "3")
+    calls = fake.mutations(before)
+    assert [c.verb for c in calls] == ["undeployModel", "deployModel", "undeployModel"]
+    assert calls[0].body["deployedModelId"] == first
+    assert calls[1].body["deployedModel"]["model"] == f"{RESOURCE}@3"
+    assert serving(fake) == {"3": 100}
+    assert deploy_record(storage) is None
+
+
+def test_a_failed_deployment_raises_and_clears_its_record(
+    registry: VertexRegistry, fake: FakeModelService, storage: MemoryStorage
+) -> None:
+    endpoint = vertex_endpoint(registry)
+    promoted(registry, RUN_A, None)
+    endpoint.deploy(MODEL, "1")
+    promoted(registry, RUN_B, "1")
+    fake.fail("deployModel", "the container did not become healthy")
+    before = len(fake.calls)
+
+    with pytest.raises(DeployError, match=r"v2 .*failed.*did not become healthy \(code 9\)"):
+        endpoint.deploy(MODEL, "2")
+    assert deploy_record(storage) is None
+    assert of(fake.mutations(before), "undeployModel") == []
+    assert serving(fake) == {"1": 100}  # the old version goes on serving
+
+    # A failure that happens after the call returned is raised by the next call.
+    fake.hold("deployModel")
+    endpoint.deploy(MODEL, "2")
+    assert deploy_record(storage) is not None
+    fake.release("deployModel")
+    with pytest.raises(DeployError, match="did not become healthy"):
+        endpoint.deploy(MODEL, "2")
+    assert deploy_record(storage) is None
+
+    # The retry (Pub/Sub redelivers) deploys it afresh.
+    fake.fail("deployModel", None)
+    endpoint.deploy(MODEL, "2")
+    assert len(of(fake.mutations(before), "deployModel")) == 3
+    assert serving(fake) == {"2": 100}
+    assert deploy_record(storage) is None
+
+
+def test_an_undeploy_in_flight_is_not_sent_twice(
+    registry: VertexRegistry, fake: FakeModelService, storage: MemoryStorage
+) -> None:
+    endpoint = vertex_endpoint(registry)
+    promoted(registry, RUN_A, None)
+    endpoint.deploy(MODEL, "1")
+    old = deployed_id(fake, "1")
+    promoted(registry, RUN_B, "1")
+    fake.hold("undeployModel")
+
+    endpoint.deploy(MODEL, "2")  # v2 serves; undeploying v1 goes on
+    (undeploy,) = fake.operations_of("undeployModel")
+    kept = deploy_record(storage)
+    assert kept is not None
+    assert kept["phase"] == "undeploying"
+    assert kept["deployed_model_id"] == deployed_id(fake, "2")
+    assert kept["undeploy_operations"] == {old: undeploy.name}
+    assert serving(fake) == {"1": 0, "2": 100}
+
+    before = len(fake.calls)
+    endpoint.deploy(MODEL, "2")
+    assert fake.mutations(before) == []
+    fake.release("undeployModel")
+    endpoint.deploy(MODEL, "2")
+    assert fake.mutations(before) == []
+    assert serving(fake) == {"2": 100}
+    assert deploy_record(storage) is None
+
+
+def test_a_deployment_being_started_elsewhere_is_left_to_that_call(
+    registry: VertexRegistry, fake: FakeModelService, storage: MemoryStorage
+) -> None:
+    endpoint = vertex_endpoint(registry)
+    promoted(registry, RUN_A, None)
+    claim = {"version": "1", "vertex_version_id": "1", "phase": "starting", "operation": None,
+             "started_at": datetime.now(UTC).isoformat()}  # fmt: skip
+    uri = registry.deploy_uri(MODEL)
+    registry.write_deploy_record(MODEL, claim, 0)
+    before = len(fake.calls)
+
+    with pytest.raises(DeployError, match="another call is starting the deployment of v1"):
+        endpoint.deploy(MODEL, "1")
+    assert of(fake.mutations(before), "deployModel") == []
+    assert storage.json(uri) == claim
+
+    # A claim that never got its operation within minutes belongs to a call that died.
+    found = registry.deploy_record(MODEL)
+    assert found is not None
+    stale = {**claim, "started_at": (datetime.now(UTC) - timedelta(minutes=10)).isoformat()}
+    registry.write_deploy_record(MODEL, stale, found[1])
+    endpoint.deploy(MODEL, "1")
+    assert len(of(fake.mutations(before), "deployModel")) == 1
+    assert serving(fake) == {"1": 100}
+    assert deploy_record(storage) is None
