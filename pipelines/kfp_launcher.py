@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipelines.vertex_launcher import (
+    gather_or_end,
     launch_name,
     pipeline_parameters,
     record_launch,
     settle_relaunch,
 )
-from retrain.data_objects import gather
 
 if TYPE_CHECKING:
     from retrain.config import Settings
@@ -152,11 +152,8 @@ class KfpLauncher:
         Nothing pending ends the run as ``abandoned``; events that a run of the experiment
         was created for already are not launched again.
         """
-        try:
-            inputs = gather(self.settings, self.ledger, model, run_id)
-        except LookupError as exc:
-            log.info("run %s of %s: %s", run_id, model, exc)
-            self.ledger.finish(model, run_id, "abandoned", str(exc))
+        inputs = gather_or_end(self.settings, self.ledger, model, run_id)
+        if inputs is None:
             return
         settings = self.settings
         client = self.client

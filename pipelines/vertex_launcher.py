@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "VertexLauncher",
+    "gather_or_end",
     "label_value",
     "launch_name",
     "pipeline_parameters",
@@ -71,6 +72,19 @@ def pipeline_parameters(
         "run_id": run_id,
         "config_yaml": config_text,
     }
+
+
+def gather_or_end(
+    settings: Settings, ledger: GcsLedger, model: str, run_id: str
+) -> RunInputs | None:
+    """:func:`~retrain.data_objects.gather`; with nothing pending (another run covered the
+    events), the run ends as abandoned and None is returned: there is nothing to launch."""
+    try:
+        return gather(settings, ledger, model, run_id)
+    except LookupError as exc:
+        log.info("run %s of %s: %s", run_id, model, exc)
+        ledger.finish(model, run_id, "abandoned", str(exc))
+        return None
 
 
 def settle_relaunch(
@@ -149,11 +163,8 @@ class VertexLauncher:
         Nothing pending (another run covered the events) ends the run as ``abandoned``.
         Events that a job was launched for already are not launched again.
         """
-        try:
-            inputs = gather(self.settings, self.ledger, model, run_id)
-        except LookupError as exc:
-            log.info("run %s of %s: %s", run_id, model, exc)
-            self.ledger.finish(model, run_id, "abandoned", str(exc))
+        inputs = gather_or_end(self.settings, self.ledger, model, run_id)
+        if inputs is None:
             return
         from google.api_core.exceptions import Conflict  # noqa: PLC0415
 

@@ -297,13 +297,21 @@ class GcsLedger:
 
     def renew(self, model: str, run_id: str, ttl: float) -> bool:
         """Extend ``run_id``'s lease by ``ttl`` from now; False if it no longer holds it."""
+        return self._pass_lease(model, run_id, run_id, ttl, keep_start=True)
+
+    def _pass_lease(
+        self, model: str, holder: str, to_run: str, ttl: float, *, keep_start: bool
+    ) -> bool:
+        """Rewrite the lease that ``holder`` holds, for ``to_run``, until now + ``ttl``; False
+        if ``holder`` no longer holds it (released, taken over, or written meanwhile)."""
         from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
 
         current = self.lease(model)
-        if current is None or current.run_id != run_id:
+        if current is None or current.run_id != holder:
             return False
         now = self.clock()
-        body = {"run_id": run_id, "acquired_at": current.acquired_at, "expires_at": now + ttl}
+        start = current.acquired_at if keep_start else now
+        body = {"run_id": to_run, "acquired_at": start, "expires_at": now + ttl}
         try:
             self.bucket.blob(self._path(model, "lease.json")).upload_from_string(
                 json.dumps(body).encode(),
@@ -397,23 +405,8 @@ class GcsLedger:
         """``run_id`` found its events already running as run ``to_run``'s pipeline (whose
         lease had expired): give the lease to ``to_run`` for ``ttl``, so that its report
         releases it and no other run starts meanwhile; ``run_id`` ends as abandoned."""
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
-
         self._end_run(model, run_id, "abandoned", why)
-        current = self.lease(model)
-        if current is None or current.run_id != run_id:
-            return False
-        now = self.clock()
-        body = {"run_id": to_run, "acquired_at": now, "expires_at": now + ttl}
-        try:
-            self.bucket.blob(self._path(model, "lease.json")).upload_from_string(
-                json.dumps(body).encode(),
-                content_type="application/json",
-                if_generation_match=current.generation,
-            )
-        except PreconditionFailed:
-            return False
-        return True
+        return self._pass_lease(model, run_id, to_run, ttl, keep_start=False)
 
     def abandon(self, model: str, run_id: str, error: str) -> bool:
         """``run_id`` will never run (its launch failed after it gathered its events): end

@@ -13,7 +13,6 @@ import yaml
 
 from pipelines.kfp_launcher import kfp_client
 from pipelines.schedules import Change, ScheduleError, sync_kfp_schedules, sync_vertex_schedules
-from retrain.vertex_sdk import aiplatform
 from tests.contract.fake_kfp_api import FakeKfp
 from tests.contract.fake_pipeline_service import (
     GOLDEN_TEMPLATE,
@@ -24,6 +23,7 @@ from tests.contract.fake_pipeline_service import (
     without_caching,
     write_config,
 )
+from tests.contract.sdk_config import use_fake
 
 if TYPE_CHECKING:
     from retrain.config import Settings
@@ -79,10 +79,6 @@ def vertex(
 ) -> Iterator[FakeVertex]:
     """The fake, holding a stale schedule of ours and someone else's schedule, with the
     SDK pointed at it (over REST, anonymously, in a fresh global config of the SDK)."""
-    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
-
-    initializer = aiplatform("initializer")
-
     settings, _ = config
     with FakeVertex(settings.project, settings.region) as fake:
         for display, labels in (("retrain-old", {"retrain_model": "old"}), ("export", {})):
@@ -97,14 +93,7 @@ def vertex(
                     },
                 }
             )
-        monkeypatch.setattr(initializer, "global_config", initializer._Config())
-        initializer.global_config.init(
-            project=settings.project,
-            location=settings.region,
-            api_endpoint=fake.url,
-            api_transport="rest",
-            credentials=AnonymousCredentials(),
-        )
+        use_fake(monkeypatch, fake.url, settings.project, settings.region)
         yield fake
 
 

@@ -26,6 +26,7 @@ from tests.contract.fake_pipeline_service import (
     without_caching,
     write_config,
 )
+from tests.contract.sdk_config import use_fake
 
 if TYPE_CHECKING:
     from retrain.config import Settings
@@ -89,20 +90,9 @@ def vertex(
 ) -> Iterator[FakeVertex]:
     """The fake, with the SDK pointed at it over REST, anonymously, in a fresh global
     config of the SDK (restored afterwards)."""
-    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
-
-    initializer = aiplatform("initializer")
-
     settings, _ = config
     with FakeVertex(settings.project, settings.region) as fake:
-        monkeypatch.setattr(initializer, "global_config", initializer._Config())
-        initializer.global_config.init(
-            project=settings.project,
-            location=settings.region,
-            api_endpoint=fake.url,
-            api_transport="rest",
-            credentials=AnonymousCredentials(),
-        )
+        use_fake(monkeypatch, fake.url, settings.project, settings.region)
         yield fake
 
 

@@ -25,6 +25,7 @@ from retrain.ledger import event_hash
 from serving.registry import RegistryError
 from serving.vertex import DeployError, VertexEndpoint, VertexRegistry
 from tests.contract.fake_model_service import Call, FakeModelService
+from tests.contract.sdk_config import use_fake
 
 pytestmark = pytest.mark.contract
 
@@ -150,20 +151,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeModelService]:
     """The fake, with the SDK pointed at it over REST, anonymously, in a fresh global
     config of the SDK (restored afterwards). Fails a test whose code called a route that
     the fake does not know."""
-    from google.auth.credentials import AnonymousCredentials  # noqa: PLC0415
-
-    # By name (2.4 s, once): see serving.vertex._aiplatform for why mypy must not follow it.
-    initializer = importlib.import_module("google.cloud.aiplatform.initializer")
-
     with FakeModelService(PROJECT, REGION) as service:
-        monkeypatch.setattr(initializer, "global_config", initializer._Config())
-        initializer.global_config.init(
-            project=PROJECT,
-            location=REGION,
-            api_endpoint=service.url,
-            api_transport="rest",
-            credentials=AnonymousCredentials(),
-        )
+        use_fake(monkeypatch, service.url, PROJECT, REGION)
         yield service
         assert service.unrouted == [], "calls that the fake has no route for"
 
