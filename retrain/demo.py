@@ -131,7 +131,7 @@ class _Demo:
         arrival = self.ledger.arrival(self.model, key) or {"outcome": "every_arrival"}
         outcome = str(arrival.get("outcome"))
         started = outcome not in ("no_drift",)
-        alert = arrival.get("alert_message_id")
+        alert = arrival.get("alert_key")  # the alert's request is keyed by the arrival
 
         def decided() -> bool:
             if self.ledger.lease(self.model) is not None or self.ledger.has_pending(self.model):

@@ -386,13 +386,15 @@ class RetrainService:
         )
         # Keyed by the arrival, not by this publish: if this delivery dies before it settles
         # and the arrival is checked again, the second alert is a duplicate, not a new run.
+        alert_key = f"drift:{event.dedupe_key}"
         message_id = self.bus.publish(
             self.settings.topics.drift_alerts, alert, model=alert.model,
-            **{DEDUPE_ATTRIBUTE: f"drift:{event.dedupe_key}"},
+            **{DEDUPE_ATTRIBUTE: alert_key},
         )  # fmt: skip
         self.ledger.settle_arrival(
-            request, kind, alert_message_id=message_id, summary=alert.summary
-        )
+            request, kind, alert_message_id=message_id, alert_key=alert_key,
+            summary=alert.summary,
+        )  # fmt: skip
         return Outcome("checked", request.model, detail=alert.summary, extra={"alert": message_id})
 
     def _champion(self, name: str, champion: Any) -> tuple[dict[str, Any], Path, dict[str, float]]:
