@@ -12,6 +12,7 @@ from typing import Any, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "ALL_MODELS",
     "SCHEMA_VERSION",
     "Decision",
     "DriftAlert",
@@ -101,18 +102,33 @@ class DriftAlert(Message):
     time: datetime = Field(default_factory=_now)
 
 
+ALL_MODELS = "*"
+
+
 class ScheduleMessage(Message):
     """What Cloud Scheduler (or the local scheduler, or an operator) sends to retrain-schedule.
 
-    ``schema_version`` may be left out, so that a hand-written
+    ``{"model": "*", "reason": "sweep"}`` (Cloud Scheduler, every few minutes) starts a run
+    for each model whose events wait with no run in flight: a run that died without a
+    report holds its model's lease until it expires, and a quiet model has no other event
+    to notice that. ``schema_version`` may be left out, so that a hand-written
     ``gcloud pubsub topics publish retrain-schedule --message='{"model": "rainfall"}'`` works.
     """
 
     model: str = Field(min_length=1)
-    reason: Literal["schedule", "manual"] = "schedule"
+    reason: Literal["schedule", "manual", "sweep"] = "schedule"
     scheduled_time: datetime | None = None
     dedupe_key: str | None = Field(None, min_length=1)
     data_uris: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _sweep(self) -> Self:
+        if (self.model == ALL_MODELS) != (self.reason == "sweep"):
+            raise ValueError(
+                f'model "{ALL_MODELS}" goes with reason "sweep" (start a run for every model '
+                "with waiting events and no run in flight), and only with it"
+            )
+        return self
 
 
 class MessageError(ValueError):

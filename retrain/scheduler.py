@@ -21,9 +21,14 @@ import typer
 from croniter import croniter
 
 from retrain.config import Settings, load_settings
+from retrain.messages import ALL_MODELS
 from retrain.options import ConfigOption
 
-__all__ = ["CronJob", "jobs", "schedule_message"]
+__all__ = ["SWEEP_CRON", "CronJob", "jobs", "schedule_message"]
+
+# Every ten minutes, a sweep (ScheduleMessage reason "sweep", model "*") starts the runs
+# that wait for a dead run's lease to expire; infra/terraform/scheduler.tf has the same.
+SWEEP_CRON = "*/10 * * * *"
 
 log = logging.getLogger("retrain.scheduler")
 
@@ -53,6 +58,8 @@ def jobs(settings: Settings, now: datetime) -> list[CronJob]:
 
 def schedule_message(model: str, fired: datetime) -> bytes:
     """The payload Cloud Scheduler is configured to send (see infra/terraform)."""
+    if model == ALL_MODELS:
+        return json.dumps({"model": model, "reason": "sweep"}).encode()
     return json.dumps({"model": model, "scheduled_time": fired.isoformat()}).encode()
 
 
@@ -82,7 +89,8 @@ def run(settings: Settings, host: str, port: int) -> None:
 
     publisher = pubsub_v1.PublisherClient()
     topic = publisher.topic_path(settings.project, settings.topics.retrain_schedule)
-    crons = jobs(settings, datetime.now(UTC))
+    now = datetime.now(UTC)
+    crons = [*jobs(settings, now), CronJob(ALL_MODELS, SWEEP_CRON, "UTC", now)]
     server = _health_server(host, port, crons)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stopping = threading.Event()

@@ -193,6 +193,8 @@ class RetrainService:
             raise EventError(
                 f"message {message.message_id}: not a schedule message: {exc}"
             ) from exc
+        if tick.reason == "sweep":
+            return self.sweep()
         request = RetrainRequest(
             model=tick.model,
             reason=tick.reason,
@@ -201,6 +203,17 @@ class RetrainService:
             trigger_event_id=message.message_id,
         )
         return self.request(request)
+
+    def sweep(self) -> Outcome:
+        """Kick every model whose events wait: one whose lease expired (its run died without
+        a report) is taken over, its events requeued and run; one in flight stays queued."""
+        kicked = {name: self.kick(name) for name in self.settings.models
+                  if self.ledger.has_pending(name)}  # fmt: skip
+        launched = {name: o.run_id for name, o in kicked.items() if o.action == "launched"}
+        detail = "; ".join(f"{n}: {o.action} {o.run_id or o.detail}" for n, o in kicked.items())
+        return Outcome(
+            "checked", detail=f"sweep: {detail or 'nothing waits'}", extra={"launched": launched}
+        )
 
     def report(self, report: MetricsReport) -> Outcome:
         """A run ended: decide on its candidate, then release its lease; one trailing run

@@ -28,3 +28,28 @@ resource "google_cloud_scheduler_job" "retrain" {
 
   depends_on = [google_project_service.enabled]
 }
+
+# Every ten minutes (retrain/scheduler.py SWEEP_CRON), a sweep: {"model": "*", "reason":
+# "sweep"} makes on_schedule start a run for each model whose events wait with no run in
+# flight. A run that dies without a report holds its model's lease until it expires, and a
+# quiet model has no other event to notice that. The name has an underscore, which model
+# names cannot have, so it never clashes with a model's job.
+resource "google_cloud_scheduler_job" "sweep" {
+  project     = local.project
+  region      = local.region
+  name        = "retrain_sweep"
+  description = "retrain: start the runs that wait for an expired lease (ScheduleMessage reason sweep)"
+  schedule    = "*/10 * * * *"
+  time_zone   = "UTC"
+
+  pubsub_target {
+    topic_name = google_pubsub_topic.topic["retrain_schedule"].id
+    data       = base64encode(jsonencode({ model = "*", reason = "sweep" }))
+  }
+
+  retry_config {
+    retry_count = 3
+  }
+
+  depends_on = [google_project_service.enabled]
+}

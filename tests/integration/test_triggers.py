@@ -39,6 +39,7 @@ MODELS = {
     },
     "sched": QUICK,
     "dead": QUICK,
+    "quiet": QUICK,
 }
 
 
@@ -297,3 +298,34 @@ def test_republish_from_dead_letter_replays_end_to_end(
     assert runs[-1].state == "succeeded", runs[-1].error
     again = retrain_cli(stack, "republish", "--from-dead-letter", topic)
     assert "0 message(s) moved" in again.stdout  # it was acked once, after its publish
+
+
+def test_a_sweep_runs_what_waits_behind_a_dead_run(
+    stack: Stack, gcs: Any, ledger: GcsLedger, publisher: pubsub_v1.PublisherClient
+) -> None:
+    """A run that died before it launched holds its model's lease until the lease expires;
+    what arrived meanwhile waits, and a quiet model gets no other event to notice. The
+    sweep (Cloud Scheduler, every ten minutes) does."""
+    ttl = 15.0
+    assert ledger.try_acquire("quiet", "quiet-died-gathering", ttl=ttl).acquired
+    uri = upload(gcs, stack, "quiet/rows.csv", RAINFALL)
+    assert wait_until(lambda: ledger.has_pending("quiet"), timeout=ttl / 2, interval=0.2), (
+        "the upload must be queued behind the dead run"
+    )
+    lease = ledger.lease("quiet")
+    assert lease is not None
+    assert lease.run_id == "quiet-died-gathering"
+    assert wait_until(lambda: time.time() > lease.expires_at, timeout=ttl + 5, interval=0.2)
+    assert [r.run_id for r in ledger.runs("quiet")] == ["quiet-died-gathering"], "no event came"
+
+    topic = publisher.topic_path(stack.settings.project, stack.settings.topics.retrain_schedule)
+    sweep = json.dumps({"model": "*", "reason": "sweep"}).encode()
+    publisher.publish(topic, sweep).result(timeout=30)
+
+    dead, run = settled(ledger, "quiet", runs=2)
+    assert dead.run_id == "quiet-died-gathering"
+    assert dead.state == "abandoned"
+    assert run.state == "succeeded", run.error
+    assert run.data_uris == [uri]
+    log = (stack.logs / "on_schedule.log").read_text("utf-8")
+    assert f"quiet: launched {run.run_id}" in log

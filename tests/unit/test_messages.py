@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from retrain.messages import (
     Decision,
@@ -12,6 +13,7 @@ from retrain.messages import (
     MessageError,
     MetricsReport,
     RetrainRequest,
+    ScheduleMessage,
     decode,
     encode,
 )
@@ -97,3 +99,11 @@ def test_failed_report_needs_its_error_and_oversized_payloads_are_refused() -> N
     assert decode(MetricsReport, json.dumps(failed).encode()).status == "failed"
     with pytest.raises(MessageError, match="over the 1000000 limit"):
         decode(RetrainRequest, b" " * 1_000_001)
+
+
+def test_a_sweep_names_all_models_and_only_a_sweep_does() -> None:
+    sweep = ScheduleMessage.model_validate({"model": "*", "reason": "sweep"})
+    assert (sweep.model, sweep.reason) == ("*", "sweep")
+    for bad in ({"model": "*"}, {"model": "rainfall", "reason": "sweep"}):
+        with pytest.raises(ValidationError, match='model "\\*" goes with reason "sweep"'):
+            ScheduleMessage.model_validate(bad)

@@ -28,7 +28,7 @@ from hcl2.utils import SerializationOptions
 
 from retrain.config import FUNCTION_TOPICS, Settings, load_settings
 from retrain.messages import ScheduleMessage, decode
-from retrain.scheduler import jobs
+from retrain.scheduler import SWEEP_CRON, jobs, schedule_message
 from retrain.topology import DEAD_LETTER_SUFFIX, topology
 
 pytestmark = pytest.mark.unit
@@ -458,6 +458,14 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         # ScheduleMessage {"model": <name>}: test_schedule_payload_is_accepted decodes it.
         "pubsub_target.data": "${base64encode(jsonencode({model = each.key}))}",
     },
+    ("google_cloud_scheduler_job", "sweep"): {
+        "schedule": SWEEP_CRON,
+        "time_zone": "UTC",
+        "pubsub_target.topic_name": _TOPIC % "retrain_schedule",
+        # ScheduleMessage {"model": "*", "reason": "sweep"}: decoded in
+        # test_schedule_payload_is_accepted.
+        "pubsub_target.data": '${base64encode(jsonencode({model = "*", reason = "sweep"}))}',
+    },
     ("google_storage_notification", "data_arrival"): {
         "for_each": "${local.data_prefixes}",
         "bucket": "${google_storage_bucket.data.name}",
@@ -745,6 +753,12 @@ def test_schedule_payload_is_accepted() -> None:
     # The job's data is base64encode(jsonencode({model = each.key})) (WIRING pins it).
     for model in load_settings(CONFIG).models:
         assert decode(ScheduleMessage, json.dumps({"model": model}).encode()).model == model
+    sweep = decode(ScheduleMessage, json.dumps({"model": "*", "reason": "sweep"}).encode())
+    assert sweep.reason == "sweep"
+    assert json.loads(schedule_message("*", datetime(2030, 1, 1, tzinfo=UTC))) == {
+        "model": "*",
+        "reason": "sweep",
+    }  # what the local scheduler sends, the same
 
 
 def test_dead_letter_commands_use_delivery(terraform: Terraform) -> None:
