@@ -8,6 +8,7 @@ function acks it); anything else propagates, so Pub/Sub retries and then dead-le
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -421,7 +422,11 @@ class RetrainService:
             folder = Path(tempfile.mkdtemp(prefix=f"champion-{name}-{champion.version}-"))
             blobstore.download_dir(champion.artifact_uri, folder)
             metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
-            self._champions = {key: (metadata, folder, dict(champion.metrics))}
+            # One folder per model: the replaced champion's goes (in Cloud Functions, /tmp
+            # is memory).
+            for stale in [k for k in self._champions if k[0] == name]:
+                shutil.rmtree(self._champions.pop(stale)[1], ignore_errors=True)
+            self._champions[key] = (metadata, folder, dict(champion.metrics))
         return self._champions[key]
 
 
