@@ -22,6 +22,7 @@ import yaml
 
 from pipelines.vertex_launcher import (
     gather_or_end,
+    hold_for_run,
     launch_name,
     pipeline_parameters,
     record_launch,
@@ -168,6 +169,8 @@ class KfpLauncher:
                 running=str(earlier.state) in _RUNNING, ttl=settings.models[model].lease_seconds,
             )  # fmt: skip
             return
+        if not hold_for_run(self.ledger, model, run_id, settings.models[model].lease_seconds):
+            return
         template = self.template or settings.pipeline_template(model)
         with pipeline_package(template, settings.gcp.enable_caching) as package:
             result = client.create_run_from_pipeline_package(
@@ -181,10 +184,7 @@ class KfpLauncher:
                 # (e.g. pipeline-runner, or default-editor with Workload Identity) runs it.
                 service_account=None,
             )
-        record_launch(
-            self.ledger, model, run_id, f"{settings.gcp.kfp.host}#runs/{result.run_id}",
-            settings.models[model].lease_seconds,
-        )  # fmt: skip
+        record_launch(self.ledger, model, run_id, f"{settings.gcp.kfp.host}#runs/{result.run_id}")
         log.info(
             "run %s of %s: created KFP run %s (%s) in experiment %s for %d event(s)",
             run_id, model, result.run_id, name, experiment, len(inputs.requests),

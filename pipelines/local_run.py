@@ -142,22 +142,31 @@ def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str]
     return inputs.data_uris, inputs.request_id, inputs.reason
 
 
-def _keep_lease(settings: Settings, model: str, run_id: str) -> None:
-    """Renew the lease while this worker lives, so that a run longer than lease_seconds is
-    not taken over; a worker that dies stops renewing, and its lease expires."""
+def _keep_lease(settings: Settings, model: str, run_id: str) -> bool:
+    """Extend the lease to lease_seconds now (kick took it only for the gathering), then
+    renew it every third of that while this worker lives, so that a run longer than
+    lease_seconds is not taken over; a worker that dies stops renewing, and its lease
+    expires. False if this run no longer holds the lease: it must not run."""
+    import logging  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
     from retrain.ledger import GcsLedger  # noqa: PLC0415
 
     ttl = settings.models[model].lease_seconds
     ledger = GcsLedger(settings.buckets.artifacts)
+    if not ledger.renew(model, run_id, ttl):
+        return False
 
     def renew() -> None:
-        # At once (kick took the lease only for the gathering), then every third of it.
-        while ledger.renew(model, run_id, ttl):  # until released (the report) or taken over
-            threading.Event().wait(ttl / 3)
+        while not threading.Event().wait(ttl / 3):
+            try:
+                if not ledger.renew(model, run_id, ttl):
+                    return  # released (the report arrived) or taken over
+            except Exception:  # a storage hiccup: try again at the next third
+                logging.getLogger(__name__).exception("run %s: renewing its lease failed", run_id)
 
     threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
+    return True
 
 
 def _release(settings: Settings, config: Path, model: str, run_id: str, exc: Exception) -> None:
@@ -213,7 +222,9 @@ def main(
     workdir.mkdir(parents=True, exist_ok=True)
     data_uris = list(data or [])
     if from_ledger:
-        _keep_lease(settings, model, run_id)
+        if not _keep_lease(settings, model, run_id):  # taken over before this worker started
+            print(f"run {run_id} no longer holds the lease of {model}; nothing to do")  # noqa: T201
+            return
         try:
             data_uris, request_id, reason = _from_ledger(settings, model, run_id)
         except Exception as exc:

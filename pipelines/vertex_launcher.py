@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "VertexLauncher",
     "gather_or_end",
+    "hold_for_run",
     "label_value",
     "launch_name",
     "pipeline_parameters",
@@ -120,12 +121,23 @@ def settle_relaunch(
         ledger.finish(model, run_id, "abandoned", error)
 
 
-def record_launch(ledger: GcsLedger, model: str, run_id: str, job: str, ttl: float) -> None:
-    """Keep the job in the run's record and hold the lease for the run. The job runs
-    either way: a storage error here is logged, not raised (raising would abandon a run
-    whose pipeline exists, and its events would run twice)."""
+def hold_for_run(ledger: GcsLedger, model: str, run_id: str, ttl: float) -> bool:
+    """Before submitting, extend the model's lease from the gathering's few minutes to the
+    run's ``ttl``: a job must never run on the short lease, or the next event would take the
+    model over and start a second run. False if the lease is lost (taken over meanwhile):
+    the gathered events go back to the queue and nothing is submitted."""
+    if ledger.renew(model, run_id, ttl):
+        return True
+    log.warning("run %s of %s: lost the model's lease before submitting", run_id, model)
+    ledger.abandon(model, run_id, "lost the model's lease before submitting")
+    return False
+
+
+def record_launch(ledger: GcsLedger, model: str, run_id: str, job: str) -> None:
+    """Keep the job in the run's record. The job runs either way: a storage error here is
+    logged, not raised (raising would abandon a run whose pipeline exists)."""
     try:
-        ledger.launched(model, run_id, job, ttl)
+        ledger.launched(model, run_id, job)
     except Exception:
         log.exception("run %s of %s: launched as %s, but the ledger did not take it", run_id,
                       model, job)  # fmt: skip
@@ -188,9 +200,11 @@ class VertexLauncher:
             project=settings.project,
             location=settings.region,
         )
+        if not hold_for_run(self.ledger, model, run_id, settings.models[model].lease_seconds):
+            return
         try:
             # Before its create call, submit() looks up the pipeline root's bucket (and
-            # would create it if missing): one storage GET here, as Terraform made it.
+            # would create it if missing), and asks Resource Manager for the project number.
             job.submit(
                 service_account=settings.pipeline_service_account,
                 network=settings.gcp.network,
@@ -206,9 +220,7 @@ class VertexLauncher:
                 running=running, ttl=settings.models[model].lease_seconds,
             )  # fmt: skip
             return
-        record_launch(
-            self.ledger, model, run_id, job.resource_name, settings.models[model].lease_seconds
-        )
+        record_launch(self.ledger, model, run_id, job.resource_name)
         log.info(
             "run %s of %s: submitted Vertex AI pipeline job %s for %d event(s), %d object(s)",
             run_id, model, job.resource_name, len(inputs.requests), len(inputs.data_uris),

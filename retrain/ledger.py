@@ -392,14 +392,11 @@ class GcsLedger:
             return False
         return self._delete(self._path(model, "lease.json"), current.generation)
 
-    def launched(self, model: str, run_id: str, job: str, ttl: float) -> None:
-        """Record which pipeline job ``run_id`` submitted (the cloud launchers), and hold
-        the model's lease for the run's whole length, ``ttl``: until then it held it only
-        for the gathering (see :meth:`RetrainService.kick`)."""
+    def launched(self, model: str, run_id: str, job: str) -> None:
+        """Record which pipeline job ``run_id`` submitted (the cloud launchers)."""
         record = self.run(model, run_id) or RunRecord(model, run_id, "running")
         record.launched_as = job
         self._write_run(record)
-        self.renew(model, run_id, ttl)
 
     def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
         """``run_id`` found its events already running as run ``to_run``'s pipeline (whose

@@ -206,19 +206,33 @@ class RetrainService:
         return self.request(request)
 
     def sweep(self) -> Outcome:
-        """Kick every model whose events wait: one whose lease expired (its run died without
-        a report) is taken over, its events requeued and run; one in flight stays queued."""
-        kicked = {name: self.kick(name) for name in self.settings.models
-                  if self.ledger.has_pending(name)}  # fmt: skip
-        launched = {name: o.run_id for name, o in kicked.items() if o.action == "launched"}
-        detail = "; ".join(f"{n}: {o.action} {o.run_id or o.detail}" for n, o in kicked.items())
+        """Kick every model whose events wait, or whose lease expired: a run that died (before
+        it launched, or without a report) is taken over and its events run again; a run in
+        flight keeps its lease. One model's failure does not stop the others."""
+        outcomes: dict[str, str] = {}
+        launched: dict[str, str | None] = {}
+        for name in self.settings.models:
+            lease = self.ledger.lease(name)
+            expired = lease is not None and lease.expires_at <= self.ledger.clock()
+            if not (expired or self.ledger.has_pending(name)):
+                continue
+            try:
+                outcome = self.kick(name)
+            except Exception as exc:  # noqa: BLE001 (in the log line; the next sweep retries)
+                outcomes[name] = f"failed: {type(exc).__name__}: {exc}"
+                continue
+            outcomes[name] = f"{outcome.action} {outcome.run_id or outcome.detail}"
+            if outcome.action == "launched":
+                launched[name] = outcome.run_id
+        detail = "; ".join(f"{name}: {what}" for name, what in outcomes.items())
         return Outcome(
             "checked", detail=f"sweep: {detail or 'nothing waits'}", extra={"launched": launched}
         )
 
     def report(self, report: MetricsReport) -> Outcome:
         """A run ended: decide on its candidate, then release its lease; one trailing run
-        covers whatever arrived meanwhile."""
+        covers whatever arrived meanwhile; then the endpoint (if any) serves a promotion.
+        The deploy comes last: it may wait minutes, and the next run must not wait for it."""
         try:
             decision = self.gatekeep(report)
         finally:  # the run is over either way: its lease must not wait for the TTL
@@ -227,14 +241,12 @@ class RetrainService:
                 "succeeded" if report.status == "succeeded" else "failed", report.error,
             )  # fmt: skip
         extra = {"verdict": decision.verdict, "version": decision.new_version}
-        if not self.ledger.has_pending(report.model):
-            return Outcome("decided", report.model, report.run_id, "; ".join(decision.reasons),
-                           extra)  # fmt: skip
-        trailing = self.kick(report.model)
-        return Outcome(
-            "decided", report.model, report.run_id,
-            f"trailing run {trailing.run_id or '(queued)'}; " + "; ".join(decision.reasons), extra,
-        )  # fmt: skip
+        detail = "; ".join(decision.reasons)
+        if self.ledger.has_pending(report.model):
+            trailing = self.kick(report.model)
+            detail = f"trailing run {trailing.run_id or '(queued)'}; {detail}"
+        self._serve(decision)  # a deploy that failed on an earlier delivery is tried again
+        return Outcome("decided", report.model, report.run_id, detail, extra)
 
     def gatekeep(self, report: MetricsReport) -> Decision:
         """Register the candidate, apply the gate, promote by compare-and-swap, publish the
@@ -252,7 +264,6 @@ class RetrainService:
                         reasons=decision.reasons, decided_at=datetime.now(UTC).isoformat(),
                     )  # fmt: skip
                 self._publish_decision(report.model, report.run_id, decision)
-            self._serve(decision)  # a deploy that failed last time is tried again
             return decision
         model = self._model(report.model)
         version = None
@@ -266,9 +277,7 @@ class RetrainService:
             pointer = registry.champion_pointer(report.model)
             current = ((pointer[0].get("previous") or [None])[0]) if pointer else None
             verdict = decide(report, model.gate, current)
-            return self._serve(
-                self._finish_decision(report, version, current, True, verdict.reasons)
-            )
+            return self._finish_decision(report, version, current, True, verdict.reasons)
         verdict = decide(report, model.gate, current)
         reasons = verdict.reasons
         promoted = False
@@ -285,17 +294,16 @@ class RetrainService:
                     else f"stale: the registry's champion alias is not on v{current} (moved by "
                     "hand?); adopt it with `retrain promote` or move it back: FAIL"
                 )
-        return self._serve(self._finish_decision(report, version, current, promoted, reasons))
+        return self._finish_decision(report, version, current, promoted, reasons)
 
-    def _serve(self, decision: Decision) -> Decision:
+    def _serve(self, decision: Decision) -> None:
         """Deploy a promoted version that is still the champion (a redelivered old decision
         must not undo a later promotion or rollback)."""
         if self.serving is None or decision.verdict != "promoted" or not decision.new_version:
-            return decision
+            return
         champion = self.registry.champion(decision.model)
         if champion is not None and champion.version == decision.new_version:
             self.serving.deploy(decision.model, decision.new_version)
-        return decision
 
     def _finish_decision(
         self, report: MetricsReport, version: str | None, previous: str | None,

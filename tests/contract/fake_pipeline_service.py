@@ -352,13 +352,14 @@ class FakeStorage(RecordingServer):
 
 @dataclass
 class MemoryLedger:
-    """The ledger methods that the launchers call (``collect``, ``start``, ``finish``,
-    ``launched``),
+    """The ledger methods that the launchers call (``collect``, ``start``, ``renew``,
+    ``finish``, ``abandon``, ``launched``, ``hand_over``),
     in memory: ``pending`` events are handed to the first run that collects them, and
     every call is recorded in ``calls``."""
 
     pending: list[RetrainRequest] = field(default_factory=list)
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    holds: bool = True  # whether the run still holds the model's lease (renew's answer)
 
     def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
         self.calls.append(("collect", model, run_id))
@@ -373,8 +374,16 @@ class MemoryLedger:
         self.calls.append(("finish", model, run_id, state, error))
         return True
 
-    def launched(self, model: str, run_id: str, job: str, ttl: float) -> None:
+    def launched(self, model: str, run_id: str, job: str) -> None:
         self.calls.append(("launched", model, run_id, job))
+
+    def renew(self, model: str, run_id: str, ttl: float) -> bool:
+        self.calls.append(("renew", model, run_id, ttl))
+        return self.holds
+
+    def abandon(self, model: str, run_id: str, error: str) -> bool:
+        self.calls.append(("abandon", model, run_id, error))
+        return True
 
     def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
         self.calls.append(("hand_over", model, run_id, to_run, ttl, why))

@@ -123,6 +123,7 @@ def test_one_run_is_created_in_the_experiment(
     assert ledger.calls == [
         ("collect", MODEL, EARLIER),
         ("start", MODEL, EARLIER, [OBJECT]),
+        ("renew", MODEL, EARLIER, settings.models[MODEL].lease_seconds),  # before the create
         ("launched", MODEL, EARLIER, f"{settings.gcp.kfp.host}#runs/{run_id}"),
     ]
     assert storage.received("GET", r"^/download/storage/v1/b/retrain-artifacts/o/pipelines")

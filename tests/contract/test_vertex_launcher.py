@@ -182,9 +182,11 @@ def test_one_pipeline_job_is_submitted_for_the_pending_events(
         "retrain_reason": "data",
     }
     # The run took its events and data window, and holds the lease: it did not finish.
+    # The lease is extended to the run's length before the job is submitted.
     assert ledger.calls == [
         ("collect", MODEL, EARLIER),
         ("start", MODEL, EARLIER, window),
+        ("renew", MODEL, EARLIER, settings.models[MODEL].lease_seconds),
         ("launched", MODEL, EARLIER, job_name),
     ]
     # What storage saw: the data window and the template (the clients also read each
@@ -283,3 +285,14 @@ def test_nothing_pending_ends_the_run_without_calling_the_api(
     ]  # fmt: skip
     assert vertex.requests == []
     assert storage.requests == []
+
+
+def test_a_run_that_lost_its_lease_submits_nothing_and_gives_its_events_back(
+    config: tuple[Settings, str], storage: FakeStorage, vertex: FakeVertex
+) -> None:
+    ledger = MemoryLedger(requests_of(KEYS[0]), holds=False)  # taken over while gathering
+
+    launcher(config, ledger, template=str(GOLDEN_TEMPLATE)).submit(MODEL, EARLIER)
+
+    assert vertex.received("POST", JOBS) == []
+    assert [call[0] for call in ledger.calls] == ["collect", "start", "renew", "abandon"]

@@ -77,7 +77,8 @@ def test_a_launch_holds_the_lease_for_the_run_and_a_relaunch_hands_it_over(bucke
     ledger = GcsLedger(bucket.name, bucket.client, clock=clock)
     model = unique("m")
     assert ledger.try_acquire(model, "run-a", ttl=30).acquired  # for the gathering only
-    ledger.launched(model, "run-a", "projects/p/locations/l/pipelineJobs/j-1", ttl=3600)
+    assert ledger.renew(model, "run-a", ttl=3600)  # extended before the job is submitted
+    ledger.launched(model, "run-a", "projects/p/locations/l/pipelineJobs/j-1")
     lease = ledger.lease(model)
     assert lease is not None
     assert (lease.run_id, lease.expires_at) == ("run-a", clock.now + 3600)

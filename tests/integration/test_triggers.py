@@ -303,9 +303,9 @@ def test_republish_from_dead_letter_replays_end_to_end(
 def test_a_sweep_runs_what_waits_behind_a_dead_run(
     stack: Stack, gcs: Any, ledger: GcsLedger, publisher: pubsub_v1.PublisherClient
 ) -> None:
-    """A run that died before it launched holds its model's lease until the lease expires;
-    what arrived meanwhile waits, and a quiet model gets no other event to notice. The
-    sweep (Cloud Scheduler, every ten minutes) does."""
+    """A run that died before it launched holds its model's lease until the lease expires,
+    with the events it gathered; a quiet model gets no other event to notice. The sweep
+    (Cloud Scheduler, every ten minutes) takes the expired lease over and runs them."""
     ttl = 15.0
     assert ledger.try_acquire("quiet", "quiet-died-gathering", ttl=ttl).acquired
     uri = upload(gcs, stack, "quiet/rows.csv", RAINFALL)
@@ -315,6 +315,10 @@ def test_a_sweep_runs_what_waits_behind_a_dead_run(
     lease = ledger.lease("quiet")
     assert lease is not None
     assert lease.run_id == "quiet-died-gathering"
+    # It had even gathered the upload before it died: nothing is pending any more, and a
+    # redelivery of the upload would be acked as covered.
+    assert [r.data_uris for r in ledger.collect("quiet", "quiet-died-gathering")] == [[uri]]
+    assert not ledger.has_pending("quiet")
     assert wait_until(lambda: time.time() > lease.expires_at, timeout=ttl + 5, interval=0.2)
     assert [r.run_id for r in ledger.runs("quiet")] == ["quiet-died-gathering"], "no event came"
 
