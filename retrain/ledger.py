@@ -83,6 +83,7 @@ class RunRecord:
     ended_at: float | None = None
     error: str | None = None
     launched_as: str | None = None  # the pipeline job (Vertex AI) or run (KFP) it submitted
+    finished_at: float | None = None  # when it reported (or gave up), even after a takeover
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2).encode()
@@ -385,8 +386,13 @@ class GcsLedger:
         self._write_run(record)
 
     def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:
-        """End ``run_id`` and release the lease if it still holds it; True if it did."""
+        """End ``run_id`` and release the lease if it still holds it; True if it did. The
+        run is marked finished even if it was taken over, so no hand-over revives it."""
         self._end_run(model, run_id, state, error)
+        record = self.run(model, run_id)
+        if record is not None and record.finished_at is None:
+            record.finished_at = self.clock()
+            self._write_run(record)
         current = self.lease(model)
         if current is None or current.run_id != run_id:
             return False
@@ -403,7 +409,20 @@ class GcsLedger:
         lease had expired): give the lease to ``to_run`` for ``ttl``, so that its report
         releases it and no other run starts meanwhile; ``run_id`` ends as abandoned."""
         self._end_run(model, run_id, "abandoned", why)
-        return self._pass_lease(model, run_id, to_run, ttl, keep_start=False)
+
+        def finished() -> bool:
+            record = self.run(model, to_run)
+            return record is not None and record.finished_at is not None
+
+        if finished():  # it reported already (its job ends a little after): no hand-over
+            self.finish(model, run_id, "abandoned", why)
+            return False
+        if not self._pass_lease(model, run_id, to_run, ttl, keep_start=False):
+            return False
+        if finished():  # it reported while the lease was passed to it: release it
+            self.finish(model, to_run, "abandoned", why)
+            return False
+        return True
 
     def abandon(self, model: str, run_id: str, error: str) -> bool:
         """``run_id`` will never run (its launch failed after it gathered its events): end

@@ -99,3 +99,22 @@ def test_a_launch_holds_the_lease_for_the_run_and_a_relaunch_hands_it_over(bucke
     assert not ledger.try_acquire(model, "run-c", ttl=30).acquired  # one run at a time
     assert ledger.finish(model, "run-a", "succeeded")  # run-a's report releases it
     assert ledger.lease(model) is None
+
+
+def test_no_hand_over_to_a_run_that_already_reported(bucket: Any) -> None:
+    """Its job still shows RUNNING for a moment after the exit handler reported: the lease
+    must not go back to it, or nothing would release it for lease_seconds."""
+    clock = Clock()
+    ledger = GcsLedger(bucket.name, bucket.client, clock=clock)
+    model = unique("m")
+    assert ledger.try_acquire(model, "run-a", ttl=60).acquired
+    clock.now += 61
+    assert ledger.try_acquire(model, "run-b", ttl=60).acquired  # takes over run-a
+    assert not ledger.finish(model, "run-a", "succeeded")  # run-a's report: not the holder
+    record = ledger.run(model, "run-a")
+    assert record is not None
+    assert record.finished_at == clock.now
+
+    assert not ledger.hand_over(model, "run-b", "run-a", ttl=3600, why="job still RUNNING")
+
+    assert ledger.lease(model) is None, "released, not handed to a run that is over"
