@@ -1,6 +1,7 @@
 """``retrain schedule sync``: make the cloud's pipeline schedules match retrain.yaml.
 
-Every model with a ``schedule`` gets one schedule named ``retrain-<model>`` that starts
+Every model scheduled ``via: pipeline_schedule`` gets one schedule named ``retrain-<model>``
+(the others tick through Cloud Scheduler, which Terraform makes) that starts
 the pipeline with no run id and no data (the steps then take the job's own name as run
 id, and the model's current data window), at most one run at a time:
 
@@ -9,7 +10,7 @@ id, and the model's current data window), at most one run at a time:
   (seconds first). KFP's cron has no time zone, so only ``timezone: UTC`` is accepted.
 
 A schedule of ours (Vertex: its job carries the label ``retrain_model``; KFP: named
-``retrain-<model>`` in our experiment) whose model has no schedule any more is deleted.
+``retrain-<model>`` in our experiment) whose model is no longer scheduled so is deleted.
 Each schedule carries a digest of what its runs get (template, parameters including the
 text of retrain.yaml, service account, network, labels, caching); a schedule whose
 digest differs is replaced, one whose cron alone differs is updated in place (Vertex) or

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from retrain import vertex_sdk
 from retrain.data_objects import RunInputs, gather
+from retrain.vertex_sdk import label_value
 
 if TYPE_CHECKING:
     from retrain.config import Settings
@@ -28,7 +28,6 @@ __all__ = [
     "VertexLauncher",
     "gather_or_end",
     "hold_for_run",
-    "label_value",
     "launch_name",
     "pipeline_parameters",
     "record_launch",
@@ -36,8 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_LABEL_VALUE = re.compile(r"[^a-z0-9_-]")
 
 
 def launch_name(model: str, dedupe_keys: Iterable[str]) -> str:
@@ -49,12 +46,6 @@ def launch_name(model: str, dedupe_keys: Iterable[str]) -> str:
     """
     digest = hashlib.sha256("\n".join(sorted(dedupe_keys)).encode()).hexdigest()[:16]
     return f"retrain-{model}-{digest}"
-
-
-def label_value(text: str) -> str:
-    """``text`` as a Google Cloud label value: lowercase letters, digits, ``_`` and ``-``,
-    at most 63 characters."""
-    return _LABEL_VALUE.sub("-", text.lower())[:63]
 
 
 def pipeline_parameters(

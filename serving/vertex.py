@@ -33,7 +33,6 @@ And, while an endpoint change is under way (see :class:`VertexEndpoint`)::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,11 +43,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from retrain.vertex_sdk import aiplatform, label_value
 from serving.registry import GcsRegistryWriter, RegistryError
 
 if TYPE_CHECKING:
     from retrain.config import Settings
-from retrain.vertex_sdk import aiplatform
 
 __all__ = [
     "CHAMPION_ALIAS",
@@ -57,7 +56,6 @@ __all__ = [
     "TrafficPlan",
     "VertexEndpoint",
     "VertexRegistry",
-    "label_value",
     "plan_traffic",
 ]
 
@@ -73,19 +71,6 @@ _NOT_LABEL = re.compile(r"[^a-z0-9_-]")
 
 class DeployError(RuntimeError):
     """The endpoint is not in the state a deployment expects; the message names it."""
-
-
-def label_value(text: str) -> str:
-    """``text`` as a label value (``[a-z0-9_-]``, at most 63 characters).
-
-    A text that is already valid is kept as it is (run ids are); any other gets a digest
-    suffix, so that two texts never share a label after sanitising.
-    """
-    value = _NOT_LABEL.sub("-", text.lower())
-    if value == text and len(value) <= 63:
-        return value
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return f"{value[:52]}-{digest}"
 
 
 def _number_label(number: float) -> str:
