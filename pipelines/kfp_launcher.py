@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipelines.vertex_launcher import (
+from pipelines.launch import (
+    JobState,
     gather_or_end,
     hold_for_run,
     launch_name,
     pipeline_parameters,
     record_launch,
-    settle_relaunch,
 )
 
 if TYPE_CHECKING:
     from retrain.config import Settings
-    from retrain.ledger import GcsLedger
+    from retrain.ledger import FirestoreLedger, RunRecord
 
 __all__ = ["KfpLauncher", "experiment_id", "kfp_client", "local_template", "pipeline_package"]
 
@@ -129,7 +129,7 @@ class KfpLauncher:
         self,
         settings: Settings,
         config_text: str,
-        ledger: GcsLedger,
+        ledger: FirestoreLedger,
         *,
         template: str | None = None,
         client: Any | None = None,
@@ -147,27 +147,25 @@ class KfpLauncher:
         return self._client
 
     def submit(self, model: str, run_id: str) -> None:
-        """Take the pending events of ``model`` into run ``run_id`` (which holds the model's
-        lease) and create one KFP run for them.
+        """Take the waiting events of ``model`` into run ``run_id`` (which holds the model's
+        lease) and create one KFP run for them, named after the run.
 
-        Nothing pending ends the run as ``abandoned``; events that a run of the experiment
-        was created for already are not launched again.
+        Nothing waiting ends the run as ``abandoned``; a second submit of the same run
+        finds its KFP run by name and creates nothing.
         """
         inputs = gather_or_end(self.settings, self.ledger, model, run_id)
         if inputs is None:
             return
         settings = self.settings
         client = self.client
-        name = launch_name(model, inputs.dedupe_keys)
+        name = launch_name(run_id)
         experiment = experiment_id(client, settings)
         earlier = _run_named(client, experiment, name)
-        if earlier is not None:
-            where = f"KFP run {earlier.run_id} ({name})"
-            parameters = (earlier.runtime_config.parameters or {}) if earlier.runtime_config else {}
-            settle_relaunch(
-                self.ledger, model, run_id, where, str(parameters.get("run_id", "")),
-                running=str(earlier.state) in _RUNNING, ttl=settings.models[model].lease_seconds,
-            )  # fmt: skip
+        if earlier is not None:  # an earlier attempt of this submit created it
+            log.info("run %s of %s: already launched as KFP run %s", run_id, model,
+                     earlier.run_id)  # fmt: skip
+            record_launch(self.ledger, model, run_id,
+                          f"{settings.gcp.kfp.host}#runs/{earlier.run_id}")  # fmt: skip
             return
         if not hold_for_run(self.ledger, model, run_id, settings.models[model].lease_seconds):
             return
@@ -190,8 +188,30 @@ class KfpLauncher:
             run_id, model, result.run_id, name, experiment, len(inputs.requests),
         )  # fmt: skip
 
+    def scheduled(self, model: str, run_id: str) -> bool:
+        """Whether ``run_id`` names a run of our experiment that a recurring run started
+        (``retrain schedule sync`` makes one per ``pipeline_schedule`` model)."""
+        del model
+        experiment = experiment_id(self.client, self.settings, create=False)
+        if experiment is None:
+            return False
+        found = _run_named(self.client, experiment, run_id)
+        return found is not None and bool(getattr(found, "recurring_run_id", None))
 
-_RUNNING = {"PENDING", "RUNNING", "PAUSED", "CANCELING"}  # KFP v2beta1 RuntimeState
+    def state(self, model: str, run: RunRecord) -> JobState:
+        """The state of ``run``'s KFP run, found by the run's name in the experiment."""
+        experiment = experiment_id(self.client, self.settings, create=False)
+        if experiment is None:
+            return "absent"
+        found = _run_named(self.client, experiment, launch_name(run.run_id))
+        if found is None:
+            return "absent"
+        log.info("run %s of %s: KFP run %s is %s", run.run_id, model, found.run_id, found.state)
+        return "running" if str(found.state) in _RUNNING else "ended"
+
+
+# KFP v2beta1 RuntimeState; UNSPECIFIED counts as running (see pipelines/vertex_launcher.py).
+_RUNNING = {"PENDING", "RUNNING", "PAUSED", "CANCELING", "RUNTIME_STATE_UNSPECIFIED"}
 
 
 def _run_named(client: Any, experiment: str | None, name: str) -> Any | None:

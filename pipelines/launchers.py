@@ -1,10 +1,10 @@
-"""The ``PipelineLauncher`` port, its local adapter, and :func:`launcher_for`.
+"""The local adapter of the ``PipelineLauncher`` port, and :func:`launcher_for`.
 
 The local adapter runs the pipeline with kfp.local in a worker process
 (``python -m pipelines.local_run``), so the caller never blocks on the pipeline unless it
-asks to follow it. The Vertex AI and Kubeflow adapters live in
-:mod:`pipelines.vertex_launcher` and :mod:`pipelines.kfp_launcher`; ``backend`` in
-retrain.yaml picks one.
+asks to follow it. The port is in :mod:`pipelines.launch`; the Vertex AI and Kubeflow
+adapters in :mod:`pipelines.vertex_launcher` and :mod:`pipelines.kfp_launcher`;
+``backend`` in retrain.yaml picks one.
 """
 
 from __future__ import annotations
@@ -15,34 +15,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
-from pipelines.local_run import LOG_FILE, RESULT_FILE, RunResult, parse_progress
+from pipelines.launch import JobState, PipelineLauncher
+from pipelines.local_run import LOG_FILE, RESULT_FILE, RunResult, parse_progress, worker_alive
 from retrain.ledger import new_run_id
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from retrain.config import Settings
-    from retrain.ledger import GcsLedger
+    from retrain.ledger import FirestoreLedger, RunRecord
     from retrain.localstack import Stack
 
-__all__ = ["LocalLauncher", "LocalRunError", "PipelineLauncher", "launcher_for", "run_and_follow"]
+__all__ = ["LocalLauncher", "LocalRunError", "launcher_for", "run_and_follow"]
 
-EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST")
+EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST")
 DEFAULT_IMAGE = "retrain-components:latest"
 
 
 class LocalRunError(RuntimeError):
     """A local run that could not start; the message says what to do."""
-
-
-class PipelineLauncher(Protocol):
-    def submit(self, model: str, run_id: str) -> None:
-        """Start run ``run_id``, which holds the model's lease, and return at once; the run
-        waits out the coalescing window, takes the pending events from the ledger, and runs."""
-        ...
 
 
 def _worker(
@@ -56,7 +50,11 @@ def _worker(
 
 
 class LocalLauncher:
-    """Runs each pipeline with kfp.local in a detached worker (``pipelines.local_run``)."""
+    """Runs each pipeline with kfp.local in a detached worker (``pipelines.local_run``).
+
+    The worker records its own process (pid and start time) in the run's record, in the
+    commit that extends its lease: :meth:`state` looks at that process.
+    """
 
     def __init__(self, config_path: Path, state_dir: Path, image: str = DEFAULT_IMAGE) -> None:
         self.config_path = config_path
@@ -80,8 +78,22 @@ class LocalLauncher:
                 )
             )
 
+    def state(self, model: str, run: RunRecord) -> JobState:
+        """``running`` while the worker process that recorded itself lives."""
+        del model
+        if not run.worker:
+            return "absent"
+        return "running" if worker_alive(run.worker) else "ended"
 
-def launcher_for(settings: Settings, config_path: Path, ledger: GcsLedger) -> PipelineLauncher:
+    def scheduled(self, model: str, run_id: str) -> bool:
+        """Never: locally a schedule is a tick through the ledger, not a pipeline schedule."""
+        del model, run_id
+        return False
+
+
+def launcher_for(
+    settings: Settings, config_path: Path, ledger: FirestoreLedger
+) -> PipelineLauncher:
     """The launcher that ``backend`` in retrain.yaml names. The cloud launchers pass the
     text of ``config_path`` to the pipeline, as the local worker does."""
     if settings.backend == "vertex":

@@ -31,6 +31,7 @@ __all__ = [
     "StepEvent",
     "parse_progress",
     "run_locally",
+    "worker_alive",
 ]
 
 RESULT_FILE = "result.json"
@@ -84,9 +85,8 @@ def run_locally(
     """Run the pipeline to its end under kfp.local and read back the report it published."""
     from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
 
-    from components.runs import RunContext, read_failure, report_uri  # noqa: PLC0415
+    from components.runs import RunContext, read_failure, read_report, report_uri  # noqa: PLC0415
     from pipelines.byo import pipeline_for  # noqa: PLC0415
-    from retrain import blobstore  # noqa: PLC0415
 
     run = RunContext.parse(model, run_id, request_id, reason)
     pipeline = pipeline_for(settings, model, image, local_run=True)
@@ -111,10 +111,9 @@ def run_locally(
         )
     seconds = time.monotonic() - started
     uri = report_uri(settings, run)
-    raw = blobstore.read_bytes(uri)
-    record = json.loads(raw) if raw is not None else None
-    report = record["report"] if record else None
-    state = report["status"] if report else "failed"
+    kept = read_report(settings, run)
+    report, message_id = kept if kept is not None else (None, None)
+    state = str(report["status"]) if report else "failed"
     failure = read_failure(settings, run) if state == "failed" else None
     error = (report or {}).get("error") or (failure or {}).get("error")
     if state == "failed" and error is None:
@@ -125,64 +124,105 @@ def run_locally(
         state=state,
         seconds=seconds,
         outputs=str(outputs),
-        report_uri=uri if record else None,
-        message_id=record["message_id"] if record else None,
+        report_uri=uri if report else None,
+        message_id=message_id,
         report=report,
         error=error,
         failed_step=(report or {}).get("failed_step") or (failure or {}).get("step"),
     )
 
 
-def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str], str, str]:
-    """Wait out the coalescing window, then take every pending event of the model."""
-    from retrain.data_objects import gather  # noqa: PLC0415
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
+def worker_alive(worker: dict[str, float]) -> bool:
+    """Whether the worker process that recorded ``{"pid", "create_time"}`` still runs (a
+    recycled pid does not count: its start time differs)."""
+    import psutil  # noqa: PLC0415
 
-    inputs = gather(settings, GcsLedger(settings.buckets.artifacts), model, run_id)
+    try:
+        proc = psutil.Process(int(worker["pid"]))
+        if abs(proc.create_time() - float(worker["create_time"])) > 0.5:
+            return False
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def _ledger(settings: Settings) -> Any:
+    from retrain import statedb  # noqa: PLC0415
+    from retrain.ledger import FirestoreLedger  # noqa: PLC0415
+
+    return FirestoreLedger(statedb.database(settings))
+
+
+def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str], str, str]:
+    """Wait out the coalescing window, then take every waiting event of the model."""
+    from retrain.data_objects import gather  # noqa: PLC0415
+
+    inputs = gather(settings, _ledger(settings), model, run_id)
     return inputs.data_uris, inputs.request_id, inputs.reason
 
 
 def _keep_lease(settings: Settings, model: str, run_id: str) -> bool:
-    """Extend the lease to lease_seconds now (kick took it only for the gathering), then
-    renew it every third of that while this worker lives, so that a run longer than
-    lease_seconds is not taken over; a worker that dies stops renewing, and its lease
-    expires. False if this run no longer holds the lease: it must not run."""
+    """Record this worker's process in the run, and extend the lease to lease_seconds, in
+    one commit (kick took it only for the gathering); then renew it every third of that
+    while this worker lives. False if this run no longer holds the lease: it must not run.
+
+    The sweep takes over a lease only from a run whose worker is dead, so a renewal finds
+    the lease lost only if the run was released (its report arrived: renewing stops) or
+    its record was lost; then this worker stops its whole process group, pipeline tasks
+    included, rather than run beside another run.
+    """
     import logging  # noqa: PLC0415
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
     import threading  # noqa: PLC0415
 
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
+    import psutil  # noqa: PLC0415
 
     ttl = settings.models[model].lease_seconds
-    ledger = GcsLedger(settings.buckets.artifacts)
-    if not ledger.renew(model, run_id, ttl):
+    ledger = _ledger(settings)
+    me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+    if ledger.attach(model, run_id, ttl, {"worker": me}) != "held":
         return False
 
     def renew() -> None:
         while not threading.Event().wait(ttl / 3):
             try:
-                if not ledger.renew(model, run_id, ttl):
-                    return  # released (the report arrived) or taken over
+                renewal = ledger.renew(model, run_id, ttl)
             except Exception:  # a storage hiccup: try again at the next third
                 logging.getLogger(__name__).exception("run %s: renewing its lease failed", run_id)
+                continue
+            if renewal == "released":
+                return
+            if renewal == "lost":
+                logging.getLogger(__name__).error(
+                    "run %s lost the lease of %s while running: stopping", run_id, model
+                )
+                os.killpg(os.getpgrp(), signal.SIGTERM)
+                return
 
     threading.Thread(target=renew, name="lease-renewal", daemon=True).start()
     return True
 
 
-def _release(settings: Settings, config: Path, model: str, run_id: str, exc: Exception) -> None:
-    """This run will not train: free the model's lease, and start the next run if events
-    arrived while it held the lease (they would wait for an unrelated event otherwise)."""
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
-    from retrain.service import build_service  # noqa: PLC0415
+def _release(settings: Settings, model: str, run_id: str, exc: Exception) -> None:
+    """This run will not train: free the model's lease (what it gathered waits again), and
+    ask for a sweep if events wait, so that the next run starts now rather than at the
+    next event or the scheduled sweep."""
+    from retrain.bus import PubsubBus  # noqa: PLC0415
+    from retrain.ledger import LostLease  # noqa: PLC0415
+    from retrain.messages import ALL_MODELS, ScheduleMessage  # noqa: PLC0415
 
-    ledger = GcsLedger(settings.buckets.artifacts)
+    if isinstance(exc, LostLease):
+        return  # the run is over already
+    ledger = _ledger(settings)
     error = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, LookupError):
         ledger.finish(model, run_id, "abandoned", error)
-    else:  # what it gathered before it failed waits for the next run
+    else:
         ledger.abandon(model, run_id, error)
     if ledger.has_pending(model):
-        build_service(settings, config).kick(model)
+        sweep = ScheduleMessage(model=ALL_MODELS, reason="sweep")
+        PubsubBus(settings.project).publish(settings.topics.retrain_schedule, sweep)
 
 
 def _report_crash(settings: Settings, model: str, run_id: str, request_id: str, reason: str,
@@ -228,7 +268,7 @@ def main(
         try:
             data_uris, request_id, reason = _from_ledger(settings, model, run_id)
         except Exception as exc:
-            _release(settings, config, model, run_id, exc)
+            _release(settings, model, run_id, exc)
             if isinstance(exc, LookupError):
                 return
             raise

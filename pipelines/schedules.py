@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.kfp_launcher import experiment_id, kfp_client, local_template, pipeline_package
-from pipelines.vertex_launcher import pipeline_parameters
+from pipelines.launch import pipeline_parameters
 from retrain import vertex_sdk
 
 if TYPE_CHECKING:

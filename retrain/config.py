@@ -58,6 +58,7 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 _TOPIC = re.compile(r"^[A-Za-z][A-Za-z0-9._~%+-]{2,254}$")
+_DATABASE = re.compile(r"^[a-z][a-z0-9-]{2,61}[a-z0-9]$")
 
 
 class _Strict(BaseModel):
@@ -68,17 +69,41 @@ class _Strict(BaseModel):
 
 class Buckets(_Strict):
     data: str = Field(description="Bucket where new data objects land.")
-    artifacts: str = Field(description="Bucket for pipeline artifacts, models and the ledger.")
+    artifacts: str = Field(description="Bucket for pipeline artifacts and run reports.")
+    registry: str | None = Field(
+        None,
+        description="Bucket of the registered models, copied there by the gatekeeper; the "
+        "pipelines can read it but not write it. Default: <artifacts>-registry.",
+    )
 
-    @field_validator("data", "artifacts")
+    @field_validator("data", "artifacts", "registry")
     @classmethod
-    def _bucket_name(cls, value: str) -> str:
-        if not _BUCKET.match(value):
+    def _bucket_name(cls, value: str | None) -> str | None:
+        if value is not None and not _BUCKET.match(value):
             raise ValueError(
                 f"{value!r} is not a valid bucket name (3-63 chars: lowercase letters, "
                 "digits, '-', '_' and '.')"
             )
         return value
+
+    @property
+    def models(self) -> str:
+        """The registry's bucket (``registry``, or ``<artifacts>-registry``)."""
+        return self.registry or f"{self.artifacts}-registry"
+
+    @model_validator(mode="after")
+    def _registry_name(self) -> Self:
+        if self.registry is None and not _BUCKET.match(self.models):
+            raise ValueError(
+                f"registry: the default {self.models!r} is not a valid bucket name; name "
+                "the registry bucket"
+            )
+        if self.models in (self.data, self.artifacts):
+            raise ValueError(
+                f"registry: {self.models!r} is also the data or artifacts bucket; the "
+                "registry needs a bucket of its own, which the pipelines cannot write"
+            )
+        return self
 
 
 class Topics(_Strict):
@@ -123,6 +148,7 @@ Port = Annotated[int, Field(ge=1024, le=65535)]
 
 class Ports(_Strict):
     pubsub: Port = 8085
+    firestore: Port = 8086
     gcs: Port = 4443
     on_data_arrival: Port = 8091
     on_drift: Port = 8092
@@ -453,6 +479,18 @@ class Settings(_Strict):
     region: str = "us-central1"
     backend: Literal["local", "vertex", "kfp"] = "local"
     buckets: Buckets
+    database: str = Field(
+        "retrain",
+        description="Firestore database (Native mode) of the run ledger and the model "
+        "registry; locally the Firestore emulator.",
+    )
+    sweep_seconds: int = Field(
+        600,
+        ge=5,
+        le=3600,
+        description="How often the sweep looks for runs that died and events left waiting "
+        "(Cloud Scheduler: rounded up to whole minutes).",
+    )
     topics: Topics = Topics()
     delivery: Delivery = Delivery()
     local: LocalStack = LocalStack()
@@ -465,6 +503,16 @@ class Settings(_Strict):
         if not _PROJECT.match(value):
             raise ValueError(
                 f"{value!r} is not a valid project id (6-30 chars: lowercase letters, digits, '-')"
+            )
+        return value
+
+    @field_validator("database")
+    @classmethod
+    def _database(cls, value: str) -> str:
+        if value != "(default)" and not _DATABASE.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid Firestore database id (4-63 chars: lowercase "
+                "letters, digits and '-', starting with a letter), nor '(default)'"
             )
         return value
 
@@ -515,6 +563,10 @@ class Settings(_Strict):
             f"{self.region}-docker.pkg.dev/{self.project}/{self.gcp.repository}/"
             f"serving:{self.gcp.image_tag}"
         )
+
+    def run_prefix(self, model: str, run_id: str) -> str:
+        """Where a run keeps what outlives it: the candidate model, eval rows, its report."""
+        return f"gs://{self.buckets.artifacts}/runs/{model}/{run_id}"
 
     def pipeline_template(self, model: str) -> str:
         """Where ``make deploy`` uploads the model's compiled pipeline."""

@@ -10,7 +10,7 @@ from retrain.config import Settings
 from retrain.messages import RetrainRequest
 
 if TYPE_CHECKING:
-    from retrain.ledger import GcsLedger
+    from retrain.ledger import FirestoreLedger
 
 __all__ = ["MAX_OBJECTS", "RunInputs", "data_window", "gather"]
 
@@ -63,7 +63,12 @@ class RunInputs:
 
 
 def gather(
-    settings: Settings, ledger: GcsLedger, model: str, run_id: str, *, wait: float | None = None
+    settings: Settings,
+    ledger: FirestoreLedger,
+    model: str,
+    run_id: str,
+    *,
+    wait: float | None = None,
 ) -> RunInputs:
     """Wait out the coalescing window, take every pending event of ``model`` into run
     ``run_id`` (which holds the model's lease), and mark the run started on its window.

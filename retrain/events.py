@@ -7,13 +7,17 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from retrain.config import Settings
 
 __all__ = [
     "DEDUPE_ATTRIBUTE",
     "EventError",
     "ObjectEvent",
     "PubsubMessage",
+    "check_data_uris",
     "decode_pubsub",
     "json_object",
     "object_event",
@@ -157,3 +161,19 @@ def object_event(event_type: str, source: str, event_id: str, data: Any) -> Obje
     if ".." in name.split("/") or _CONTROL.search(name) or len(name.encode()) > 1024:
         raise EventError(f"event {event_id}: object name {name!r} is not a safe object name")
     return ObjectEvent(event_id, kind, str(bucket), name, str(generation), override)
+
+
+def check_data_uris(settings: Settings, model: str, uris: list[str], where: str) -> None:
+    """Every URI a request names must be a ``gs://`` object under the model's own data
+    prefix: a run reads only the model's data (never a local file, another bucket, or a
+    path that climbs out with ``..``). :class:`EventError` names ``where`` (the field or
+    option) and the URI."""
+    spec = settings.models[model]
+    prefix = f"gs://{settings.buckets.data}/{spec.data_prefix}"
+    for uri in uris:
+        segments = uri.removeprefix("gs://").split("/")
+        if not uri.startswith(prefix) or ".." in segments or "." in segments or uri == prefix:
+            raise EventError(
+                f"{where}: {uri!r} is not an object under {prefix} (a run reads only its "
+                "model's own data)"
+            )

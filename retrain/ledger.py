@@ -1,48 +1,65 @@
 """The ``RunLedger``: one claim per event, one run per model at a time, nothing lost.
 
-Backed by GCS objects created with ``if_generation_match=0`` (create only), which real GCS
-and fake-gcs-server both enforce. Layout under ``gs://<artifacts>/ledger/<model>/``::
+Kept in Firestore (:mod:`retrain.statedb`): every transition below is **one atomic
+commit**, guarded by preconditions on what it read, so a caller that dies between two
+transitions leaves a consistent ledger that any later call carries on from. Documents::
 
-    events/<h>.json    the claim of one event (h = sha256 of its dedupe key), create-only
-    arrivals/<h>.json  a data arrival that a drift policy checked, and what it decided
-    pending/<h>.json   the event waits for a run; removed by the run that covers it
-    lease.json         the model's single-flight lease: which run holds it, until when
-    runs/<run id>.json the run: its events, data, state, and when it started and ended
+    ledger/<model>                  lease: which run holds the model, and until when;
+                                    requeued: runs that ended without a decision, whose
+                                    events wait again for the next run
+    ledger/<model>/events/<h>       one event's claim (h = sha256 of its dedupe key);
+                                    run_id: the run that covers it, None while it waits
+    ledger/<model>/arrivals/<h>     a data arrival that a drift policy checked, and what
+                                    the check decided
+    ledger/<model>/runs/<run id>    the run: its events, data window, state, its worker
+                                    process or pipeline job, and when it started and ended
 
-An event is *done* once a run covered it: its claim then names the run, and a duplicate
-does nothing. A duplicate that finds the marker still there only nudges the lease, so an
-event whose first delivery died half-way is still covered, by exactly one run.
+An event *waits* while its ``run_id`` is None or names a requeued run; it is *covered*
+once a run that holds the lease takes it (``collect``). Nothing but a holder's
+``collect`` ever covers an event, and only a takeover or an abandon (each one commit with
+the lease) requeues a run, so an event is covered by exactly one live run at a time.
+No document is rewritten per event except the event's own claim; the model's document is
+written per run (acquire, renew, collect, release), well under Firestore's sustained
+rate of one write per second per document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal
 
 from retrain.messages import RetrainRequest
-
-if TYPE_CHECKING:
-    from google.cloud import storage
+from retrain.statedb import Change, Conflict, Database, Doc, retrying
 
 __all__ = [
+    "MAX_EVENTS_PER_RUN",
     "Acquired",
     "Claim",
-    "GcsLedger",
+    "FirestoreLedger",
     "Lease",
-    "RunLedger",
+    "LostLease",
+    "Renewal",
     "RunRecord",
+    "RunState",
     "event_hash",
     "new_run_id",
 ]
 
 Claim = Literal["new", "pending", "done"]
 RunState = Literal["gathering", "running", "succeeded", "failed", "abandoned"]
+Renewal = Literal["held", "released", "lost"]
+
+# A run covers at most this many events (its record lists them); the rest wait for the
+# trailing run. Collected in chunks of _CHUNK, each one commit (Firestore allows 500 writes).
+MAX_EVENTS_PER_RUN = 1000
+_CHUNK = 200
 
 
 def new_run_id(model: str) -> str:
@@ -53,12 +70,15 @@ def event_hash(dedupe_key: str) -> str:
     return hashlib.sha256(dedupe_key.encode()).hexdigest()[:40]
 
 
+class LostLease(LookupError):
+    """The run no longer holds its model's lease: it must not gather, launch or run."""
+
+
 @dataclass(frozen=True)
 class Lease:
     run_id: str
     acquired_at: float
     expires_at: float
-    generation: int
 
 
 @dataclass(frozen=True)
@@ -84,379 +104,388 @@ class RunRecord:
     error: str | None = None
     launched_as: str | None = None  # the pipeline job (Vertex AI) or run (KFP) it submitted
     finished_at: float | None = None  # when it reported (or gave up), even after a takeover
+    worker: dict[str, float] | None = None  # the local worker process: pid, create_time
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> RunRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, indent=2).encode()
+        return json.dumps(asdict(self), indent=2).encode()
 
 
-class RunLedger(Protocol):
-    def claim(self, request: RetrainRequest) -> Claim: ...
-    def try_acquire(self, model: str, run_id: str, ttl: float) -> Acquired: ...
-    def collect(self, model: str, run_id: str) -> list[RetrainRequest]: ...
-    def finish(
-        self, model: str, run_id: str, state: RunState, error: str | None = None
-    ) -> bool: ...
-    def abandon(self, model: str, run_id: str, error: str) -> bool: ...
-    def has_pending(self, model: str) -> bool: ...
+def _lease(value: Any) -> Lease | None:
+    if not isinstance(value, dict):
+        return None
+    return Lease(str(value["run_id"]), float(value["acquired_at"]), float(value["expires_at"]))
 
 
-class GcsLedger:
-    """The ledger in ``gs://bucket/ledger/``; the storage client is made on first use."""
+def _event_entry(request: RetrainRequest) -> dict[str, Any]:
+    return {
+        "dedupe_key": request.dedupe_key,
+        "trigger_event_id": request.trigger_event_id,
+        "reason": request.reason,
+        "data_uris": request.data_uris,
+        "time": request.time.isoformat(),
+    }
 
-    def __init__(
-        self,
-        bucket: str,
-        client: storage.Client | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.bucket_name = bucket
-        self._client = client
+
+class FirestoreLedger:
+    """The ledger in the ``ledger`` collection of :class:`~retrain.statedb.Database`."""
+
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
         self.clock = clock
 
-    # -- plumbing ------------------------------------------------------------------
+    # -- documents -------------------------------------------------------------------
 
-    @property
-    def bucket(self) -> storage.Bucket:
-        if self._client is None:
-            from google.cloud import storage  # noqa: PLC0415 (kept off the import path)
+    def _model_doc(self, model: str) -> Any:
+        return self.db.doc("ledger", model)
 
-            self._client = storage.Client()
-        return self._client.bucket(self.bucket_name)
+    def _event_doc(self, model: str, dedupe_key: str) -> Any:
+        return self.db.doc("ledger", model, "events", event_hash(dedupe_key))
 
-    @staticmethod
-    def _path(model: str, *parts: str) -> str:
-        return "/".join(["ledger", model, *parts])
+    def _run_doc(self, model: str, run_id: str) -> Any:
+        return self.db.doc("ledger", model, "runs", run_id)
 
-    def _create(self, name: str, body: bytes) -> bool:
-        """Create ``name`` only if it does not exist; False if it did."""
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
+    def _arrival_doc(self, model: str, dedupe_key: str) -> Any:
+        return self.db.doc("ledger", model, "arrivals", event_hash(dedupe_key))
 
-        try:
-            self.bucket.blob(name).upload_from_string(
-                body, content_type="application/json", if_generation_match=0
-            )
-        except PreconditionFailed:
-            return False
-        return True
+    def _events(self, model: str) -> Any:
+        return self.db.client.collection("ledger", model, "events")
 
-    def _read(self, name: str) -> tuple[dict[str, Any], int] | None:
-        from google.api_core.exceptions import NotFound  # noqa: PLC0415
-
-        blob = self.bucket.blob(name)
-        try:
-            body = blob.download_as_bytes()
-        except NotFound:
-            return None
-        value: dict[str, Any] = json.loads(body)
-        return value, int(blob.generation)
-
-    def _exists(self, name: str) -> bool:
-        return bool(self.bucket.blob(name).exists())
-
-    def _delete(self, name: str, generation: int | None = None) -> bool:
-        from google.api_core.exceptions import NotFound, PreconditionFailed  # noqa: PLC0415
-
-        try:
-            self.bucket.blob(name).delete(if_generation_match=generation)
-        except (NotFound, PreconditionFailed):
-            return False
-        return True
-
-    # -- events --------------------------------------------------------------------
+    # -- events ----------------------------------------------------------------------
 
     def claim(self, request: RetrainRequest) -> Claim:
-        """Record ``request`` once. ``new``: first sight; ``pending``: seen, not yet covered
-        by a run; ``done``: a run covered it (or is covering it).
-
-        Two create-only writes on the first sight, one for a duplicate that is still pending;
-        this is the hot path of every function.
+        """Record ``request`` once. ``new``: first sight; ``pending``: seen, waiting for a
+        run; ``done``: a run covers it. One create-only write: the hot path of every function.
         """
-        h = event_hash(request.dedupe_key)
-        pending = self._path(request.model, "pending", f"{h}.json")
-        claim = self._path(request.model, "events", f"{h}.json")
-        body = json.dumps(
-            {"request": json.loads(request.model_dump_json()), "received_at": self.clock()}
-        ).encode()
-        # The marker first: a delivery that dies after it is redelivered, finds the marker,
-        # and only nudges the lease; the run that covers the event writes any missing claim.
-        if not self._create(pending, body):
-            return "pending"
-        if self._create(claim, body):
-            return "new"
-        # Claimed long ago, and its marker was consumed: a late duplicate. Undo our marker,
-        # unless a run has not yet covered the claim (then the marker is rightly there).
-        found = self._read(claim)
-        if found is not None and found[0].get("run_id"):
-            self._delete(pending)
-            return "done"
-        return "pending"
+        ref = self._event_doc(request.model, request.dedupe_key)
+        claim = Doc(ref, None)
+        change = Change()
+        change.put(
+            claim,
+            {
+                "request": json.loads(request.model_dump_json()),
+                "received_at": self.clock(),
+                "run_id": None,
+            },
+        )
+        try:
+            self.db.commit(change)
+        except Conflict:
+            return "pending" if self._waits(request.model, self.db.read(ref)) else "done"
+        return "new"
+
+    def _waits(self, model: str, event: Doc) -> bool:
+        run_id = event.get("run_id")
+        if run_id is None:
+            return True
+        return run_id in self.db.read(self._model_doc(model)).get("requeued", [])
+
+    def event(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
+        return self.db.read(self._event_doc(model, dedupe_key)).data
+
+    def has_pending(self, model: str) -> bool:
+        if self.db.read(self._model_doc(model)).get("requeued"):
+            return True
+        return bool(self.db.query(self._events(model), "run_id", "==", None, limit=1))
+
+    def pending(self, model: str) -> list[RetrainRequest]:
+        """Every event that waits for a run, oldest first."""
+        requeued = self.db.read(self._model_doc(model)).get("requeued", [])
+        found = self.db.query(self._events(model), "run_id", "==", None, limit=10_000)
+        for run_id in requeued:
+            found += self.db.query(self._events(model), "run_id", "==", run_id, limit=10_000)
+        requests = [RetrainRequest.model_validate(d.get("request")) for d in found]
+        return sorted(requests, key=lambda r: r.time)
+
+    # -- arrivals that a drift policy checks -----------------------------------------
 
     def record_arrival(self, request: RetrainRequest) -> bool:
         """For arrival policies that look at the data first: True the first time only."""
-        body = json.dumps(
+        change = Change()
+        change.put(
+            Doc(self._arrival_doc(request.model, request.dedupe_key), None),
             {
                 "request": json.loads(request.model_dump_json()),
                 "received_at": self.clock(),
                 "outcome": None,
-            }
-        ).encode()
-        return self._create(self._arrival(request), body)
-
-    def settle_arrival(self, request: RetrainRequest, outcome: str, **fields: Any) -> None:
-        """What the check of an arrival decided (``no_drift``, ``drift``, ``first_model``...)."""
-        self._update(self._arrival(request), outcome=outcome, settled_at=self.clock(), **fields)
-
-    def arrival(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
-        found = self._read(self._path(model, "arrivals", f"{event_hash(dedupe_key)}.json"))
-        return found[0] if found else None
-
-    def _arrival(self, request: RetrainRequest) -> str:
-        return self._path(request.model, "arrivals", f"{event_hash(request.dedupe_key)}.json")
-
-    def _update(self, name: str, **fields: Any) -> None:
-        found = self._read(name)
-        if found is None:
-            raise KeyError(f"gs://{self.bucket_name}/{name} does not exist")
-        value, generation = found
-        value.update(fields)
-        self.bucket.blob(name).upload_from_string(
-            json.dumps(value).encode(),
-            content_type="application/json",
-            if_generation_match=generation,
+            },
         )
-
-    def event(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
-        found = self._read(self._path(model, "events", f"{event_hash(dedupe_key)}.json"))
-        return found[0] if found else None
-
-    def has_pending(self, model: str) -> bool:
-        blobs = self.bucket.client.list_blobs(
-            self.bucket_name, prefix=self._path(model, "pending") + "/", max_results=1
-        )
-        return any(True for _ in blobs)
-
-    def pending(self, model: str) -> Iterator[tuple[str, RetrainRequest]]:
-        prefix = self._path(model, "pending") + "/"
-        for blob in self.bucket.client.list_blobs(self.bucket_name, prefix=prefix):
-            body = json.loads(blob.download_as_bytes())
-            yield blob.name, RetrainRequest.model_validate(body["request"])
-
-    # -- the lease -----------------------------------------------------------------
-
-    def lease(self, model: str) -> Lease | None:
-        found = self._read(self._path(model, "lease.json"))
-        if found is None:
-            return None
-        value, generation = found
-        return Lease(value["run_id"], value["acquired_at"], value["expires_at"], generation)
-
-    def try_acquire(self, model: str, run_id: str, ttl: float) -> Acquired:
-        """Take the model's lease for ``run_id``; also from a holder whose lease expired."""
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
-
-        now = self.clock()
-        body = json.dumps({"run_id": run_id, "acquired_at": now, "expires_at": now + ttl}).encode()
-        name = self._path(model, "lease.json")
-        current = self.lease(model)  # a read first: most callers find the lease held
-        if current is None:
-            for _ in range(2):  # once more if the lease was released between create and read
-                if self._create(name, body):
-                    self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
-                    return Acquired(True, run_id)
-                current = self.lease(model)
-                if current is not None:
-                    break
-        if current is None or current.expires_at > now:
-            return Acquired(False, current.run_id if current else None)
-        try:  # the holder died without a report: take over, at this generation only
-            self.bucket.blob(name).upload_from_string(
-                body, content_type="application/json", if_generation_match=current.generation
-            )
-        except PreconditionFailed:
-            return Acquired(False, None)
-        self._end_run(model, current.run_id, "abandoned", f"lease expired at {current.expires_at}")
-        self._requeue(model, current.run_id)
-        self._write_run(RunRecord(model, run_id, "gathering", created_at=now))
-        return Acquired(True, run_id)
-
-    def _requeue(self, model: str, run_id: str) -> None:
-        """The events of a run that died without a report wait again, for the next run."""
-        record = self.run(model, run_id)
-        for event in record.events if record else []:
-            request = RetrainRequest(
-                model=model,
-                reason=event["reason"],
-                data_uris=event["data_uris"],
-                dedupe_key=event["dedupe_key"],
-                trigger_event_id=event["trigger_event_id"],
-                time=event["time"],
-            )
-            body = json.dumps({"request": json.loads(request.model_dump_json())}).encode()
-            self._create(
-                self._path(model, "pending", f"{event_hash(request.dedupe_key)}.json"), body
-            )
-
-    def renew(self, model: str, run_id: str, ttl: float) -> bool:
-        """Extend ``run_id``'s lease by ``ttl`` from now; False if it no longer holds it."""
-        return self._pass_lease(model, run_id, run_id, ttl, keep_start=True)
-
-    def _pass_lease(
-        self, model: str, holder: str, to_run: str, ttl: float, *, keep_start: bool
-    ) -> bool:
-        """Rewrite the lease that ``holder`` holds, for ``to_run``, until now + ``ttl``; False
-        if ``holder`` no longer holds it (released, taken over, or written meanwhile)."""
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
-
-        current = self.lease(model)
-        if current is None or current.run_id != holder:
-            return False
-        now = self.clock()
-        start = current.acquired_at if keep_start else now
-        body = {"run_id": to_run, "acquired_at": start, "expires_at": now + ttl}
         try:
-            self.bucket.blob(self._path(model, "lease.json")).upload_from_string(
-                json.dumps(body).encode(),
-                content_type="application/json",
-                if_generation_match=current.generation,
-            )
-        except PreconditionFailed:
+            self.db.commit(change)
+        except Conflict:
             return False
         return True
 
-    def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
-        """Move every pending event into run ``run_id``; the run then covers them.
+    def settle_arrival(self, request: RetrainRequest, outcome: str, **extra: Any) -> bool:
+        """What the check of an arrival decided (``no_drift``, ``drift``, ``first_model``...);
+        the first settlement stands. False if another delivery settled it first."""
+        ref = self._arrival_doc(request.model, request.dedupe_key)
 
-        Each event's claim is marked with the run first (created if a crashed delivery never
-        wrote it), so a late duplicate of a covered event is recognised and never run twice.
-        """
-        record = self.run(model, run_id) or RunRecord(
-            model, run_id, "gathering", created_at=self.clock()
-        )
-        requests = []
-        for name, request in sorted(self.pending(model), key=lambda p: p[1].time):
-            if not self._cover(model, request, run_id):
-                self._delete(name)  # a stale marker of an event another run covered
-                continue
-            requests.append(request)
-            record.events.append(
-                {
-                    "dedupe_key": request.dedupe_key,
-                    "trigger_event_id": request.trigger_event_id,
-                    "reason": request.reason,
-                    "data_uris": request.data_uris,
-                    "time": request.time.isoformat(),
-                }
+        def attempt() -> bool:
+            found = self.db.read(ref)
+            if found.get("outcome") is not None:
+                return False
+            change = Change()
+            change.put(found, {**extra, "outcome": outcome, "settled_at": self.clock()})
+            self.db.commit(change)
+            return True
+
+        return retrying(attempt, f"settle arrival {request.dedupe_key}")
+
+    def arrival(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
+        return self.db.read(self._arrival_doc(model, dedupe_key)).data
+
+    # -- the lease -------------------------------------------------------------------
+
+    def lease(self, model: str) -> Lease | None:
+        return _lease(self.db.read(self._model_doc(model)).get("lease"))
+
+    def _new_lease(self, run_id: str, ttl: float) -> dict[str, Any]:
+        now = self.clock()
+        return {"run_id": run_id, "acquired_at": now, "expires_at": now + ttl}
+
+    def acquire(self, model: str, run_id: str, ttl: float) -> Acquired:
+        """Take the model's lease for ``run_id`` if no run holds it (one commit, with the
+        run's record)."""
+
+        def attempt() -> Acquired:
+            doc = self.db.read(self._model_doc(model))
+            held = _lease(doc.get("lease"))
+            if held is not None:
+                return Acquired(held.run_id == run_id, held.run_id)
+            run = self.db.read(self._run_doc(model, run_id))
+            if run.exists:  # ours, from an attempt whose answer was lost, since released
+                return Acquired(False, None)
+            change = Change()
+            change.put(doc, {"lease": self._new_lease(run_id, ttl)})
+            change.put(run, asdict(RunRecord(model, run_id, "gathering", created_at=self.clock())))
+            self.db.commit(change)
+            return Acquired(True, run_id)
+
+        return retrying(attempt, f"acquire the lease of {model}")
+
+    def take_over(self, model: str, holder: str, run_id: str, ttl: float, why: str) -> bool:
+        """``holder`` is dead (its worker or job ended without a report): in one commit,
+        end it as abandoned, requeue its events, and give the lease to ``run_id``. False if
+        ``holder`` no longer holds the lease (another caller acted first)."""
+
+        def attempt() -> bool:
+            doc = self.db.read(self._model_doc(model))
+            held = _lease(doc.get("lease"))
+            if held is None or held.run_id != holder:
+                return held is not None and held.run_id == run_id  # a lost answer: ours
+            old = self.db.read(self._run_doc(model, holder))
+            new = self.db.read(self._run_doc(model, run_id))
+            now = self.clock()
+            requeued = [r for r in doc.get("requeued", []) if r != holder] + [holder]
+            change = Change()
+            change.put(doc, {"lease": self._new_lease(run_id, ttl), "requeued": requeued})
+            change.put(old, self._ended(old, model, holder, "abandoned", why, now))
+            change.put(new, asdict(RunRecord(model, run_id, "gathering", created_at=now)))
+            self.db.commit(change)
+            return True
+
+        return retrying(attempt, f"take over the lease of {model}")
+
+    def extend(self, model: str, holder: str, ttl: float) -> bool:
+        """Extend ``holder``'s lease to now + ``ttl`` (the sweep does, for a job that still
+        runs); False if ``holder`` does not hold it."""
+        return self.renew(model, holder, ttl) == "held"
+
+    def renew(self, model: str, run_id: str, ttl: float) -> Renewal:
+        """Extend ``run_id``'s lease to now + ``ttl``. ``released``: the run ended (its
+        report released the lease); ``lost``: another run holds it, or none does while
+        this run never ended; either way this run must stop holding the model."""
+        return self.attach(model, run_id, ttl, {})
+
+    def attach(self, model: str, run_id: str, ttl: float, fields: dict[str, Any]) -> Renewal:
+        """:meth:`renew`, and write ``fields`` into the run's record in the same commit (the
+        local worker records its process this way)."""
+
+        def attempt() -> Renewal:
+            doc = self.db.read(self._model_doc(model))
+            held = _lease(doc.get("lease"))
+            run = self.db.read(self._run_doc(model, run_id))
+            if held is None or held.run_id != run_id:
+                return "released" if run.get("finished_at") is not None else "lost"
+            now = self.clock()
+            change = Change()
+            change.put(doc, {"lease": {**asdict(held), "expires_at": now + ttl}})
+            if fields:
+                change.put(run, fields)
+            self.db.commit(change)
+            return "held"
+
+        return retrying(attempt, f"renew the lease of {model} for {run_id}")
+
+    # -- a run's life ----------------------------------------------------------------
+
+    def collect(
+        self, model: str, run_id: str, limit: int = MAX_EVENTS_PER_RUN
+    ) -> list[RetrainRequest]:
+        """Take every waiting event (up to ``limit``) into run ``run_id``, which must hold
+        the lease (:class:`LostLease` otherwise). Each chunk is one commit that covers the
+        events and lists them in the run's record; events of requeued runs come first."""
+        taken: list[RetrainRequest] = []
+        while len(taken) < limit:
+            size = min(_CHUNK, limit - len(taken))
+            chunk = retrying(
+                lambda size=size: self._collect_chunk(model, run_id, size),  # type: ignore[misc]
+                f"collect the events of {model} into {run_id}",
             )
-            self._write_run(record)  # recorded in the run before the marker goes
-            self._delete(name)
-        if requests and not record.request_id:
-            record.request_id = requests[0].dedupe_key
-            record.reason = requests[0].reason
-        self._write_run(record)
+            if not chunk:
+                break
+            taken += chunk
+        return sorted(taken, key=lambda r: r.time)
+
+    def _collect_chunk(self, model: str, run_id: str, size: int) -> list[RetrainRequest]:
+        doc = self.db.read(self._model_doc(model))
+        held = _lease(doc.get("lease"))
+        if held is None or held.run_id != run_id:
+            raise LostLease(f"run {run_id} no longer holds the lease of {model}")
+        run = self.db.read(self._run_doc(model, run_id))
+        requeued: list[str] = list(doc.get("requeued", []))
+        events: list[Doc] = []
+        drained = []
+        for old in requeued:
+            found = self.db.query(self._events(model), "run_id", "==", old, size - len(events))
+            events += found
+            if len(events) >= size:
+                break
+            drained.append(old)  # fewer than asked: none of its events is left
+        if len(events) < size:
+            events += self.db.query(self._events(model), "run_id", "==", None, size - len(events))
+        now = self.clock()
+        change = Change()
+        # The lease document is always written: the commit fails if the lease moved.
+        change.put(doc, {"requeued": [r for r in requeued if r not in drained],
+                         "collected_at": now})  # fmt: skip
+        requests = [RetrainRequest.model_validate(e.get("request")) for e in events]
+        for event in events:
+            change.put(event, {"run_id": run_id, "covered_at": now})
+        record = RunRecord.from_dict(run.data or {"model": model, "run_id": run_id,
+                                                  "state": "gathering"})  # fmt: skip
+        record.events += [_event_entry(r) for r in requests]
+        if record.events and not record.request_id:
+            first = min(requests, key=lambda r: r.time)
+            record.request_id, record.reason = first.dedupe_key, first.reason
+        change.put(run, asdict(record))
+        self.db.commit(change)
         return requests
 
-    def _cover(self, model: str, request: RetrainRequest, run_id: str) -> bool:
-        """Mark the event's claim as covered by ``run_id``; False if another run has it."""
-        from google.api_core.exceptions import PreconditionFailed  # noqa: PLC0415
-
-        name = self._path(model, "events", f"{event_hash(request.dedupe_key)}.json")
-        for _ in range(5):
-            found = self._read(name)
-            value = found[0] if found else {"request": json.loads(request.model_dump_json())}
-            other = value.get("run_id")
-            if other not in (None, run_id):
-                earlier = self.run(model, str(other))
-                if earlier is not None and earlier.state != "abandoned":
-                    return False  # covered by a run that ran: a stale duplicate marker
-            value["run_id"] = run_id
-            try:
-                self.bucket.blob(name).upload_from_string(
-                    json.dumps(value).encode(),
-                    content_type="application/json",
-                    if_generation_match=found[1] if found else 0,
-                )
-            except PreconditionFailed:
-                continue  # written in between: read it again
-            return True
-        raise RuntimeError(f"gs://{self.bucket_name}/{name} keeps changing; cannot cover it")
-
     def start(self, model: str, run_id: str, data_uris: list[str]) -> None:
-        record = self.run(model, run_id) or RunRecord(model, run_id, "gathering")
-        record.state, record.started_at, record.data_uris = "running", self.clock(), data_uris
-        self._write_run(record)
+        """The run trains on ``data_uris``; :class:`LostLease` if it no longer holds the lease."""
 
-    def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:
-        """End ``run_id`` and release the lease if it still holds it; True if it did. The
-        run is marked finished even if it was taken over, so no hand-over revives it."""
-        self._end_run(model, run_id, state, error)
-        record = self.run(model, run_id)
-        if record is not None and record.finished_at is None:
-            record.finished_at = self.clock()
-            self._write_run(record)
-        current = self.lease(model)
-        if current is None or current.run_id != run_id:
-            return False
-        return self._delete(self._path(model, "lease.json"), current.generation)
+        def attempt() -> None:
+            doc = self.db.read(self._model_doc(model))
+            held = _lease(doc.get("lease"))
+            if held is None or held.run_id != run_id:
+                raise LostLease(f"run {run_id} no longer holds the lease of {model}")
+            run = self.db.read(self._run_doc(model, run_id))
+            change = Change()
+            change.guard(doc, self.clock())
+            change.put(run, {"state": "running", "started_at": self.clock(),
+                             "data_uris": data_uris})  # fmt: skip
+            self.db.commit(change)
+
+        retrying(attempt, f"start {run_id}")
+
+    def adopt(self, model: str, run_id: str, reason: str, request_id: str) -> None:
+        """Record run ``run_id``, which a pipeline schedule started outside the ledger, as
+        running (it holds no lease and covers no event), so that its report is decided."""
+        now = self.clock()
+        change = Change()
+        change.put(
+            Doc(self._run_doc(model, run_id), None),
+            asdict(RunRecord(model, run_id, "running", reason=reason, request_id=request_id,
+                             created_at=now, started_at=now, launched_as="pipeline schedule")),
+        )  # fmt: skip
+        with contextlib.suppress(Conflict):  # adopted already (a redelivery)
+            self.db.commit(change)
 
     def launched(self, model: str, run_id: str, job: str) -> None:
         """Record which pipeline job ``run_id`` submitted (the cloud launchers)."""
-        record = self.run(model, run_id) or RunRecord(model, run_id, "running")
-        record.launched_as = job
-        self._write_run(record)
 
-    def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
-        """``run_id`` found its events already running as run ``to_run``'s pipeline (whose
-        lease had expired): give the lease to ``to_run`` for ``ttl``, so that its report
-        releases it and no other run starts meanwhile; ``run_id`` ends as abandoned."""
-        self._end_run(model, run_id, "abandoned", why)
+        def attempt() -> None:
+            run = self.db.read(self._run_doc(model, run_id))
+            change = Change()
+            change.put(run, {"launched_as": job})
+            self.db.commit(change)
 
-        def finished() -> bool:
-            record = self.run(model, to_run)
-            return record is not None and record.finished_at is not None
+        retrying(attempt, f"record the job of {run_id}")
 
-        if finished():  # it reported already (its job ends a little after): no hand-over
-            self.finish(model, run_id, "abandoned", why)
-            return False
-        if not self._pass_lease(model, run_id, to_run, ttl, keep_start=False):
-            return False
-        if finished():  # it reported while the lease was passed to it: release it
-            self.finish(model, to_run, "abandoned", why)
-            return False
-        return True
+    def _ended(
+        self, run: Doc, model: str, run_id: str, state: RunState, error: str | None, now: float
+    ) -> dict[str, Any]:
+        """The fields that end ``run`` (its first end stands; finished_at is set once)."""
+        if not run.exists:
+            return asdict(RunRecord(model, run_id, state, created_at=now, ended_at=now,
+                                    error=error, finished_at=now))  # fmt: skip
+        ended: dict[str, Any] = {}
+        if run.get("ended_at") is None:
+            ended |= {"state": state, "ended_at": now, "error": error}
+        if run.get("finished_at") is None:
+            ended["finished_at"] = now
+        return ended or {"finished_at": run.get("finished_at")}
+
+    def close(
+        self, change: Change, model: str, run_id: str, state: RunState, error: str | None,
+        *, requeue: bool = False,
+    ) -> bool:  # fmt: skip
+        """Add to ``change`` the writes that end ``run_id`` and release its lease if it holds
+        it; with ``requeue`` its events wait again. True if it held the lease. The
+        gatekeeper commits these with its decision, as one."""
+        doc = self.db.read(self._model_doc(model))
+        run = self.db.read(self._run_doc(model, run_id))
+        held = _lease(doc.get("lease"))
+        holds = held is not None and held.run_id == run_id
+        update: dict[str, Any] = {}
+        if holds:
+            update["lease"] = None
+        if requeue:
+            update["requeued"] = [r for r in doc.get("requeued", []) if r != run_id] + [run_id]
+        # Always written, so that a takeover or a collect in between fails this commit.
+        change.put(doc, {**update, "closed_at": self.clock()})
+        change.put(run, self._ended(run, model, run_id, state, error, self.clock()))
+        return holds
+
+    def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:
+        """End ``run_id`` and release the lease if it still holds it; True if it did."""
+
+        def attempt() -> bool:
+            change = Change()
+            holds = self.close(change, model, run_id, state, error)
+            self.db.commit(change)
+            return holds
+
+        return retrying(attempt, f"finish {run_id}")
 
     def abandon(self, model: str, run_id: str, error: str) -> bool:
-        """``run_id`` will never run (its launch failed after it gathered its events): end
-        it as abandoned, put its events back in the queue for the next run, and release
-        the lease if it holds it; True if it did. Nothing it covered is lost."""
-        self._end_run(model, run_id, "abandoned", error)
-        self._requeue(model, run_id)
-        current = self.lease(model)
-        if current is None or current.run_id != run_id:
-            return False
-        return self._delete(self._path(model, "lease.json"), current.generation)
+        """``run_id`` will never run (its launch failed, or it lost its worker): end it as
+        abandoned, requeue its events for the next run, and release the lease if it holds
+        it; True if it did. Nothing it covered is lost."""
 
-    # -- runs ----------------------------------------------------------------------
+        def attempt() -> bool:
+            change = Change()
+            holds = self.close(change, model, run_id, "abandoned", error, requeue=True)
+            self.db.commit(change)
+            return holds
 
-    def _write_run(self, record: RunRecord) -> None:
-        self.bucket.blob(
-            self._path(record.model, "runs", f"{record.run_id}.json")
-        ).upload_from_string(record.to_json(), content_type="application/json")
+        return retrying(attempt, f"abandon {run_id}")
 
-    def _end_run(self, model: str, run_id: str, state: RunState, error: str | None) -> None:
-        record = self.run(model, run_id)
-        if record is None or record.ended_at is not None:
-            return
-        record.state, record.ended_at, record.error = state, self.clock(), error
-        self._write_run(record)
+    # -- runs ------------------------------------------------------------------------
 
     def run(self, model: str, run_id: str) -> RunRecord | None:
-        found = self._read(self._path(model, "runs", f"{run_id}.json"))
-        return RunRecord(**found[0]) if found else None
+        found = self.db.read(self._run_doc(model, run_id))
+        return RunRecord.from_dict(found.data) if found.data is not None else None
 
     def runs(self, model: str) -> list[RunRecord]:
-        prefix = self._path(model, "runs") + "/"
         records = [
-            RunRecord(**json.loads(blob.download_as_bytes()))
-            for blob in self.bucket.client.list_blobs(self.bucket_name, prefix=prefix)
+            RunRecord.from_dict(d.data or {})
+            for d in self.db.all(self.db.client.collection("ledger", model, "runs"))
         ]
         return sorted(records, key=lambda r: r.created_at)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from retrain import blobstore
 from retrain.config import Settings
-from retrain.events import DEDUPE_ATTRIBUTE
+from retrain.events import DEDUPE_ATTRIBUTE, check_data_uris
 from retrain.messages import DriftAlert, ScheduleMessage, encode
 
 if TYPE_CHECKING:
     from google.cloud import pubsub_v1
 
-    from retrain.ledger import GcsLedger
+    from retrain.ledger import FirestoreLedger
 
 __all__ = [
     "Published",
@@ -94,6 +94,7 @@ def publish(
     """Publish a well-formed ``kind`` event for ``model`` to its topic."""
     if model not in settings.models:
         raise ValueError(f"no model {model!r} in retrain.yaml ({', '.join(settings.models)})")
+    check_data_uris(settings, model, data_uris or [], "--data")
     topic, body, attributes = _message(settings, kind, model, data_uris or [], key, summary)
     if key is not None and kind != "manual":
         attributes[DEDUPE_ATTRIBUTE] = key
@@ -152,7 +153,7 @@ def _original_key(topic: str, settings: Settings, message: Any) -> str:
 def republish_event(
     settings: Settings,
     publisher: pubsub_v1.PublisherClient,
-    ledger: GcsLedger,
+    ledger: FirestoreLedger,
     model: str,
     dedupe_key: str,
     force: bool = False,

@@ -27,6 +27,9 @@ PROJECT_PACKAGES = ("components", "pipelines", "retrain", "serving", "triggers")
 ENTRY = "triggers.main"
 # Always needed by the runtime, though the source never imports them by these names.
 RUNTIME = ("functions-framework",)
+# Imported only by the local backend's code (the local worker's process checks), which the
+# functions never run in the cloud: kept out of their requirements.
+LOCAL_ONLY = frozenset({"psutil"})
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)")
 
 
@@ -90,7 +93,11 @@ def function_source(root: Path = ROOT) -> tuple[list[str], set[str]]:
             continue
         top = name.partition(".")[0]
         if top not in PROJECT_PACKAGES:
-            if top and top not in sys.stdlib_module_names and top != "__future__":
+            if (
+                top
+                and top not in sys.stdlib_module_names
+                and top not in ("__future__", *LOCAL_ONLY)
+            ):
                 third_party.add(top)
             continue
         path = _module_file(name, root)

@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,11 +24,7 @@ from retrain.config import Settings, load_settings
 from retrain.messages import ALL_MODELS
 from retrain.options import ConfigOption
 
-__all__ = ["SWEEP_CRON", "CronJob", "jobs", "schedule_message"]
-
-# Every ten minutes, a sweep (ScheduleMessage reason "sweep", model "*") starts the runs
-# that wait for a dead run's lease to expire; infra/terraform/scheduler.tf has the same.
-SWEEP_CRON = "*/10 * * * *"
+__all__ = ["CronJob", "SweepJob", "jobs", "schedule_message"]
 
 log = logging.getLogger("retrain.scheduler")
 
@@ -48,12 +44,29 @@ class CronJob:
         return fired
 
 
-def jobs(settings: Settings, now: datetime) -> list[CronJob]:
-    return [
+class SweepJob:
+    """Every ``sweep_seconds``, a sweep (ScheduleMessage reason "sweep", model "*"): it looks
+    at each lease holder and at the events left waiting (infra/terraform/scheduler.tf makes
+    the same job in Cloud Scheduler, in whole minutes)."""
+
+    def __init__(self, seconds: float, now: datetime) -> None:
+        self.model = ALL_MODELS
+        self.seconds = seconds
+        self.next = now + timedelta(seconds=seconds)
+
+    def advance(self) -> datetime:
+        fired = self.next
+        self.next = fired + timedelta(seconds=self.seconds)
+        return fired
+
+
+def jobs(settings: Settings, now: datetime) -> list[CronJob | SweepJob]:
+    crons: list[CronJob | SweepJob] = [
         CronJob(name, model.schedule.cron, model.schedule.timezone, now)
         for name, model in settings.models.items()
         if model.schedule is not None
     ]
+    return [*crons, SweepJob(settings.sweep_seconds, now)]
 
 
 def schedule_message(model: str, fired: datetime) -> bytes:
@@ -63,7 +76,7 @@ def schedule_message(model: str, fired: datetime) -> bytes:
     return json.dumps({"model": model, "scheduled_time": fired.isoformat()}).encode()
 
 
-def _health_server(host: str, port: int, crons: list[CronJob]) -> ThreadingHTTPServer:
+def _health_server(host: str, port: int, crons: list[CronJob | SweepJob]) -> ThreadingHTTPServer:
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path != "/healthz":
@@ -90,7 +103,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     publisher = pubsub_v1.PublisherClient()
     topic = publisher.topic_path(settings.project, settings.topics.retrain_schedule)
     now = datetime.now(UTC)
-    crons = [*jobs(settings, now), CronJob(ALL_MODELS, SWEEP_CRON, "UTC", now)]
+    crons = jobs(settings, now)
     server = _health_server(host, port, crons)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stopping = threading.Event()

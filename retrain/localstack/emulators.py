@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.auth.credentials import AnonymousCredentials
@@ -14,6 +15,8 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransp
 __all__ = [
     "PrerequisiteError",
     "fake_gcs_binary",
+    "firestore_client",
+    "firestore_emulator_binary",
     "java_binary",
     "publisher",
     "pubsub_emulator_binary",
@@ -46,17 +49,50 @@ def storage_client(url: str, project: str) -> storage.Client:
     )
 
 
-def pubsub_emulator_binary() -> Path:
-    """The Pub/Sub emulator's launcher script inside the Google Cloud SDK."""
+def firestore_client(host: str, project: str, database: str) -> Any:
+    """A Firestore client talking to the Firestore emulator at ``host`` (``127.0.0.1:PORT``)."""
+    from retrain.statedb import firestore  # noqa: PLC0415 (kept off the import path)
+
+    client = firestore().Client(
+        project=project,
+        database=database,
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+    )
+    # The client picks the emulator by FIRESTORE_EMULATOR_HOST when it is made; to bind one
+    # to an address without touching the process environment, set what it read from there.
+    client._emulator_host = host
+    return client
+
+
+def _sdk_root() -> Path:
     gcloud = shutil.which("gcloud")
     if gcloud is None:
         raise PrerequisiteError(
             "the Google Cloud CLI (gcloud) is not on PATH. Install it "
             "(https://cloud.google.com/sdk/docs/install), then run: "
-            "gcloud components install pubsub-emulator beta "
-            "(or apt-get install google-cloud-cli-pubsub-emulator)"
+            "gcloud components install pubsub-emulator cloud-firestore-emulator beta "
+            "(or apt-get install google-cloud-cli-pubsub-emulator "
+            "google-cloud-cli-firestore-emulator)"
         )
-    root = Path(gcloud).resolve().parent.parent
+    return Path(gcloud).resolve().parent.parent
+
+
+def firestore_emulator_binary() -> Path:
+    """The Firestore emulator's launcher script inside the Google Cloud SDK."""
+    root = _sdk_root()
+    binary = root / "platform" / "cloud-firestore-emulator" / "cloud_firestore_emulator"
+    if not binary.exists():
+        raise PrerequisiteError(
+            f"the Firestore emulator is not installed in the Google Cloud SDK at {root}. Run: "
+            "gcloud components install cloud-firestore-emulator "
+            "(or apt-get install google-cloud-cli-firestore-emulator)"
+        )
+    return binary
+
+
+def pubsub_emulator_binary() -> Path:
+    """The Pub/Sub emulator's launcher script inside the Google Cloud SDK."""
+    root = _sdk_root()
     binary = root / "platform" / "pubsub-emulator" / "bin" / "cloud-pubsub-emulator"
     if not binary.exists():
         raise PrerequisiteError(

@@ -112,16 +112,36 @@ def stop(record: ProcessRecord, timeout: float = 10.0) -> list[int]:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_gone(procs, timeout)
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(alive, timeout=timeout)
+    _wait_gone(alive, timeout)
     for proc in procs:
         popen = _POPENS.pop(proc.pid, None)
         if popen is not None:
             popen.wait(timeout=timeout)
     return [proc.pid for proc in procs]
+
+
+def _gone(proc: psutil.Process) -> bool:
+    """Exited: no such process, or a zombie (dead; only its parent's reaping is left, which
+    for a process whose parent exited is up to init, however slowly it reaps)."""
+    try:
+        return bool(proc.status() == psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each of ``procs`` exited, at most ``timeout`` seconds; those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        alive = [proc for proc in alive if not _gone(proc)]
+        if alive:
+            time.sleep(0.02)
+    return alive
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -134,7 +154,10 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on (or holds) ``port``. A port in TIME_WAIT, as one is
+    for a minute after its server stopped, is free: our servers bind with SO_REUSEADDR."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -75,8 +76,18 @@ class PartHealth:
     healthy: bool
 
 
-def _pubsub_ok(status: int, body: bytes) -> bool:
+def _answers_ok(status: int, body: bytes) -> bool:
+    """The Google emulators answer `Ok` on `GET /` once ready."""
     return status == 200 and body.strip() == b"Ok"
+
+
+def _groups(parts: list[Part]) -> list[list[Part]]:
+    """The parts in the order they start: the JVM emulators together, then fake-gcs-server
+    (which publishes to Pub/Sub), then everything else together."""
+    first = [p for p in parts if p.name in ("pubsub", "firestore")]
+    second = [p for p in parts if p.name == "gcs"]
+    rest = [p for p in parts if p not in first and p not in second]
+    return [group for group in (first, second, rest) if group]
 
 
 class Stack:
@@ -89,7 +100,9 @@ class Stack:
         self.state_file = self.state_dir / STATE_FILE
         self.logs = self.state_dir / "logs"
         host, ports = settings.local.host, settings.local.ports
+        self.stopped_on_failure: list[str] = []  # what an interrupted or failed `up` stopped
         self.pubsub_host = f"{host}:{ports.pubsub}"
+        self.firestore_host = f"{host}:{ports.firestore}"
         self.gcs_url = f"http://{host}:{ports.gcs}"
 
     # -- the parts -----------------------------------------------------------------
@@ -109,6 +122,7 @@ class Stack:
         return {
             "PUBSUB_EMULATOR_HOST": self.pubsub_host,
             "PUBSUB_PROJECT_ID": self.settings.project,
+            "FIRESTORE_EMULATOR_HOST": self.firestore_host,
             "STORAGE_EMULATOR_HOST": self.gcs_url,
             "GOOGLE_CLOUD_PROJECT": self.settings.project,
             "RETRAIN_CONFIG": str(self.config_path),
@@ -131,7 +145,24 @@ class Stack:
                 startup_timeout=60,
                 hint="the Pub/Sub emulator needs Java 11+ and the gcloud `pubsub-emulator` "
                 "component; see the log above",
-                expect=_pubsub_ok,
+                expect=_answers_ok,
+            ),
+            Part(
+                "firestore",
+                ports.firestore,
+                (
+                    str(emulators.firestore_emulator_binary()),
+                    "start",
+                    f"--host={host}",
+                    f"--port={ports.firestore}",
+                    *self._firestore_import(),
+                ),
+                f"http://{self.firestore_host}",
+                "/",
+                startup_timeout=90,
+                hint="the Firestore emulator needs Java 11+ and the gcloud "
+                "`cloud-firestore-emulator` component; see the log above",
+                expect=_answers_ok,
             ),
             Part(
                 "gcs",
@@ -220,6 +251,40 @@ class Stack:
             )
         return parts
 
+    def _firestore_import(self) -> tuple[str, ...]:
+        """``--import-data`` of the newest export that ``down`` left, if any: the Firestore
+        emulator keeps its data in memory only."""
+        exports = sorted((self.state_dir / "firestore").glob("*/*.overall_export_metadata"))
+        return (f"--import-data={exports[-1]}",) if exports else ()
+
+    def export_firestore(self) -> Path | None:
+        """Export the Firestore emulator's data into the state folder (``down`` does it);
+        the export's folder, or None if the emulator does not answer."""
+        import urllib.error  # noqa: PLC0415
+        import urllib.request  # noqa: PLC0415
+
+        folder = self.state_dir / "firestore"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"export-{time.time_ns()}"
+        body = json.dumps({
+            "database": f"projects/{self.settings.project}/databases/{self.settings.database}",
+            "export_directory": str(folder),
+            "export_name": name,
+        }).encode()  # fmt: skip
+        request = urllib.request.Request(
+            f"http://{self.firestore_host}/emulator/v1/projects/{self.settings.project}:export",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60):  # noqa: S310
+                pass
+        except (urllib.error.URLError, OSError):
+            return None
+        for old in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != name)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)  # keep the two newest
+        return folder / name
+
     # -- state ---------------------------------------------------------------------
 
     def _read_state(self) -> dict[str, dict[str, object]]:
@@ -284,13 +349,18 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         state: dict[str, dict[str, object]] = {}
         try:
-            for part in parts:
-                progress(f"starting {part.name} on {host}:{part.port}")
-                self._start(part, state)
-                if part.name == "pubsub":
+            # The emulators first (fake-gcs-server publishes to a Pub/Sub that must be up),
+            # then the rest; the parts of a group start side by side.
+            for group in _groups(parts):
+                progress("starting " + ", ".join(f"{p.name} on {host}:{p.port}" for p in group))
+                records = {part.name: self._spawn(part, state) for part in group}
+                for part in group:
+                    self._await(part, records[part.name])
+                names = {part.name for part in group}
+                if "pubsub" in names:
                     progress("creating topics and subscriptions")
                     self._provision_pubsub()
-                elif part.name == "gcs":
+                if "gcs" in names:
                     progress("creating buckets")
                     self._provision_buckets()
             for part in parts:  # a JVM or worker may have forked since: record those too
@@ -298,12 +368,12 @@ class Stack:
                 state[part.name]["process"] = record.with_children().to_json()
             self._write_state(state)
         except BaseException:
-            self._stop_recorded(state)
+            self.stopped_on_failure = self._stop_recorded(state)
             self.state_file.unlink(missing_ok=True)
             raise
         return parts
 
-    def _start(self, part: Part, state: dict[str, dict[str, object]]) -> None:
+    def _spawn(self, part: Part, state: dict[str, dict[str, object]]) -> ProcessRecord:
         log = self.logs / f"{part.name}.log"
         log.unlink(missing_ok=True)
         record = spawn(part.argv, log, self.env(), cwd=self.state_dir)
@@ -315,6 +385,10 @@ class Stack:
             "log": str(log),
         }
         self._write_state(state)
+        return record
+
+    def _await(self, part: Part, record: ProcessRecord) -> None:
+        log = self.logs / f"{part.name}.log"
         healthy = wait_until(
             lambda: http_ok(part.health_url, part.expect),
             timeout=part.startup_timeout,
@@ -350,7 +424,8 @@ class Stack:
 
     def _provision_buckets(self) -> None:
         client = emulators.storage_client(self.gcs_url, self.settings.project)
-        for bucket in (self.settings.buckets.data, self.settings.buckets.artifacts):
+        buckets = self.settings.buckets
+        for bucket in (buckets.data, buckets.artifacts, buckets.models):
             with contextlib.suppress(Conflict):  # kept from an earlier run
                 client.create_bucket(bucket)
 
@@ -363,14 +438,19 @@ class Stack:
         return stopped
 
     def down(self) -> list[str]:
-        """Stop the processes recorded by ``up``, newest first; return the parts stopped."""
-        stopped = self._stop_recorded(self._read_state())
+        """Stop the processes recorded by ``up``, newest first; return the parts stopped.
+        The ledger and the registry (the Firestore emulator's data) are exported first,
+        and the next ``up`` imports them."""
+        state = self._read_state()
+        if "firestore" in state:
+            self.export_firestore()
+        stopped = self._stop_recorded(state)
         self.state_file.unlink(missing_ok=True)
         return stopped
 
     def status(self) -> list[PartHealth]:
         state = self._read_state()
-        expect = {"pubsub": _pubsub_ok}
+        expect = {"pubsub": _answers_ok, "firestore": _answers_ok}
         report = []
         for name, entry in state.items():
             record = ProcessRecord.from_json(entry["process"])  # type: ignore[arg-type]
