@@ -10,7 +10,7 @@ import contextlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from google.api_core.exceptions import PreconditionFailed
 
@@ -24,12 +24,14 @@ __all__ = [
     "failure_report",
     "publish_report",
     "read_failure",
+    "read_report",
     "record_failure",
     "report_uri",
     "run_prefix",
 ]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+PUBLISHED_FILE = "published.json"
 Reason = Literal["data", "drift", "schedule", "manual"]
 REASONS: tuple[Reason, ...] = get_args(Reason)
 
@@ -65,20 +67,49 @@ class RunContext:
 
 def run_prefix(settings: Settings, run: RunContext) -> str:
     """Where a run keeps what outlives it: the candidate model, eval rows, its error."""
-    return f"gs://{settings.buckets.artifacts}/runs/{run.model}/{run.run_id}"
+    return settings.run_prefix(run.model, run.run_id)
 
 
-def publish_report(settings: Settings, run: RunContext, report: MetricsReport, bus: Bus) -> str:
-    """Publish ``report`` and keep it, with its message id, as the run's ``report.json``."""
+def publish_report(
+    settings: Settings, run: RunContext, report: MetricsReport, bus: Bus
+) -> tuple[MetricsReport, str]:
+    """Keep ``report`` as the run's ``report.json``, then publish it; the report published
+    (the one kept first) and its message id.
+
+    Kept first, and only once: if the run kept a report already (an earlier attempt, or
+    the evaluate step before the exit handler runs), that one is published again, so
+    every report of a run says the same. A run that published has always kept its report,
+    which is what the sweep reads if the message is lost.
+    """
+    uri = report_uri(settings, run)
+    record = {"report": report.model_dump(mode="json")}
+    try:
+        blobstore.write_bytes(uri, json.dumps(record, indent=2).encode(), if_generation_match=0)
+    except PreconditionFailed:
+        kept = json.loads(blobstore.read_bytes(uri) or b"{}")
+        report = MetricsReport.model_validate(kept["report"])
     message_id = bus.publish(settings.topics.model_metrics, report, model=run.model)
-    record = {"message_id": message_id, "report": report.model_dump(mode="json")}
-    blobstore.write_bytes(report_uri(settings, run), json.dumps(record, indent=2).encode())
-    return message_id
+    blobstore.write_bytes(
+        blobstore.join(run_prefix(settings, run), PUBLISHED_FILE),
+        json.dumps({"message_id": message_id}).encode(),
+    )
+    return report, message_id
 
 
 def report_uri(settings: Settings, run: RunContext) -> str:
-    """The run's published report and its message id: the audit trail of the run."""
+    """The run's report: the audit trail of the run, and what the sweep decides from if
+    the published message never reached the gatekeeper."""
     return blobstore.join(run_prefix(settings, run), "report.json")
+
+
+def read_report(settings: Settings, run: RunContext) -> tuple[dict[str, Any], str | None] | None:
+    """The run's kept report (as JSON) and the message id it was last published with."""
+    data = blobstore.read_bytes(report_uri(settings, run))
+    if data is None:
+        return None
+    published = blobstore.read_bytes(blobstore.join(run_prefix(settings, run), PUBLISHED_FILE))
+    message_id = json.loads(published).get("message_id") if published else None
+    return json.loads(data)["report"], message_id
 
 
 def record_failure(settings: Settings, run: RunContext, step: str, error: BaseException) -> None:
@@ -103,7 +134,8 @@ def read_failure(settings: Settings, run: RunContext) -> dict[str, str] | None:
 def failure_report(
     settings: Settings, run: RunContext, state: str, fallback_error: str, bus: Bus
 ) -> tuple[MetricsReport, str] | None:
-    """Publish ``status: failed`` unless the run succeeded; None if there was nothing to do."""
+    """Publish ``status: failed`` unless the run succeeded; None if there was nothing to do.
+    If the run kept a report already, that one is published again instead."""
     if state == "SUCCEEDED":
         return None
     failure = read_failure(settings, run)
@@ -116,4 +148,4 @@ def failure_report(
         error=failure["error"] if failure else (fallback_error or f"the run ended {state}"),
         failed_step=failure["step"] if failure else None,
     )
-    return report, publish_report(settings, run, report, bus)
+    return publish_report(settings, run, report, bus)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from google.cloud import storage
 
 __all__ = [
+    "copy_prefix",
     "download_dir",
     "join",
     "read_bytes",
@@ -83,6 +84,27 @@ def download_dir(uri: str, local: Path, client: Any | None = None) -> list[Path]
     if not written:
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
     return written
+
+
+def copy_prefix(source: str, target: str, client: Any | None = None) -> list[str]:
+    """Copy every object under the prefix ``source`` to the prefix ``target``, server-side;
+    the copies' URIs. Copying again gives the same objects (idempotent)."""
+    gcs = _client(client)
+    source_bucket, source_prefix = split_uri(source)
+    target_bucket, target_prefix = split_uri(target)
+    source_prefix = source_prefix.rstrip("/") + "/"
+    into = gcs.bucket(target_bucket)
+    copied = []
+    for blob in gcs.list_blobs(source_bucket, prefix=source_prefix):
+        relative = blob.name[len(source_prefix) :]
+        if not relative or relative.endswith("/") or ".." in relative.split("/"):
+            continue
+        name = f"{target_prefix.rstrip('/')}/{relative}"
+        gcs.bucket(source_bucket).copy_blob(blob, into, name)
+        copied.append(f"gs://{target_bucket}/{name}")
+    if not copied:
+        raise FileNotFoundError(f"{source}: no objects under this prefix")
+    return copied
 
 
 def read_bytes(uri: str, client: Any | None = None) -> bytes | None:

@@ -19,7 +19,8 @@ from retrain.localstack import Stack, StackError, StackRunning
 from retrain.options import ConfigOption
 
 if TYPE_CHECKING:
-    from serving.registry import GcsRegistryWriter
+    from retrain.gatekeeper.registry import FirestoreRegistry
+    from retrain.ledger import FirestoreLedger
 
 app = typer.Typer(
     help="Event-driven retraining on Kubeflow Pipelines, locally or on Google Cloud.",
@@ -184,7 +185,8 @@ def _announce(stack: Stack) -> None:
     out.print("\nPoint clients and gcloud at it with:")
     out.print(
         f"  export PUBSUB_EMULATOR_HOST={env['PUBSUB_EMULATOR_HOST']} "
-        f"STORAGE_EMULATOR_HOST={env['STORAGE_EMULATOR_HOST']}\n"
+        f"STORAGE_EMULATOR_HOST={env['STORAGE_EMULATOR_HOST']} "
+        f"FIRESTORE_EMULATOR_HOST={env['FIRESTORE_EMULATOR_HOST']}\n"
         f"  export CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB=http://{env['PUBSUB_EMULATOR_HOST']}/ "
         f"CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE={env['STORAGE_EMULATOR_HOST']}/storage/v1/ "
         f"CLOUDSDK_AUTH_DISABLE_CREDENTIALS=true CLOUDSDK_CORE_PROJECT={stack.settings.project}",
@@ -195,7 +197,7 @@ def _announce(stack: Stack) -> None:
 
 def _stop(stack: Stack) -> None:
     with err.status("stopping the local stack"):
-        stopped = stack.down()
+        stopped = stack.stopped_on_failure + stack.down()  # (up stops its parts if cut short)
     out.print(f"stopped {', '.join(stopped) or 'nothing'}")
 
 
@@ -488,23 +490,34 @@ def run(
 
 
 class _Clients:
-    """Pub/Sub and storage clients: the local stack's emulators when it runs, else whatever
-    the environment names (the emulators by their env vars, or Google Cloud)."""
+    """Pub/Sub, storage and Firestore clients: the local stack's emulators when it runs,
+    else whatever the environment names (the emulators by their env vars, or Google Cloud)."""
 
     def __init__(self, stack: Stack) -> None:
         from google.cloud import pubsub_v1, storage  # noqa: PLC0415
 
+        from retrain import statedb  # noqa: PLC0415
         from retrain.localstack import emulators  # noqa: PLC0415
 
-        project = stack.settings.project
+        settings = stack.settings
+        project = settings.project
         if stack.running():
             self.publisher = emulators.publisher(stack.pubsub_host)
             self.subscriber = emulators.subscriber(stack.pubsub_host)
             self.storage = emulators.storage_client(stack.gcs_url, project)
+            self.db = statedb.Database(
+                emulators.firestore_client(stack.firestore_host, project, settings.database)
+            )
         else:
             self.publisher = pubsub_v1.PublisherClient()
             self.subscriber = pubsub_v1.SubscriberClient()
             self.storage = storage.Client(project=project)
+            self.db = statedb.database(settings)
+
+    def ledger(self) -> FirestoreLedger:
+        from retrain.ledger import FirestoreLedger  # noqa: PLC0415
+
+        return FirestoreLedger(self.db)
 
 
 Kind = Literal["data", "drift", "schedule", "manual"]
@@ -566,7 +579,6 @@ def republish(
 ) -> None:
     """Replay dead-lettered messages, or one recorded event. Nothing is acked before it is
     published again; a replay keeps its dedupe key unless --force."""
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
     from retrain.operator import republish_dead_letters, republish_event  # noqa: PLC0415
 
     if (from_dead_letter is None) == (event is None):
@@ -593,7 +605,7 @@ def republish(
             if model is None:
                 err.print("[bold red]retrain republish[/]: --event needs --model")
                 raise typer.Exit(code=2)
-            ledger = GcsLedger(stack.settings.buckets.artifacts, clients.storage)
+            ledger = clients.ledger()
             sent = republish_event(stack.settings, clients.publisher, ledger, model, event, force)
             out.print(
                 f"republished {event} to {sent.topic}: message {sent.message_id}", markup=False
@@ -611,11 +623,9 @@ def runs(
     """List runs with reason, triggering event, state and duration."""
     from datetime import UTC, datetime  # noqa: PLC0415
 
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
-
     stack = _stack(config)
     models = [model] if model else sorted(stack.settings.models)
-    ledger = GcsLedger(stack.settings.buckets.artifacts, _Clients(stack).storage)
+    ledger = _Clients(stack).ledger()
     table = Table(box=None, pad_edge=False)
     for column in ("model", "run", "reason", "trigger", "events", "state", "started", "took"):
         table.add_column(column)
@@ -637,11 +647,12 @@ def runs(
         out.print(job, markup=False, soft_wrap=True)
 
 
-def _writer(stack: Stack) -> GcsRegistryWriter:
-    """The registry that ``backend`` names (Vertex AI Model Registry, or the GCS one)."""
-    from serving.registry import registry_writer  # noqa: PLC0415
+def _writer(stack: Stack) -> FirestoreRegistry:
+    """The registry that ``backend`` names (projected onto Vertex AI Model Registry, or not)."""
+    from retrain.gatekeeper import registry_for  # noqa: PLC0415
 
-    return registry_writer(stack.settings, _Clients(stack).storage)
+    clients = _Clients(stack)
+    return registry_for(stack.settings, clients.db, clients.storage)
 
 
 def _operator() -> str:
@@ -659,8 +670,8 @@ def versions(
     """List each version with its metrics, verdict, reasons and lineage; mark the champion."""
     stack = _stack(config)
     registry = _writer(stack)
-    pointer = registry.champion_pointer(model)
-    champion = pointer[0].get("version") if pointer else None
+    pointer = registry.champion_record(model)
+    champion = pointer.get("champion") if pointer else None
     records = registry.records(model)
     if not records:
         out.print(f"{model} has no versions yet")
@@ -695,46 +706,59 @@ def versions(
             soft_wrap=True,
         )
     if pointer:
-        value = pointer[0]
-        out.print(f"champion v{champion}: set by {value.get('by')} ({value.get('reason')}); "
-                  f"before it: {', '.join('v' + v for v in value.get('previous', [])) or 'none'}",
+        before = ", ".join("v" + v for v in pointer.get("history", [])) or "none"
+        out.print(f"champion v{champion}: set by {pointer.get('by')} ({pointer.get('reason')}); "
+                  f"earlier champions, newest first (what `rollback` walks back): {before}",
                   markup=False, soft_wrap=True)  # fmt: skip
 
 
-def _move(stack: Stack, model: str, version: str, reason: str, action: str) -> None:
+def _move(stack: Stack, model: str, version: str | None, reason: str, action: str) -> None:
+    """Promote ``version``, or roll back (to ``version``, or one step back in the history)."""
+    from retrain.gatekeeper import RegistryError  # noqa: PLC0415
+    from serving.vertex_endpoint import serving_for  # noqa: PLC0415
+
     registry = _writer(stack)
-    pointer = registry.champion_pointer(model)
-    current = pointer[0].get("version") if pointer else None
-    if registry.version(model, version) is None:
-        err.print(f"[bold red]{model} has no version {escape(version)}[/]")
-        raise typer.Exit(code=2)
+    pointer = registry.pointer(model)
     who = _operator()
-    if not registry.promote(model, version, current, by=who, reason=f"{action}: {reason}"):
+    why = f"{action}: {reason}"
+    try:
+        if action == "rollback":
+            moved = registry.rollback(model, pointer.generation, who, why, to=version)
+        else:
+            assert version is not None  # noqa: S101 (promote takes a version)
+            if registry.version(model, version) is None:
+                err.print(f"[bold red]{model} has no version {escape(version)}[/]")
+                raise typer.Exit(code=2)
+            promoted = registry.promote(model, version, pointer.generation, who, why)
+            moved = str(int(version)) if promoted else None
+    except RegistryError as exc:
+        err.print(f"[bold red]{escape(str(exc))}[/]")
+        raise typer.Exit(code=2) from exc
+    if moved is None:
         err.print(
             "[bold red]the champion moved while you acted; look again with `retrain versions`[/]"
         )
         raise typer.Exit(code=1)
-    out.print(f"{model}: champion v{current or '-'} -> v{version} ({action} by {who}: {reason})")
-    from serving.registry import serving_for  # noqa: PLC0415
-
+    out.print(f"{model}: champion v{pointer.version or '-'} -> v{moved} ({action} by {who}: "
+              f"{reason})", markup=False)  # fmt: skip
     # Vertex AI: move the endpoint's traffic too. No function timeout here: wait up to an hour.
     serving = serving_for(stack.settings, registry, wait_seconds=3600.0)
     if serving is None:
         return
     try:
-        with err.status(f"deploying v{version} of {model} to its endpoint"):
-            serving.deploy(model, version)
+        with err.status(f"deploying v{moved} of {model} to its endpoint"):
+            serving.deploy(model, moved)
     except RuntimeError as exc:  # DeployError: e.g. another version's deploy is under way
         err.print(f"[bold red]the endpoint did not move[/]: {escape(str(exc))}")
         raise typer.Exit(code=1) from exc
     under_way = getattr(registry, "deploy_record", lambda _: None)(model)
     if under_way is not None:
         out.print(
-            f"{model}: the deploy of v{version} goes on in Vertex AI; the endpoint's next "
+            f"{model}: the deploy of v{moved} goes on in Vertex AI; the endpoint's next "
             "deploy call finishes it and undeploys the old version once the new one serves"
         )
     else:
-        out.print(f"{model}: the endpoint serves v{version}")
+        out.print(f"{model}: the endpoint serves v{moved}")
 
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; kept in the audit trail.")]
@@ -756,19 +780,14 @@ def rollback(
     model: Annotated[str, typer.Argument(help="Model name.")],
     reason: ReasonOption,
     to: Annotated[
-        str | None, typer.Option("--to", help="Version to go back to; default: the previous.")
+        str | None,
+        typer.Option("--to", help="An earlier champion to go back to; default: the previous."),
     ] = None,
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
-    """Serve the previous champion again (or --to VERSION); who and why are recorded."""
-    stack = _stack(config)
-    pointer = _writer(stack).champion_pointer(model)
-    previous = (pointer[0].get("previous") or [None])[0] if pointer else None
-    target = to or previous
-    if target is None:
-        err.print(f"[bold red]{model} has no earlier champion to roll back to[/]")
-        raise typer.Exit(code=2)
-    _move(stack, model, target, reason, "rollback")
+    """Serve the previous champion again, walking the champion history back (a second
+    rollback goes one step further); or --to an earlier champion. Who and why are recorded."""
+    _move(_stack(config), model, to, reason, "rollback")
 
 
 @app.command()

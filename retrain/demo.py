@@ -18,10 +18,11 @@ from typing import Any
 
 import pandas as pd
 
-from retrain.ledger import GcsLedger
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
-from serving.registry import GcsRegistryWriter
+from retrain.statedb import Database
 
 __all__ = ["ChunkResult", "DemoResult", "load_stream", "replay"]
 
@@ -76,8 +77,11 @@ class _Demo:
         self.spec = settings.models[model]
         client = emulators.storage_client(stack.gcs_url, settings.project)
         self.gcs = client
-        self.ledger = GcsLedger(settings.buckets.artifacts, client)
-        self.registry = GcsRegistryWriter(settings.buckets.artifacts, client)
+        db = Database(
+            emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
+        )
+        self.ledger = FirestoreLedger(db)
+        self.registry = FirestoreRegistry(db, settings.buckets.models, client)
         self.prefix = f"{self.spec.data_prefix}demo-{time.strftime('%Y%m%d-%H%M%S')}/"
         base = f"http://{settings.local.host}:{settings.local.ports.serving}/v1/projects/"
         self.base = f"{base}{settings.project}/locations/{settings.region}"

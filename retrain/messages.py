@@ -55,6 +55,12 @@ class EvaluatedModel(Message):
     artifact_uri: str
     version: str | None = None
     metrics: dict[str, float]
+    generation: int | None = Field(
+        None,
+        ge=0,
+        description="For the champion: the champion pointer's generation when it was read "
+        "(how many times it had moved); the gate finds the report stale if it moved since.",
+    )
 
 
 class MetricsReport(Message):

@@ -4,6 +4,11 @@ Each handler gets an already-decoded event, decides, and returns an :class:`Outc
 that the function logs as one line. It never waits for a pipeline: a launch starts a
 worker and returns. A malformed event raises :class:`~retrain.events.EventError` (the
 function acks it); anything else propagates, so Pub/Sub retries and then dead-letters.
+
+A lease is taken over only from a run whose pipeline is no longer running: the launcher
+is asked (:meth:`~pipelines.launch.PipelineLauncher.state`). A run whose pipeline runs
+keeps its lease however long it takes (the sweep extends it); one whose pipeline ended
+is decided from the report it kept, if any, and taken over otherwise.
 """
 
 from __future__ import annotations
@@ -11,15 +16,22 @@ from __future__ import annotations
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
 from retrain.config import ModelSettings, Settings
-from retrain.events import DEDUPE_ATTRIBUTE, EventError, ObjectEvent, PubsubMessage, json_object
-from retrain.ledger import new_run_id
+from retrain.events import (
+    DEDUPE_ATTRIBUTE,
+    EventError,
+    ObjectEvent,
+    PubsubMessage,
+    check_data_uris,
+    json_object,
+)
+from retrain.gatekeeper.decisions import Gatekeeper, Refusal, report_of
+from retrain.ledger import Acquired, Lease, new_run_id
 from retrain.messages import (
     Decision,
     DriftAlert,
@@ -29,14 +41,21 @@ from retrain.messages import (
 )
 
 if TYPE_CHECKING:
-    from pipelines.launchers import PipelineLauncher
+    from pipelines.launch import PipelineLauncher
     from retrain.bus import Bus
-    from retrain.ledger import GcsLedger
-    from serving.registry import GcsRegistryWriter, Serving
+    from retrain.gatekeeper.registry import FirestoreRegistry
+    from retrain.ledger import FirestoreLedger, RunRecord
+    from serving.vertex_endpoint import Serving
 
-__all__ = ["GATHER_SECONDS", "Outcome", "RetrainService", "build_service", "gathering_lease"]
+__all__ = [
+    "GATHER_SECONDS",
+    "Outcome",
+    "RetrainService",
+    "build_service",
+    "gathering_lease",
+]
 
-Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "decided"]
+Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "decided", "refused"]
 
 
 # How long a run may take, past the coalescing window, to gather its events and launch.
@@ -64,10 +83,10 @@ class RetrainService:
     def __init__(
         self,
         settings: Settings,
-        ledger: GcsLedger,
+        ledger: FirestoreLedger,
         launcher: PipelineLauncher,
         bus: Bus,
-        registry: GcsRegistryWriter,
+        registry: FirestoreRegistry,
         serving: Serving | None = None,
     ) -> None:
         """``serving`` deploys a promoted version (Vertex AI endpoints); None where the
@@ -78,6 +97,7 @@ class RetrainService:
         self.bus = bus
         self.registry = registry
         self.serving = serving
+        self.gatekeeper = Gatekeeper(settings, ledger, registry, bus, launcher.scheduled)
         self._champions: dict[tuple[str, str], tuple[dict[str, Any], Path, dict[str, float]]] = {}
 
     # -- the one path to a run -----------------------------------------------------
@@ -85,6 +105,7 @@ class RetrainService:
     def request(self, request: RetrainRequest) -> Outcome:
         """Claim the request once; launch a run if the model has none, else leave it queued."""
         model = self._model(request.model)
+        check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
         claim = self.ledger.claim(request)
         if claim == "done":
             return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
@@ -93,23 +114,83 @@ class RetrainService:
             return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} queued")
         return outcome
 
-    def kick(self, name: str, model: ModelSettings | None = None) -> Outcome:
-        """Start a run for ``name`` if none holds its lease; the run gathers what is pending."""
+    def kick(self, name: str, model: ModelSettings | None = None, *, look: bool = False) -> Outcome:
+        """Start a run for ``name`` if none holds its lease; the run gathers what waits.
+
+        A lease that expired (or any lease, with ``look``: the sweep) is looked at: its
+        holder keeps it while its pipeline runs, is decided from its kept report if its
+        pipeline ended after reporting, and is taken over otherwise."""
         model = model or self._model(name)
         run_id = new_run_id(name)
-        # Held only for the gathering at first: a launch that dies in between frees the model
-        # soon. The launcher (or the local worker) extends it to lease_seconds once it runs.
-        lease = self.ledger.try_acquire(name, run_id, ttl=gathering_lease(model))
+        ttl = gathering_lease(model)  # the launcher (or worker) extends it once it runs
+        held = self.ledger.lease(name)
+        if held is None:
+            lease = self.ledger.acquire(name, run_id, ttl)
+        elif look or held.expires_at <= self.ledger.clock():
+            lease = self._look_at(name, model, held, run_id, ttl)
+        else:
+            return Outcome("queued", name, detail=f"run {held.run_id} is in flight")
         if not lease.acquired:
             return Outcome("queued", name, detail=f"run {lease.holder or '?'} is in flight")
         try:
             self.launcher.submit(name, run_id)
         except Exception as exc:
-            # The lease must not outlive a launch that never happened, and the events the
-            # run gathered wait again: the redelivery that this error causes launches them.
-            self.ledger.abandon(name, run_id, f"launch failed: {type(exc).__name__}: {exc}")
+            self._launch_failed(name, run_id, exc)
             raise
         return Outcome("launched", name, run_id=run_id)
+
+    def _launch_failed(self, name: str, run_id: str, exc: Exception) -> None:
+        """The lease must not outlive a launch that never happened, and the events the run
+        gathered wait again: the redelivery that this error causes launches them. But a
+        submit whose answer was lost may have started the job: only a launcher that says
+        there is none lets the run be abandoned; otherwise the sweep looks at it later."""
+        record = self.ledger.run(name, run_id)
+        try:
+            absent = record is None or self.launcher.state(name, record) == "absent"
+        except Exception:  # noqa: BLE001 (unknown: keep the run; the sweep asks again)
+            absent = False
+        if absent:
+            self.ledger.abandon(name, run_id, f"launch failed: {type(exc).__name__}: {exc}")
+
+    def _look_at(
+        self, name: str, model: ModelSettings, held: Lease, run_id: str, ttl: float
+    ) -> Acquired:
+        """Decide what becomes of ``held``; the lease for ``run_id`` if it was freed."""
+        holder = self.ledger.run(name, held.run_id)
+        if holder is not None and holder.finished_at is not None:  # reported: release it
+            self.ledger.finish(name, held.run_id, holder.state)
+            return self.ledger.acquire(name, run_id, ttl)
+        state = self.launcher.state(name, holder) if holder is not None else "absent"
+        if state == "running":
+            self.ledger.extend(name, held.run_id, model.lease_seconds)
+            return Acquired(False, held.run_id)
+        if state == "absent" and held.expires_at > self.ledger.clock():
+            return Acquired(False, held.run_id)  # still gathering, or about to submit
+        why = (
+            f"its pipeline {'ended' if state == 'ended' else 'never started'} without a "
+            f"report (lease until {held.expires_at:.0f})"
+        )
+        kept = report_of(self.settings, name, held.run_id)
+        if kept is not None:  # it reported; the message was lost or is on its way
+            if isinstance(kept, str):  # kept, but not a valid report: the run failed
+                kept = self._invalid(name, held.run_id, holder, kept)
+            decided = self.report(kept)
+            if decided.action != "refused":
+                return self.ledger.acquire(name, run_id, ttl)
+            why = f"its pipeline ended; its report was refused: {decided.detail}"
+        if self.ledger.take_over(name, held.run_id, run_id, ttl, why):
+            return Acquired(True, run_id)
+        return Acquired(False, None)
+
+    @staticmethod
+    def _invalid(model: str, run_id: str, holder: RunRecord | None, why: str) -> MetricsReport:
+        """The failure report of a run whose kept report is not a valid one."""
+        reason = holder.reason if holder and holder.reason else "manual"
+        return MetricsReport(
+            model=model, run_id=run_id, request_id=(holder.request_id if holder else "") or run_id,
+            reason=reason if reason in ("data", "drift", "schedule", "manual") else "manual",
+            status="failed", error=why, failed_step="report",
+        )  # fmt: skip
 
     def _model(self, name: str) -> ModelSettings:
         try:
@@ -206,18 +287,17 @@ class RetrainService:
         return self.request(request)
 
     def sweep(self) -> Outcome:
-        """Kick every model whose events wait, or whose lease expired: a run that died (before
-        it launched, or without a report) is taken over and its events run again; a run in
-        flight keeps its lease. One model's failure does not stop the others."""
+        """Look at every model: a lease holder whose pipeline still runs keeps its lease
+        (extended); one whose pipeline ended is decided from its kept report, or taken
+        over (its events run again); a model whose events wait gets a run. One model's
+        failure does not stop the others."""
         outcomes: dict[str, str] = {}
         launched: dict[str, str | None] = {}
         for name in self.settings.models:
-            lease = self.ledger.lease(name)
-            expired = lease is not None and lease.expires_at <= self.ledger.clock()
-            if not (expired or self.ledger.has_pending(name)):
+            if self.ledger.lease(name) is None and not self.ledger.has_pending(name):
                 continue
             try:
-                outcome = self.kick(name)
+                outcome = self.kick(name, look=True)
             except Exception as exc:  # noqa: BLE001 (in the log line; the next sweep retries)
                 outcomes[name] = f"failed: {type(exc).__name__}: {exc}"
                 continue
@@ -230,71 +310,21 @@ class RetrainService:
         )
 
     def report(self, report: MetricsReport) -> Outcome:
-        """A run ended: decide on its candidate, then release its lease; one trailing run
-        covers whatever arrived meanwhile; then the endpoint (if any) serves a promotion.
-        The deploy comes last: it may wait minutes, and the next run must not wait for it."""
-        try:
-            decision = self.gatekeep(report)
-        finally:  # the run is over either way: its lease must not wait for the TTL
-            self.ledger.finish(
-                report.model, report.run_id,
-                "succeeded" if report.status == "succeeded" else "failed", report.error,
-            )  # fmt: skip
-        extra = {"verdict": decision.verdict, "version": decision.new_version}
-        detail = "; ".join(decision.reasons)
+        """A run ended: decide on its candidate (which ends the run and releases its lease,
+        in one commit); one trailing run covers whatever arrived meanwhile; then the
+        endpoint (if any) serves a promotion. The deploy comes last: it may wait minutes,
+        and the next run must not wait for it."""
+        self._model(report.model)
+        result = self.gatekeeper.report(report)
+        if isinstance(result, Refusal):
+            return Outcome("refused", report.model, report.run_id, result.why)
+        extra = {"verdict": result.verdict, "version": result.new_version}
+        detail = "; ".join(result.reasons)
         if self.ledger.has_pending(report.model):
             trailing = self.kick(report.model)
             detail = f"trailing run {trailing.run_id or '(queued)'}; {detail}"
-        self._serve(decision)  # a deploy that failed on an earlier delivery is tried again
+        self._serve(result)  # a deploy that failed on an earlier delivery is tried again
         return Outcome("decided", report.model, report.run_id, detail, extra)
-
-    def gatekeep(self, report: MetricsReport) -> Decision:
-        """Register the candidate, apply the gate, promote by compare-and-swap, publish the
-        Decision. The same report twice gives one version and one decision."""
-        from retrain.gate import decide  # noqa: PLC0415
-
-        registry = self.registry
-        kept = registry.decision(report.model, report.run_id)
-        if kept is not None:
-            decision = Decision.model_validate(kept["decision"])
-            if not kept.get("message_id"):  # decided, but died before it finished: finish
-                if decision.new_version:
-                    registry.record_verdict(
-                        report.model, decision.new_version, verdict=decision.verdict,
-                        reasons=decision.reasons, decided_at=datetime.now(UTC).isoformat(),
-                    )  # fmt: skip
-                self._publish_decision(report.model, report.run_id, decision)
-            return decision
-        model = self._model(report.model)
-        version = None
-        if report.status == "succeeded" and report.candidate is not None:
-            version, _ = registry.register(report.model, self._version_record(report))
-        champion = registry.champion(report.model)
-        current = champion.version if champion else None
-        if version is not None and current == version:
-            # An earlier delivery promoted this version and died before it recorded the
-            # decision: decide against the champion it replaced, and do not move anything.
-            pointer = registry.champion_pointer(report.model)
-            current = ((pointer[0].get("previous") or [None])[0]) if pointer else None
-            verdict = decide(report, model.gate, current)
-            return self._finish_decision(report, version, current, True, verdict.reasons)
-        verdict = decide(report, model.gate, current)
-        reasons = verdict.reasons
-        promoted = False
-        if verdict.promote and version is not None:
-            promoted = registry.promote(
-                report.model, version, current, by="gatekeeper", reason=f"run {report.run_id}"
-            )
-            if not promoted:
-                now = registry.champion(report.model)
-                moved = now.version if now else None
-                reasons.append(
-                    f"stale: the champion moved to v{moved} while deciding: FAIL"
-                    if moved != current
-                    else f"stale: the registry's champion alias is not on v{current} (moved by "
-                    "hand?); adopt it with `retrain promote` or move it back: FAIL"
-                )
-        return self._finish_decision(report, version, current, promoted, reasons)
 
     def _serve(self, decision: Decision) -> None:
         """Deploy a promoted version that is still the champion (a redelivered old decision
@@ -304,60 +334,6 @@ class RetrainService:
         champion = self.registry.champion(decision.model)
         if champion is not None and champion.version == decision.new_version:
             self.serving.deploy(decision.model, decision.new_version)
-
-    def _finish_decision(
-        self, report: MetricsReport, version: str | None, previous: str | None,
-        promoted: bool, reasons: list[str],
-    ) -> Decision:  # fmt: skip
-        """Keep the decision once (the first keeper wins), then the verdict, then publish."""
-        registry = self.registry
-        decision = Decision(
-            model=report.model,
-            run_id=report.run_id,
-            verdict="promoted" if promoted else "rejected",
-            reasons=reasons,
-            new_version=version,
-            previous_champion=previous,
-        )
-        kept = {"decision": decision.model_dump(mode="json"), "time": decision.time.isoformat()}
-        if not registry.record_decision(report.model, report.run_id, kept):
-            # A concurrent delivery of the same report decided first: its decision stands.
-            first = registry.decision(report.model, report.run_id) or kept
-            return Decision.model_validate(first["decision"])
-        if version is not None:
-            registry.record_verdict(
-                report.model, version, verdict=decision.verdict, reasons=reasons,
-                decided_at=datetime.now(UTC).isoformat(),
-            )  # fmt: skip
-        self._publish_decision(report.model, report.run_id, decision)
-        return decision
-
-    def _publish_decision(self, model: str, run_id: str, decision: Decision) -> None:
-        message_id = self.bus.publish(
-            self.settings.topics.model_decisions, decision, model=model, verdict=decision.verdict
-        )
-        self.registry.mark_published(model, run_id, message_id)
-
-    @staticmethod
-    def _version_record(report: MetricsReport) -> dict[str, Any]:
-        assert report.candidate is not None  # noqa: S101 (a succeeded report carries it)
-        return {
-            "model": report.model,
-            "artifact_uri": report.candidate.artifact_uri,
-            "metrics": report.candidate.metrics,
-            "run_id": report.run_id,
-            "request_id": report.request_id,
-            "reason": report.reason,
-            "compared_with": report.champion.model_dump(mode="json") if report.champion else None,
-            "lineage": {
-                "train_data_uris": report.train_data_uris,
-                "train_rows": report.train_rows,
-                "eval_data_uris": report.eval_data_uris,
-            },
-            "registered_at": datetime.now(UTC).isoformat(),
-            "verdict": None,
-            "reasons": [],
-        }
 
     # -- arrival policies that look at the data --------------------------------------
 
@@ -383,19 +359,26 @@ class RetrainService:
         except DataReadError as exc:
             self.ledger.settle_arrival(request, "unreadable", summary=str(exc))
             raise EventError(f"{event.uri}: cannot check it for drift: {exc.reason}") from exc
-        drift = check_drift(frame, metadata, model.drift)
+        try:
+            drift = check_drift(frame, metadata, model.drift)
+            degradation = (
+                check_degradation(
+                    frame, model_dir, metadata, reference, model.drift.degradation_margin
+                )
+                if model.arrival_policy == "on_drift_or_degradation"
+                else None
+            )
+        except ValueError as exc:  # the data itself: retrying it would fail the same way
+            self.ledger.settle_arrival(request, "unreadable", summary=str(exc))
+            raise EventError(f"{event.uri}: cannot check it for drift: {exc}") from exc
         reasons = [drift.summary()] if drift.drifted else []
         details: dict[str, Any] = {"drift": drift.to_dict()}
         kind: Literal["drift", "degradation"] = "drift"
-        if model.arrival_policy == "on_drift_or_degradation":
-            degradation = check_degradation(
-                frame, model_dir, metadata, reference, model.drift.degradation_margin
-            )
-            if degradation is not None:
-                details["degradation"] = degradation.to_dict()
-                if degradation.degraded:
-                    reasons.extend(degradation.reasons)
-                    kind = "drift" if drift.drifted else "degradation"
+        if degradation is not None:
+            details["degradation"] = degradation.to_dict()
+            if degradation.degraded:
+                reasons.extend(degradation.reasons)
+                kind = "drift" if drift.drifted else "degradation"
         if not reasons:
             self.ledger.settle_arrival(request, "no_drift", summary=drift.summary())
             return Outcome("checked", request.model, detail=f"no drift: {drift.summary()}")
@@ -420,8 +403,8 @@ class RetrainService:
         return Outcome("checked", request.model, detail=alert.summary, extra={"alert": message_id})
 
     def _champion(self, name: str, champion: Any) -> tuple[dict[str, Any], Path, dict[str, float]]:
-        """The champion's metadata and model folder, downloaded once per version."""
-        key = (name, champion.version)
+        """The champion's metadata and model folder, downloaded once per artifact."""
+        key = (name, champion.artifact_uri)
         if key not in self._champions:
             import json  # noqa: PLC0415
 
@@ -441,12 +424,15 @@ class RetrainService:
 def build_service(settings: Settings, config_path: Path) -> RetrainService:
     """The service with the adapters that ``backend`` in retrain.yaml names."""
     from pipelines.launchers import launcher_for  # noqa: PLC0415
+    from retrain import statedb  # noqa: PLC0415
     from retrain.bus import PubsubBus  # noqa: PLC0415
-    from retrain.ledger import GcsLedger  # noqa: PLC0415
-    from serving.registry import registry_writer, serving_for  # noqa: PLC0415
+    from retrain.gatekeeper import registry_for  # noqa: PLC0415
+    from retrain.ledger import FirestoreLedger  # noqa: PLC0415
+    from serving.vertex_endpoint import serving_for  # noqa: PLC0415
 
-    ledger = GcsLedger(settings.buckets.artifacts)
-    registry = registry_writer(settings)
+    db = statedb.database(settings)
+    ledger = FirestoreLedger(db)
+    registry = registry_for(settings, db)
     return RetrainService(
         settings,
         ledger,

@@ -10,14 +10,14 @@ import typer
 import uvicorn
 from threadpoolctl import threadpool_limits
 
-from retrain import blobstore
+from retrain import blobstore, statedb
 from retrain.config import load_settings
-from retrain.ledger import GcsLedger
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.options import ConfigOption
 from serving.app import create_app
 from serving.dashboard import status
 from serving.models import ChampionWatcher, ModelStore
-from serving.registry import GcsRegistry, GcsRegistryWriter
 
 
 def main(
@@ -52,20 +52,23 @@ def main(
         typer.Option(
             envvar="SERVING_CACHE_DIR",
             show_envvar=True,
-            help="Where downloaded model folders are kept, one per version. "
+            help="Where downloaded model folders are kept, one per artifact. "
             "Default: <local.state_dir>/serving-cache.",
         ),
     ] = None,
 ) -> None:
     """Serve each model's champion over the Vertex AI prediction REST shape.
 
-    Google clients find the emulators through PUBSUB_EMULATOR_HOST and STORAGE_EMULATOR_HOST.
+    Google clients find the emulators through PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
+    and FIRESTORE_EMULATOR_HOST.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings(config)
+    db = statedb.database(settings)
+    registry = FirestoreRegistry(db, settings.buckets.models)
     store = ModelStore(
         settings.models,
-        GcsRegistry(settings.buckets.artifacts),
+        registry,
         blobstore.download_dir,
         cache_dir or settings.local.state_dir / "serving-cache",
     )
@@ -75,8 +78,7 @@ def main(
         subscription or f"{settings.topics.model_decisions}-serving",
         poll_seconds=poll_seconds,
     )
-    registry = GcsRegistryWriter(settings.buckets.artifacts)
-    ledger = GcsLedger(settings.buckets.artifacts)
+    ledger = FirestoreLedger(db)
     app = create_app(
         settings, store, watcher=watcher, status=lambda: status(settings, registry, ledger)
     )

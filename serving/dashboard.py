@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from retrain.config import Settings
-    from retrain.ledger import GcsLedger
-    from serving.registry import GcsRegistryWriter
+    from retrain.gatekeeper.registry import FirestoreRegistry
+    from retrain.ledger import FirestoreLedger
 
 __all__ = ["PAGE", "status"]
 
@@ -24,12 +24,14 @@ def _when(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds") if seconds else None
 
 
-def status(settings: Settings, registry: GcsRegistryWriter, ledger: GcsLedger) -> dict[str, Any]:
+def status(
+    settings: Settings, registry: FirestoreRegistry, ledger: FirestoreLedger
+) -> dict[str, Any]:
     models = []
     for name, spec in settings.models.items():
         primary = spec.gate.primary_metric
-        pointer = registry.champion_pointer(name)
-        champion = pointer[0].get("version") if pointer else None
+        pointer = registry.champion_record(name)
+        champion = pointer.get("champion") if pointer else None
         versions = [
             {
                 "version": r["version"],
@@ -64,7 +66,7 @@ def status(settings: Settings, registry: GcsRegistryWriter, ledger: GcsLedger) -
                 "name": name,
                 "primary_metric": primary,
                 "champion": champion,
-                "champion_set_by": pointer[0].get("by") if pointer else None,
+                "champion_set_by": pointer.get("by") if pointer else None,
                 "versions": versions,
                 "decisions": list(reversed(decisions)),
                 "runs": list(reversed(runs)),

@@ -1,7 +1,8 @@
 """The models the prediction server holds, and what keeps them current.
 
-:class:`ModelStore` loads each model's champion from the :class:`~serving.registry.ModelRegistry`
-(downloading the artifact folder once per version into a local cache), warms it with one
+:class:`ModelStore` loads each model's champion from the
+:class:`~retrain.gatekeeper.registry.ModelRegistry` (downloading the artifact folder once
+per artifact into a local cache), warms it with one
 prediction, and only then swaps it in by replacing a single reference. A request takes that
 reference once and finishes on the object it took, so a swap never fails a request.
 
@@ -13,6 +14,7 @@ does not exist).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,8 +38,8 @@ import numpy.typing as npt
 from sklearn.utils import get_tags
 
 from components.artifacts import METADATA_FILE, MODEL_FILE
+from retrain.gatekeeper.registry import ModelRegistry, ModelVersion
 from retrain.messages import Decision, MessageError, decode
-from serving.registry import ModelRegistry, ModelVersion
 
 __all__ = [
     "ChampionWatcher",
@@ -322,9 +324,12 @@ class ModelStore:
             if champion is None:
                 return False
             served = self._current.get(model)
-            if served is not None and served.version.version == champion.version:
+            if served is not None and served.version.artifact_uri == champion.artifact_uri:
                 return False
-            loaded = self._pinned_get(model, champion.version) or self._load(champion)
+            pinned = self._pinned_get(model, champion.version)
+            if pinned is None or pinned.version.artifact_uri != champion.artifact_uri:
+                pinned = None
+            loaded = pinned or self._load(champion)
             self._current[model] = loaded  # the swap: one reference replaced
         log.info(
             "serving %s version %s (was %s)",
@@ -381,8 +386,10 @@ class ModelStore:
         return load_model(version, self._local_folder(version))
 
     def _local_folder(self, version: ModelVersion) -> Path:
-        """The version's folder in the cache, downloaded once (into a temp dir, then renamed)."""
-        target = self.cache_dir / quote(version.model, safe="") / quote(version.version, safe="")
+        """The version's folder in the cache, downloaded once (into a temp dir, then renamed).
+        Keyed by the artifact, not the version number: a folder is never another model's."""
+        digest = hashlib.sha256(version.artifact_uri.encode()).hexdigest()[:24]
+        target = self.cache_dir / quote(version.model, safe="") / digest
         with self._download_lock:
             if (target / MODEL_FILE).exists() and (target / METADATA_FILE).exists():
                 return target

@@ -43,9 +43,9 @@ from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
 from retrain import blobstore
+from retrain.gatekeeper.registry import ModelVersion
 from serving.app import ApiError, api_error, http_error, predictions_for
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
-from serving.registry import ModelVersion
 
 __all__ = ["ALL_INTERFACES", "ContainerSettings", "create_app", "main", "model_folder", "serve"]
 

@@ -35,8 +35,9 @@ def evaluate_model(
     from components.evaluate.report import evaluate_and_report
     from components.runs import RunContext
     from pipelines.runtime import step
+    from retrain import statedb
     from retrain.bus import PubsubBus
-    from serving.registry import GcsRegistry
+    from retrain.gatekeeper.registry import FirestoreRegistry
 
     run = RunContext.parse(model, run_id, request_id, reason, job_name)
     with step("evaluate", config_yaml, run) as (settings, _):
@@ -46,7 +47,7 @@ def evaluate_model(
             model_dir=Path(model_artifact.path),
             eval_path=Path(eval_data.path),
             summary_path=Path(summary.path),
-            registry=GcsRegistry(settings.buckets.artifacts),
+            registry=FirestoreRegistry(statedb.database(settings), settings.buckets.models),
             bus=PubsubBus(settings.project),
         )
     assert published.candidate is not None  # noqa: S101 (a succeeded report carries it)

@@ -17,8 +17,8 @@ from components.runs import RunContext, publish_report, run_prefix
 from retrain import blobstore
 from retrain.bus import Bus
 from retrain.config import Settings
+from retrain.gatekeeper.registry import ModelRegistry
 from retrain.messages import EvaluatedModel, MetricsReport
-from serving.registry import ModelRegistry
 
 __all__ = ["evaluate_and_report"]
 
@@ -68,9 +68,10 @@ def evaluate_and_report(
             artifact_uri=champion.artifact_uri,
             version=champion.version,
             metrics=_metrics(result.champion),
+            generation=champion.generation,
         ),
         eval_data_uris=[eval_uri],
         train_data_uris=[str(i["uri"]) for i in inputs],
         train_rows={str(i["uri"]): int(i["rows"]) for i in inputs},
     )
-    return report, publish_report(settings, run, report, bus)
+    return publish_report(settings, run, report, bus)

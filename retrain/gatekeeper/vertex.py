@@ -166,7 +166,7 @@ class VertexRegistry(FirestoreRegistry):
     def vertex_version(self, model: str, version: str) -> str:
         """The Vertex version id joined to ``version``; uploads the version if it has none.
 
-        A redelivery that finds the id in the GCS record uploads nothing. One that died
+        A redelivery that finds the id in the version record uploads nothing. One that died
         after the upload and before it kept the id finds the upload by its run label.
         Two concurrent deliveries may both upload: the first to keep its id wins, the
         other deletes its own upload.
@@ -374,20 +374,25 @@ class VertexRegistry(FirestoreRegistry):
         vertex_id = self.vertex_version(model, target)
         if self._vertex_agrees(model, current, vertex_id):
             return None
+        ours = f"v{current}'s" if current else "none (no champion yet)"
         return (
             f"stale: Vertex AI's {CHAMPION_ALIAS} alias of {self.vertex_model(model)} is on "
-            f"version {self._alias_holder(model)}, not v{current}'s (moved by hand?); adopt "
+            f"version {self._alias_holder(model)}, not {ours} (moved by hand?); adopt "
             "it with `retrain promote` or move it back: FAIL"
         )
+
+    def _refuse_vetoed(self, model: str, target: str) -> None:
+        veto = self.veto(model, self.pointer(model).version, target)
+        if veto is not None:
+            raise RegistryError(f"{model}: {veto.removesuffix(': FAIL')}")
 
     def promote(
         self, model: str, version: str, expected_generation: int, by: str, reason: str
     ) -> bool:
         """Make ``version`` the champion by hand (compare-and-swap on the pointer's
-        generation, and no one moved Vertex's alias by hand); then move the alias."""
-        current = self.pointer(model).version
-        if self.veto(model, current, version) is not None:
-            return False
+        generation); then move the alias. :class:`RegistryError` if someone moved Vertex's
+        alias by hand to another version (promoting that version adopts it)."""
+        self._refuse_vetoed(model, version)
         if not super().promote(model, version, expected_generation, by, reason):
             return False
         self.project(model)
@@ -396,6 +401,12 @@ class VertexRegistry(FirestoreRegistry):
     def rollback(
         self, model: str, expected_generation: int, by: str, reason: str, to: str | None = None
     ) -> str | None:
+        """As :meth:`FirestoreRegistry.rollback`, then move the alias; refused like
+        :meth:`promote` if the alias was moved by hand."""
+        head = self.head_doc(model)
+        if int(head.get("generation", 0)) != expected_generation:
+            return None  # moved meanwhile: nothing to ask Vertex AI
+        self._refuse_vetoed(model, self.rollback_target(model, head, to))
         moved = super().rollback(model, expected_generation, by, reason, to)
         if moved is not None:
             self.project(model)
