@@ -1,7 +1,12 @@
 # Service accounts with least privilege. Every binding says why it exists ("Why:"), and is on
 # the narrowest resource that works: a topic, a bucket, a repository, a service account or a
 # Cloud Run service. Project-level bindings are only those whose resources Terraform cannot
-# name (Vertex AI jobs and models, build logs, Eventarc's own subscriptions).
+# name (Vertex AI jobs and models, build logs, Eventarc's own subscriptions), and Firestore's:
+# its roles are granted on the project only, so each of those is conditioned on our database.
+#
+# Issue 11: the pipelines' account cannot write the registry bucket or the Firestore database
+# (the ledger and the registry's records); only the functions' account writes both.
+# tests/unit/test_terraform.py test_pipelines_cannot_write_the_registry_or_the_ledger checks it.
 
 # --- service accounts ---------------------------------------------------------------------
 
@@ -61,11 +66,14 @@ resource "google_storage_bucket_iam_member" "functions_read_data" {
   member = google_service_account.functions.member
 }
 
-resource "google_storage_bucket_iam_member" "functions_use_artifacts" {
-  # Why: the run ledger (claims, leases: create, read, delete), the GCS model registry and
-  # the compiled pipeline templates all live in the artifacts bucket.
+resource "google_storage_bucket_iam_member" "functions_read_artifacts" {
+  # Why: the functions read the artifacts bucket only: the compiled pipeline templates they
+  # submit, each run's kept report (the gatekeeper and the sweep decide from it) and the
+  # candidate the gatekeeper copies into the registry bucket (get and list on the source).
+  # The ledger and the registry's records are in Firestore now, the models in the registry
+  # bucket: nothing the functions write is here.
   bucket = google_storage_bucket.artifacts.name
-  role   = "roles/storage.objectUser"
+  role   = "roles/storage.objectViewer"
   member = google_service_account.functions.member
 }
 
@@ -75,6 +83,32 @@ resource "google_storage_bucket_iam_member" "functions_get_artifacts_bucket" {
   bucket = google_storage_bucket.artifacts.name
   role   = "roles/storage.legacyBucketReader"
   member = google_service_account.functions.member
+}
+
+resource "google_storage_bucket_iam_member" "functions_write_registry" {
+  # Why: the gatekeeper registers a candidate by copying it into the registry bucket
+  # (server-side copy: storage.objects.create, plus storage.objects.delete because a
+  # redelivered report copies onto the same names again), and on_data_arrival downloads the
+  # champion from it for the degradation check (get, list). objectUser is exactly that, without
+  # objectAdmin's object IAM permissions; objectCreator cannot overwrite, nor read.
+  bucket = google_storage_bucket.registry.name
+  role   = "roles/storage.objectUser"
+  member = google_service_account.functions.member
+}
+
+resource "google_project_iam_member" "functions_use_state" {
+  # Why: the triggers and the gatekeeper keep the run ledger and the registry's records in
+  # Firestore: reads, queries and batched commits that create, update and delete documents
+  # (retrain/statedb.py). Firestore roles exist only at project level; the condition limits
+  # this one to our database (Firestore's per-database access, on the database's resource name).
+  project = local.project
+  role    = "roles/datastore.user"
+  member  = google_service_account.functions.member
+
+  condition {
+    title      = "retrain-database-only"
+    expression = "resource.name == \"${google_firestore_database.state.id}\""
+  }
 }
 
 resource "google_project_iam_member" "functions_vertex" {
@@ -104,11 +138,33 @@ resource "google_storage_bucket_iam_member" "pipelines_read_data" {
 }
 
 resource "google_storage_bucket_iam_member" "pipelines_use_artifacts" {
-  # Why: the pipeline root (step outputs), the trained candidate, and the champion that
-  # evaluate loads from the registry are all in the artifacts bucket.
+  # Why: the steps write the pipeline root (step outputs) and their run's own prefix,
+  # runs/<model>/<run id>/ (the trained candidate, the evaluation rows, the kept report).
   bucket = google_storage_bucket.artifacts.name
   role   = "roles/storage.objectUser"
   member = google_service_account.pipelines.member
+}
+
+resource "google_storage_bucket_iam_member" "pipelines_read_registry" {
+  # Why: evaluate downloads the champion from the registry bucket to score it on the same
+  # rows as the candidate. Read only: what serves is written by the gatekeeper alone.
+  bucket = google_storage_bucket.registry.name
+  role   = "roles/storage.objectViewer"
+  member = google_service_account.pipelines.member
+}
+
+resource "google_project_iam_member" "pipelines_read_state" {
+  # Why: evaluate reads the champion pointer and its version's record from the registry in
+  # Firestore. Read only (no entity create, update or delete): a pipeline cannot touch the
+  # ledger or the registry. Conditioned on our database, as the functions' grant is.
+  project = local.project
+  role    = "roles/datastore.viewer"
+  member  = google_service_account.pipelines.member
+
+  condition {
+    title      = "retrain-database-only"
+    expression = "resource.name == \"${google_firestore_database.state.id}\""
+  }
 }
 
 resource "google_pubsub_topic_iam_member" "pipelines_publish_metrics" {
@@ -152,6 +208,14 @@ resource "google_cloud_run_service_iam_member" "trigger_invokes" {
 }
 
 # --- Google's service agents ----------------------------------------------------------------
+
+# Vertex AI's service agent (service-<number>@gcp-sa-aiplatform.iam.gserviceaccount.com) reads
+# a version's artifact_uri, now in the registry bucket, when the gatekeeper uploads it to Vertex
+# AI Model Registry (models.upload without a serviceAccount reads as the service agent), and
+# copies it for the endpoint's serving container at deploy time. Its own project-level role,
+# roles/aiplatform.serviceAgent, reads this project's buckets, which is how it read the
+# artifacts bucket before: no grant here. (A bucket in another project would need
+# roles/storage.objectViewer for it on that bucket.) The caller needs no storage role for it.
 
 resource "google_pubsub_topic_iam_member" "gcs_publishes_data_arrivals" {
   # Why: the data bucket's OBJECT_FINALIZE notifications are published by the project's

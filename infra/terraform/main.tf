@@ -12,6 +12,24 @@ locals {
   models           = local.config.models                      # Settings.models (required)
   backend          = try(local.config.backend, "local")       # Settings.backend
 
+  # Buckets.models: buckets.registry, or "<artifacts>-registry". The registered models live
+  # there; only the gatekeeper (the functions' account) writes it (iam.tf).
+  registry_bucket = coalesce(try(local.config.buckets.registry, null), "${local.artifacts_bucket}-registry")
+  # Settings.database: the Firestore (Native mode) database of the run ledger and the
+  # registry's records (retrain/statedb.py).
+  database = try(local.config.database, "retrain")
+  # Firestore takes a Google Cloud region as a regional location; var.firestore_location
+  # names another (a multi-region such as nam5 or eur3) where wanted.
+  firestore_location = coalesce(var.firestore_location, local.region)
+
+  # Settings.sweep_seconds, rounded up to Cloud Scheduler's whole minutes. "*/N" fires at the
+  # minutes of the hour divisible by N, so where N does not divide 60 the last gap of each
+  # hour is shorter than N (never longer): the sweep still runs at least every N minutes.
+  # 60 minutes (the most sweep_seconds allows) is once an hour.
+  sweep_seconds = try(local.config.sweep_seconds, 600)
+  sweep_minutes = max(1, ceil(local.sweep_seconds / 60))
+  sweep_cron    = local.sweep_minutes >= 60 ? "0 * * * *" : "*/${local.sweep_minutes} * * * *"
+
   # retrain/config.py Topics: the code's field name -> default topic name.
   topic_defaults = {
     data_arrivals    = "data-arrivals"
@@ -110,6 +128,7 @@ resource "google_project_service" "enabled" {
     "cloudresourcemanager.googleapis.com",
     "cloudscheduler.googleapis.com",
     "eventarc.googleapis.com",
+    "firestore.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
     "pubsub.googleapis.com",

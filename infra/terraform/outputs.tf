@@ -59,11 +59,21 @@ output "service_accounts" {
 }
 
 output "buckets" {
-  description = "The data, artifacts and usage-log buckets."
+  description = "The data, artifacts, registry and usage-log buckets."
   value = {
     data        = google_storage_bucket.data.name
     artifacts   = google_storage_bucket.artifacts.name
+    registry    = google_storage_bucket.registry.name
     access_logs = google_storage_bucket.access_logs.name
+  }
+}
+
+output "database" {
+  description = "The Firestore database of the run ledger and the registry's records (Settings.database), and its location."
+  value = {
+    name     = google_firestore_database.state.name
+    id       = google_firestore_database.state.id
+    location = google_firestore_database.state.location_id
   }
 }
 

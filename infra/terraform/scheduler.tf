@@ -29,17 +29,18 @@ resource "google_cloud_scheduler_job" "retrain" {
   depends_on = [google_project_service.enabled]
 }
 
-# Every ten minutes (retrain/scheduler.py SWEEP_CRON), a sweep: {"model": "*", "reason":
-# "sweep"} makes on_schedule start a run for each model whose events wait with no run in
-# flight. A run that dies without a report holds its model's lease until it expires, and a
-# quiet model has no other event to notice that. The name has an underscore, which model
-# names cannot have, so it never clashes with a model's job.
+# Every sweep_seconds (retrain.yaml; rounded up to whole minutes: local.sweep_cron in main.tf),
+# a sweep: {"model": "*", "reason": "sweep"} makes on_schedule start a run for each model whose
+# events wait with no run in flight, extend the lease of a job that still runs, and decide or
+# take over a run whose job ended without a decision. A run that dies without a report holds
+# its model's lease until it expires, and a quiet model has no other event to notice that. The
+# name has an underscore, which model names cannot have, so it never clashes with a model's job.
 resource "google_cloud_scheduler_job" "sweep" {
   project     = local.project
   region      = local.region
   name        = "retrain_sweep"
   description = "retrain: start the runs that wait for an expired lease (ScheduleMessage reason sweep)"
-  schedule    = "*/10 * * * *"
+  schedule    = local.sweep_cron
   time_zone   = "UTC"
 
   pubsub_target {

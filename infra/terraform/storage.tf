@@ -1,6 +1,8 @@
 # The data bucket (new data lands under each model's data_prefix), the artifacts bucket
-# (pipeline root, models, registry, run ledger, compiled pipelines, function source) and the
-# bucket that receives both buckets' usage logs.
+# (pipeline root, each run's candidate model and report, compiled pipelines, function source),
+# the registry bucket (the registered models, which only the gatekeeper writes) and the bucket
+# that receives the three buckets' usage logs. The run ledger and the registry's records are
+# in Firestore (firestore.tf).
 
 locals {
   # Derived from the artifacts bucket's name (63 characters at most).
@@ -47,7 +49,7 @@ resource "google_storage_bucket" "artifacts" {
   public_access_prevention    = "enforced"
   force_destroy               = false
 
-  # Models, the registry and the ledger: an overwrite or delete by mistake can be undone.
+  # Candidates and run reports: an overwrite or delete by mistake can be undone.
   versioning {
     enabled = true
   }
@@ -69,8 +71,52 @@ resource "google_storage_bucket" "artifacts" {
   depends_on = [google_project_service.enabled]
 }
 
+# The registered models: the gatekeeper copies each candidate it registers here from its run's
+# prefix in the artifacts bucket (retrain/gatekeeper/registry.py keep_artifact), and what is
+# served, evaluated against and uploaded to Vertex AI Model Registry is this copy. A separate
+# bucket, so that the pipelines' account, which writes the artifacts bucket, can only read it
+# (issue 11; iam.tf, checked by tests/unit/test_terraform.py).
+resource "google_storage_bucket" "registry" {
+  name     = local.registry_bucket
+  project  = local.project
+  location = local.region # with the artifacts bucket: the registration copy stays in the region
+
+  uniform_bucket_level_access = true
+  public_access_prevention    = "enforced"
+  force_destroy               = false
+
+  # The models that served: an overwrite or delete by mistake can be undone.
+  versioning {
+    enabled = true
+  }
+  lifecycle_rule {
+    condition {
+      days_since_noncurrent_time = var.noncurrent_version_days
+      with_state                 = "ARCHIVED"
+    }
+    action {
+      type = "Delete"
+    }
+  }
+
+  logging {
+    log_bucket        = google_storage_bucket.access_logs.name
+    log_object_prefix = "registry/"
+  }
+
+  lifecycle {
+    precondition {
+      # Sharing a bucket would give the pipelines' write access on it to the registry.
+      condition     = !contains([local.data_bucket, local.artifacts_bucket], local.registry_bucket)
+      error_message = "buckets.registry (${local.registry_bucket}) must be a bucket of its own, not the data or artifacts bucket."
+    }
+  }
+
+  depends_on = [google_project_service.enabled]
+}
+
 resource "google_storage_bucket" "access_logs" {
-  #checkov:skip=CKV_GCP_62:This is the usage-log sink of the other two buckets; logging it into itself would log its own log writes.
+  #checkov:skip=CKV_GCP_62:This is the usage-log sink of the other buckets; logging it into itself would log its own log writes.
   name     = local.access_log_bucket
   project  = local.project
   location = local.region

@@ -59,3 +59,9 @@ variable "access_log_days" {
   type        = number
   default     = 90
 }
+
+variable "firestore_location" {
+  description = "Location of the Firestore database (https://cloud.google.com/firestore/docs/locations); null means retrain.yaml's region. Set a multi-region (nam5, eur3) or a nearby region where the region has no Firestore. It cannot be changed once the database exists."
+  type        = string
+  default     = null
+}
