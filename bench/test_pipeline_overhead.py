@@ -17,10 +17,11 @@ from components.preprocess import preprocess
 from components.runs import RunContext
 from components.train import train
 from pipelines.launchers import run_and_follow
+from retrain import statedb
 from retrain.bus import PubsubBus
+from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import new_run_id
 from retrain.localstack import Stack
-from serving.registry import GcsRegistry
 
 pytestmark = pytest.mark.bench
 
@@ -54,7 +55,7 @@ def _compute(stack: Stack, uri: str, workdir: Path) -> dict[str, float]:
         model_dir=workdir / "model",
         eval_path=split.eval_path,
         summary_path=split.summary_path,
-        registry=GcsRegistry(settings.buckets.artifacts),
+        registry=FirestoreRegistry(statedb.database(settings), settings.buckets.models),
         bus=PubsubBus(settings.project),
     )
     times["evaluate"] = time.perf_counter() - started

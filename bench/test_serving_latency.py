@@ -18,12 +18,13 @@ import yaml
 from retrain import blobstore
 from retrain.bus import PubsubBus
 from retrain.config import load_settings
-from retrain.ledger import GcsLedger
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
 from retrain.messages import Decision
+from retrain.statedb import Database
 from serving.models import load_model
-from serving.registry import GcsRegistryWriter
 from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.bench
@@ -101,8 +102,11 @@ def test_serving_latency_throughput_and_swap(  # noqa: PLR0915 (one scenario, to
     gcs.bucket(stack.settings.buckets.data).blob(f"{MODEL}/rows.csv").upload_from_string(
         ROWS.to_csv(index=False)
     )
-    ledger = GcsLedger(stack.settings.buckets.artifacts, gcs)
-    registry = GcsRegistryWriter(stack.settings.buckets.artifacts, gcs)
+    settings = stack.settings
+    db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
+                                             settings.database))  # fmt: skip
+    ledger = FirestoreLedger(db)
+    registry = FirestoreRegistry(db, settings.buckets.models, gcs)
     assert wait_until(lambda: registry.champion(MODEL) is not None, timeout=120, interval=0.5)
     assert wait_until(lambda: ledger.lease(MODEL) is None, timeout=60, interval=0.5)
     champion = registry.champion(MODEL)
@@ -133,7 +137,7 @@ def test_serving_latency_throughput_and_swap(  # noqa: PLR0915 (one scenario, to
     rows_per_second = 1000 * len(big) / big_elapsed
 
     # A promotion under load: move the champion, publish the Decision, as the gatekeeper does.
-    version, _ = registry.register(
+    version = registry.register(
         MODEL, {"model": MODEL, "artifact_uri": champion.artifact_uri, "metrics": {},
                 "run_id": f"bench-copy-{time.time_ns()}"},
     )  # fmt: skip
@@ -159,7 +163,8 @@ def test_serving_latency_throughput_and_swap(  # noqa: PLR0915 (one scenario, to
         thread.start()
     time.sleep(0.5)  # load is flowing before the swap (the thing measured is the swap)
     decided = time.perf_counter()
-    assert registry.promote(MODEL, version, champion.version, by="bench", reason="swap under load")
+    generation = registry.pointer(MODEL).generation
+    assert registry.promote(MODEL, version, generation, by="bench", reason="swap under load")
     with pytest.MonkeyPatch.context() as env:
         for name, value in stack.env().items():
             env.setenv(name, value)

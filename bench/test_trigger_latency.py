@@ -15,10 +15,11 @@ import pytest
 import yaml
 
 from retrain.config import load_settings
-from retrain.ledger import GcsLedger
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
 from retrain.operator import data_notification
+from retrain.statedb import Database
 from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.bench
@@ -78,7 +79,9 @@ def test_upload_to_handled_latency_and_duplicate_storm(stack: Stack) -> None:
     bucket = gcs.bucket(stack.settings.buckets.data)
     rows = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=3000)
     csv = rows.rename(columns={"Unnamed: 0": "day"}).to_csv(index=False)
-    ledger = GcsLedger(stack.settings.buckets.artifacts, gcs)
+    settings = stack.settings
+    ledger = FirestoreLedger(Database(emulators.firestore_client(
+        stack.firestore_host, settings.project, settings.database)))  # fmt: skip
 
     # 1. The real thing: the first upload launches a run, which trains while the rest queue.
     uploaded = _stream(stack, bucket, "latency", csv)
@@ -91,7 +94,7 @@ def test_upload_to_handled_latency_and_duplicate_storm(stack: Stack) -> None:
 
     # 2. The function alone: a lease held by nobody's run keeps every event queued, so no
     #    pipeline competes for the 2 cores.
-    assert ledger.try_acquire("quiet", "held-by-the-benchmark", ttl=3600).acquired
+    assert ledger.acquire("quiet", "held-by-the-benchmark", ttl=3600).acquired
     quiet = _stream(stack, bucket, "quiet", csv)
     handled = _handled(stack)
     quiet_latency = [(handled[uri]["at"] - at) * 1000 for uri, at in quiet.items()]

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from retrain.config import Settings, load_settings
-from retrain.ledger import GcsLedger, RunRecord
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger, RunRecord
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import (
     ProcessRecord,
@@ -25,6 +26,7 @@ from retrain.localstack.processes import (
     stop,
     wait_until,
 )
+from retrain.statedb import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDER = ROOT / "tests" / "functions" / "recorder.py"
@@ -85,6 +87,25 @@ def subscriber(stack: Stack) -> Iterator[Any]:
 @pytest.fixture
 def gcs(stack: Stack) -> Any:
     return emulators.storage_client(stack.gcs_url, stack.settings.project)
+
+
+@pytest.fixture(scope="session")
+def db(stack: Stack) -> Database:
+    """The stack's Firestore database (the ledger's and the registry's)."""
+    settings = stack.settings
+    return Database(
+        emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
+    )
+
+
+@pytest.fixture
+def ledger(db: Database) -> FirestoreLedger:
+    return FirestoreLedger(db)
+
+
+@pytest.fixture
+def registry(stack: Stack, db: Database, gcs: Any) -> FirestoreRegistry:
+    return FirestoreRegistry(db, stack.settings.buckets.models, gcs)
 
 
 @pytest.fixture
@@ -191,7 +212,9 @@ def upload(gcs: Any, stack: Stack, name: str, frame: Any) -> str:
     return f"gs://{bucket}/{name}"
 
 
-def settled(ledger: GcsLedger, model: str, runs: int = 1, timeout: float = 180) -> list[RunRecord]:
+def settled(
+    ledger: FirestoreLedger, model: str, runs: int = 1, timeout: float = 180
+) -> list[RunRecord]:
     """Wait until ``model`` has at least ``runs`` runs, all ended, no lease, nothing pending."""
 
     def done() -> bool:

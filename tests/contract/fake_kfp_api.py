@@ -1,6 +1,6 @@
 """A small local fake of the Kubeflow Pipelines v2beta1 REST API (as ``kfp.Client`` 2.17
-speaks it): healthz, experiments (list by name, create), runs (list by name, create) and
-recurring runs (list, create, delete).
+speaks it): healthz, experiments (list by name, create), runs (list by name, with their
+state; create) and recurring runs (list, create, delete).
 
 It records every request and answers 404 or 400 to anything it does not know; the list
 filters it understands are ``display_name EQUALS``, the only ones the launchers send.
@@ -40,6 +40,23 @@ class FakeKfp(RecordingServer):
     def seed_experiment(self, name: str) -> str:
         with self.lock:
             return str(self._store_experiment(name)["experiment_id"])
+
+    def seed_run(
+        self, name: str, experiment_id: str, state: str, recurring_run_id: str | None = None
+    ) -> str:
+        """Store a run named ``name`` in ``state`` as if someone (or a recurring run) had
+        created it; its id."""
+        with self.lock:
+            run = {
+                "run_id": str(uuid.uuid4()),
+                "display_name": name,
+                "experiment_id": experiment_id,
+                "state": state,
+                "created_at": datetime.now(UTC).isoformat(),
+                **({"recurring_run_id": recurring_run_id} if recurring_run_id else {}),
+            }
+            self.runs[run["run_id"]] = run
+            return run["run_id"]
 
     def seed_recurring_run(self, recurring_run: dict[str, Any]) -> str:
         with self.lock:

@@ -5,9 +5,10 @@ The real ``google-cloud-aiplatform`` SDK talks to it after::
     aiplatform.init(api_endpoint=fake.url, api_transport="rest",
                     credentials=AnonymousCredentials(), project=..., location=...)
 
-It implements only the routes that :mod:`serving.vertex` needs, with the documented
-semantics that matter to it, and answers anything else with 404 (and remembers it in
-:attr:`FakeModelService.unrouted`, so a test can fail on a call nobody expected):
+It implements only the routes that :mod:`retrain.gatekeeper.vertex` and
+:mod:`serving.vertex_endpoint` need, with the documented semantics that matter to them,
+and answers anything else with 404 (and remembers it in :attr:`FakeModelService.unrouted`,
+so a test can fail on a call nobody expected):
 
 - ``models:upload`` (a new model with ``modelId``, or a new version with ``parentModel``;
   409 if ``modelId`` exists), ``models/{id}[@version|@alias]`` GET, ``:listVersions`` with

@@ -5,12 +5,14 @@
 - :class:`FakeStorage`: the few Cloud Storage JSON API routes that a launch reads: a
   bucket's metadata (``PipelineJob.submit`` checks the pipeline root's bucket), an object
   listing (the model's data window) and an object's bytes (a ``gs://`` template).
-- :class:`MemoryLedger`: the ledger methods that the launchers call, in memory.
+- :class:`TakenOverLedger`: the real Firestore ledger, on which a run loses its lease
+  right after it gathered its events.
 - :func:`write_config` and the golden template: the inputs that the contract tests share.
 
 Each server binds 127.0.0.1 on a free port, serves from a thread, records every request
 (method, path, query, JSON body), and answers 404, 400 or 409 to anything it does not
-know, as the real API would: a fake that accepted anything would test nothing.
+know, as the real API would: a fake that accepted anything would test nothing. A test may
+set ``on_request`` to look at the world (e.g. the ledger) when a request arrives.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +32,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 from retrain.config import Settings, load_settings
-from retrain.messages import RetrainRequest
+from retrain.ledger import FirestoreLedger
+from retrain.statedb import Change
 
 __all__ = [
     "GOLDEN_TEMPLATE",
@@ -38,10 +41,10 @@ __all__ = [
     "PIPELINE_ACCOUNT",
     "FakeStorage",
     "FakeVertex",
-    "MemoryLedger",
     "Recorded",
     "RecordingServer",
     "Reply",
+    "TakenOverLedger",
     "tasks",
     "without_caching",
     "write_config",
@@ -72,6 +75,9 @@ class RecordingServer:
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.lock = threading.Lock()
+        # Called with each request before it is answered (outside the lock, so that it
+        # may call ``received``); e.g. to read the ledger at the moment of a create.
+        self.on_request: Callable[[Recorded], None] | None = None
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -130,6 +136,8 @@ class RecordingServer:
             status, reply = 400, self.error(400, "the body is not JSON")
         else:
             request = Recorded(handler.command, parts.path, parse_qs(parts.query), body)
+            if self.on_request is not None:
+                self.on_request(request)
             with self.lock:
                 self.requests.append(request)
                 try:
@@ -194,6 +202,23 @@ class FakeVertex(RecordingServer):
         self.jobs: dict[str, dict[str, Any]] = {}
         self.schedules: dict[str, dict[str, Any]] = {}
         self._next = 1
+
+    def seed_job(
+        self, job_id: str, state: str, *, labels: dict[str, str] | None = None,
+        schedule: str | None = None,
+    ) -> str:  # fmt: skip
+        """Store a pipeline job in ``state`` as if someone (or a ``schedule``) had created
+        it; return its name."""
+        with self.lock:
+            self.jobs[job_id] = {
+                "name": f"{self.parent}/pipelineJobs/{job_id}",
+                "displayName": job_id,
+                "state": state,
+                "createTime": _timestamp(datetime.now(UTC)),
+                **({"labels": labels} if labels else {}),
+                **({"scheduleName": f"{self.parent}/schedules/{schedule}"} if schedule else {}),
+            }
+            return str(self.jobs[job_id]["name"])
 
     def seed_schedule(self, schedule: dict[str, Any]) -> str:
         """Store ``schedule`` as if someone had created it; return its resource name."""
@@ -350,47 +375,31 @@ class FakeStorage(RecordingServer):
 # -- the ledger --------------------------------------------------------------------------------
 
 
-@dataclass
-class MemoryLedger:
-    """The ledger methods that the launchers call (``collect``, ``start``, ``renew``,
-    ``finish``, ``abandon``, ``launched``, ``hand_over``),
-    in memory: ``pending`` events are handed to the first run that collects them, and
-    every call is recorded in ``calls``."""
+class TakenOverLedger(FirestoreLedger):
+    """The real ledger, on which each run loses the model's lease to ``rival`` right after
+    it gathered its events (``start``).
 
-    pending: list[RetrainRequest] = field(default_factory=list)
-    calls: list[tuple[Any, ...]] = field(default_factory=list)
-    holds: bool = True  # whether the run still holds the model's lease (renew's answer)
+    By default the sweep takes the lease over (the run was slow, its gathering lease
+    expired, and it had no pipeline yet): the run ends, its events wait again, and
+    ``renew`` answers ``released``. With ``ended=False`` the lease just moves to ``rival``
+    in one guarded commit, the run's record untouched: ``renew`` answers ``lost``, and
+    only the run itself can give its events back."""
 
-    def collect(self, model: str, run_id: str) -> list[RetrainRequest]:
-        self.calls.append(("collect", model, run_id))
-        taken = [r for r in self.pending if r.model == model]
-        self.pending = [r for r in self.pending if r.model != model]
-        return taken
+    def __init__(self, ledger: FirestoreLedger, rival: str, *, ended: bool = True) -> None:
+        super().__init__(ledger.db, ledger.clock)
+        self.rival = rival
+        self.ended = ended
 
     def start(self, model: str, run_id: str, data_uris: list[str]) -> None:
-        self.calls.append(("start", model, run_id, list(data_uris)))
-
-    def finish(self, model: str, run_id: str, state: str, error: str | None = None) -> bool:
-        self.calls.append(("finish", model, run_id, state, error))
-        return True
-
-    def launched(self, model: str, run_id: str, job: str) -> None:
-        self.calls.append(("launched", model, run_id, job))
-
-    def renew(self, model: str, run_id: str, ttl: float) -> bool:
-        self.calls.append(("renew", model, run_id, ttl))
-        return self.holds
-
-    def abandon(self, model: str, run_id: str, error: str) -> bool:
-        self.calls.append(("abandon", model, run_id, error))
-        return True
-
-    def hand_over(self, model: str, run_id: str, to_run: str, ttl: float, why: str) -> bool:
-        self.calls.append(("hand_over", model, run_id, to_run, ttl, why))
-        return True
-
-    def of(self, kind: str) -> Iterator[tuple[Any, ...]]:
-        return (call for call in self.calls if call[0] == kind)
+        super().start(model, run_id, data_uris)
+        if self.ended:
+            why = "its pipeline never started (its gathering lease expired)"
+            assert self.take_over(model, run_id, self.rival, 300, why)
+            return
+        lease = self.db.read(self._model_doc(model))
+        change = Change()
+        change.put(lease, {"lease": self._new_lease(self.rival, 300)})
+        self.db.commit(change)
 
 
 # -- inputs of the contract tests ----------------------------------------------------------

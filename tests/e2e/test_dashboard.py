@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from retrain.config import load_settings
+from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
-from serving.registry import GcsRegistryWriter
+from retrain.statedb import Database
 from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +50,10 @@ def test_dashboard_shows_a_promotion_made_during_the_test(stack: Stack, tmp_path
     gcs.bucket(stack.settings.buckets.data).blob("rainfall/first.csv").upload_from_string(
         rows.rename(columns={"Unnamed: 0": "day"}).to_csv(index=False)
     )
-    registry = GcsRegistryWriter(stack.settings.buckets.artifacts, gcs)
+    settings = stack.settings
+    db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
+                                             settings.database))  # fmt: skip
+    registry = FirestoreRegistry(db, settings.buckets.models, gcs)
     assert wait_until(lambda: registry.champion("rainfall") is not None, timeout=120, interval=0.5)
     (decision,) = registry.decisions("rainfall")
     run_id = decision["decision"]["run_id"]

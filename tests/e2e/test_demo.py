@@ -12,9 +12,10 @@ import pytest
 
 from retrain.config import load_settings
 from retrain.demo import load_stream, replay
-from retrain.ledger import GcsLedger
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
-from serving.registry import GcsRegistryWriter
+from retrain.statedb import Database
 from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.e2e
@@ -31,12 +32,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def test_short_replay_settles_every_chunk_and_decides_every_run(stack: Stack) -> None:
     stream = load_stream(ROOT / "data" / "rainfall.csv.gz")
 
-    result = replay(stack, stream, chunks=5, start_chunk_at=10_000)
+    result = replay(stack, stream, chunks=3, start_chunk_at=11_000)
 
-    assert [c.start for c in result.chunks] == [10_000, 11_000, 12_000, 13_000, 14_000]
-    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
-    ledger = GcsLedger(stack.settings.buckets.artifacts, client)
-    registry = GcsRegistryWriter(stack.settings.buckets.artifacts, client)
+    assert [c.start for c in result.chunks] == [11_000, 12_000, 13_000]
+    settings = stack.settings
+    db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
+                                             settings.database))  # fmt: skip
+    ledger = FirestoreLedger(db)
+    registry = FirestoreRegistry(db, settings.buckets.models)
     runs = ledger.runs("rainfall")
     assert len(runs) == 1 + result.runs  # the first upload's run, then the chunks'
     for run in runs:
@@ -55,19 +58,18 @@ def test_short_replay_settles_every_chunk_and_decides_every_run(stack: Stack) ->
 
 
 def test_make_demo_command_writes_the_table_and_the_report(tmp_path: Path) -> None:
-    """`retrain demo` as a user runs it, cut short (its own stack; this test's config)."""
+    """`retrain demo` as a user runs it, cut to one chunk (its own stack; this test's config)."""
     config = write_config(tmp_path)
     report = tmp_path / "report.html"
     done = subprocess.run(
-        [sys.executable, "-m", "retrain", "demo", "--config", str(config), "--chunks", "2",
+        [sys.executable, "-m", "retrain", "demo", "--config", str(config), "--chunks", "1",
          "--report", str(report), "--data", str(ROOT / "data" / "rainfall.csv.gz")],
         capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "3000-3999" in done.stdout
-    assert "4000-4999" in done.stdout
-    assert "runs for 2 chunks" in done.stdout
+    assert "runs for 1 chunks" in done.stdout
     html = report.read_text(encoding="utf-8")
     assert "data:image/png;base64," in html
     assert report.with_suffix(".png").stat().st_size > 10_000

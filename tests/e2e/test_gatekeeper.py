@@ -17,11 +17,12 @@ import pytest
 from google.cloud import pubsub_v1
 
 from retrain.config import load_settings
-from retrain.ledger import GcsLedger
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
 from retrain.messages import Decision, MetricsReport, decode, encode
-from serving.registry import GcsRegistryWriter
+from retrain.statedb import Database
 from tests.conftest import QUICK_MODEL, rainfall, settled, unique, upload, write_config
 
 pytestmark = pytest.mark.e2e
@@ -39,15 +40,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="module")
-def registry(stack: Stack) -> GcsRegistryWriter:
-    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
-    return GcsRegistryWriter(stack.settings.buckets.artifacts, client)
+def state(stack: Stack) -> Database:
+    settings = stack.settings
+    return Database(
+        emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
+    )
 
 
 @pytest.fixture(scope="module")
-def ledger(stack: Stack) -> GcsLedger:
+def registry(stack: Stack, state: Database) -> FirestoreRegistry:
     client = emulators.storage_client(stack.gcs_url, stack.settings.project)
-    return GcsLedger(stack.settings.buckets.artifacts, client)
+    return FirestoreRegistry(state, stack.settings.buckets.models, client)
+
+
+@pytest.fixture(scope="module")
+def ledger(state: Database) -> FirestoreLedger:
+    return FirestoreLedger(state)
 
 
 @pytest.fixture
@@ -114,8 +122,8 @@ def served_version(stack: Stack, model: str) -> str | None:
 def test_upload_to_served_then_worse_rejected_then_rollback(
     stack: Stack,
     gcs: Any,
-    ledger: GcsLedger,
-    registry: GcsRegistryWriter,
+    ledger: FirestoreLedger,
+    registry: FirestoreRegistry,
     subscriber: pubsub_v1.SubscriberClient,
     decisions: str,
 ) -> None:
@@ -164,13 +172,14 @@ def test_upload_to_served_then_worse_rejected_then_rollback(
         back = retrain_cli(stack, "rollback", "served", "--reason", "testing rollback")
         assert back.returncode == 0, back.stderr
         assert wait_until(lambda: served_version(stack, "served") == "1", timeout=30)
-        pointer = registry.champion_pointer("served")
+        pointer = registry.champion_record("served")
         assert pointer is not None
-        assert pointer[0]["by"] == "test-operator"
-        assert pointer[0]["reason"] == "rollback: testing rollback"
+        assert pointer["by"] == "test-operator"
+        assert pointer["reason"] == "rollback: testing rollback"
+        assert registry.audit("served")[-1]["action"] == "rollback"
 
 
-def _report_copy(registry: GcsRegistryWriter, gcs: Any, stack: Stack, run_id: str) -> MetricsReport:
+def _report_copy(registry: FirestoreRegistry, gcs: Any, stack: Stack, run_id: str) -> MetricsReport:
     kept = json.loads(
         gcs.bucket(stack.settings.buckets.artifacts)
         .blob(f"runs/reports/{run_id}/report.json")
@@ -182,8 +191,8 @@ def _report_copy(registry: GcsRegistryWriter, gcs: Any, stack: Stack, run_id: st
 def test_duplicate_and_racing_reports(
     stack: Stack,
     gcs: Any,
-    ledger: GcsLedger,
-    registry: GcsRegistryWriter,
+    ledger: FirestoreLedger,
+    registry: FirestoreRegistry,
     publisher: pubsub_v1.PublisherClient,
     subscriber: pubsub_v1.SubscriberClient,
     decisions: str,
@@ -201,17 +210,16 @@ def test_duplicate_and_racing_reports(
     assert not pull_decisions(subscriber, decisions, 1, timeout=8)
     assert len(registry.records("reports")) == versions_before
 
-    # Two reports evaluated against the same champion, racing: exactly one wins.
+    # Forged reports (runs the ledger never launched), racing, better than the champion:
+    # refused and kept for audit; no decision, no version, the champion does not move.
     champion = registry.champion("reports")
     assert champion is not None
     assert original.candidate is not None
     better = {**original.candidate.metrics, "roc_auc": 0.99}
-    racing = [
+    forged = [
         original.model_copy(update={
-            "run_id": unique("race"),
+            "run_id": unique("forged"),
             "candidate": original.candidate.model_copy(update={"metrics": better}),
-            "champion": original.candidate.model_copy(
-                update={"version": champion.version, "metrics": original.candidate.metrics}),
         })
         for _ in range(2)
     ]  # fmt: skip
@@ -221,24 +229,23 @@ def test_duplicate_and_racing_reports(
         barrier.wait(timeout=10)
         publisher.publish(topic, encode(report)).result(timeout=30)
 
-    threads = [threading.Thread(target=send, args=(r,)) for r in racing]
+    threads = [threading.Thread(target=send, args=(r,)) for r in forged]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    outcome = pull_decisions(subscriber, decisions, 2)
-
-    verdicts = sorted(d.verdict for d in outcome)
-    assert verdicts == ["promoted", "rejected"], [d.reasons for d in outcome]
-    (loser,) = [d for d in outcome if d.verdict == "rejected"]
-    assert any(r.startswith("stale") for r in loser.reasons), loser.reasons
-    (winner,) = [d for d in outcome if d.verdict == "promoted"]
+    assert wait_until(lambda: len(registry.refused("reports")) == 2, timeout=60)
+    refused = registry.refused("reports")
+    assert {r["run_id"] for r in refused} == {r.run_id for r in forged}
+    assert all("not launched by the ledger" in r["why"] for r in refused)
+    assert not pull_decisions(subscriber, decisions, 1, timeout=5)
+    assert len(registry.records("reports")) == versions_before
     final = registry.champion("reports")
     assert final is not None
-    assert final.version == winner.new_version
+    assert final.version == champion.version
 
 
-def test_load_during_a_swap_sees_no_error(stack: Stack, registry: GcsRegistryWriter) -> None:
+def test_load_during_a_swap_sees_no_error(stack: Stack, registry: FirestoreRegistry) -> None:
     """Runs after the first test: `served` has at least two versions to swap between."""
     records = registry.records("served")
     champion = registry.champion("served")

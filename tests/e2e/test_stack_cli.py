@@ -14,14 +14,16 @@ import psutil
 import pytest
 
 from retrain.config import load_settings
-from retrain.localstack import Stack, StackError
+from retrain.localstack import Stack, StackError, emulators
 from retrain.localstack.processes import wait_until
+from retrain.statedb import Database
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.e2e
 
 PARTS = [
     "pubsub",
+    "firestore",
     "gcs",
     "on_data_arrival",
     "on_drift",
@@ -60,7 +62,7 @@ def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> N
         for part in PARTS:
             assert part in started.stdout
         pids = recorded_pids(config)
-        # the emulator's JVM, fake-gcs-server, 4 functions (and their workers), scheduler, server
+        # the emulators' JVMs, fake-gcs-server, 4 functions (and their workers), scheduler, server
         assert len(pids) >= len(PARTS)
 
         status = retrain("status", config=config)
@@ -71,6 +73,7 @@ def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> N
         assert again.returncode == 0
         assert "already runs" in again.stdout
         assert recorded_pids(config) == pids, "a second up must not start anything"
+        _ledger_and_registry(config).doc("registry", "kept").set({"champion": "7"})
     finally:
         stopped = retrain("down", config=config)
     assert stopped.returncode == 0, stopped.stderr
@@ -87,6 +90,23 @@ def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> N
     assert after.returncode == 1
     assert "no local stack is running" in after.stdout
     assert retrain("down", config=config).stdout.startswith("no local stack is running")
+
+    # Up again at once (its ports in TIME_WAIT are free): the Firestore emulator keeps its
+    # data in memory, but `down` exported the ledger and the registry and `up` imports them.
+    restarted = retrain("up", "--detach", config=config)
+    try:
+        assert restarted.returncode == 0, restarted.stderr
+        assert _ledger_and_registry(config).read_path("registry", "kept").data == {"champion": "7"}
+    finally:
+        assert retrain("down", config=config).returncode == 0
+
+
+def _ledger_and_registry(config: Path) -> Database:
+    settings = load_settings(config)
+    stack = Stack(settings, config)
+    return Database(
+        emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
+    )
 
 
 def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:

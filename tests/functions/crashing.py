@@ -1,8 +1,10 @@
 """``on_data_arrival`` that dies in the middle of its first request, after it claimed the
-event and before it could launch: the process exits, as a crashed instance would.
+event (its create-only claim is committed) and before it took the model's lease to launch:
+the process exits, as a crashed instance would.
 
 gunicorn (under functions-framework) starts a fresh worker; Pub/Sub redelivers the event
-to it, and this time the real handler runs to the end.
+to it, the claim is found still waiting (``pending``), and this time the real handler
+runs to the end.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ from tests.conftest import Recorder, unique
 
 pytestmark = pytest.mark.integration
 
+UNROUTED = "unrouted/"  # the data prefix of no model
+
 
 def _deliveries_for(recorder: Recorder, object_name: str) -> list[dict[str, Any]]:
     return [
@@ -45,7 +47,9 @@ def test_upload_becomes_cloudevent_at_function_through_push_subscription(
         ),
     )
     try:
-        name = f"rainfall/{unique('upload')}.csv"
+        # Under no model's prefix: the stack's function only logs it as ignored, whatever
+        # state the stack's models are in (no run, no drift check against a champion).
+        name = f"{UNROUTED}{unique('upload')}.csv"
         blob = gcs.bucket(stack.settings.buckets.data).blob(name)
         blob.upload_from_string("day,rain\n1,0\n", content_type="text/csv")
 
@@ -67,7 +71,14 @@ def test_upload_becomes_cloudevent_at_function_through_push_subscription(
 
     # The stack's own on_data_arrival function got the same notification.
     log = stack.logs / "on_data_arrival.log"
-    assert wait_until(lambda: name in log.read_text(encoding="utf-8"), timeout=15), log
+
+    def handled() -> list[dict[str, Any]]:
+        lines = log.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if name in line and line.startswith("{")]
+
+    assert wait_until(lambda: bool(handled()), timeout=15), log
+    assert handled()[0]["action"] == "ignored"
+    assert "belongs to no model's data prefix" in handled()[0]["detail"]
 
 
 def test_objects_outside_the_data_bucket_fire_no_notification(
@@ -76,17 +87,23 @@ def test_objects_outside_the_data_bucket_fire_no_notification(
     publisher: pubsub_v1.PublisherClient,
     subscriber: pubsub_v1.SubscriberClient,
 ) -> None:
-    """As on GCS, only the data bucket notifies; artifacts and ledger writes stay quiet."""
+    """As on GCS, only the data bucket notifies: run artifacts and reports, and the models
+    the gatekeeper copies into the registry bucket, stay quiet."""
     project = stack.settings.project
+    buckets = stack.settings.buckets
     sub = subscriber.subscription_path(project, unique("s"))
     subscriber.create_subscription(
         name=sub, topic=f"projects/{project}/topics/{stack.settings.topics.data_arrivals}"
     )
+    quiet = [bucket.blob(f"{UNROUTED}{unique('elsewhere')}.csv")] + [
+        bucket.client.bucket(name).blob(f"{UNROUTED}{unique('elsewhere')}.csv")
+        for name in (buckets.artifacts, buckets.models)
+    ]
+    marker = bucket.client.bucket(buckets.data).blob(f"{UNROUTED}{unique('marker')}.csv")
     try:
-        bucket.blob("elsewhere.csv").upload_from_string("x")
-        marker = f"rainfall/{unique('marker')}.csv"
-        gcs_data = bucket.client.bucket(stack.settings.buckets.data)
-        gcs_data.blob(marker).upload_from_string("day,rain\n1,0\n")
+        for blob in quiet:
+            blob.upload_from_string("x")
+        marker.upload_from_string("day,rain\n1,0\n")
         seen: list[str] = []
 
         def pulled_marker() -> bool:
@@ -96,12 +113,14 @@ def test_objects_outside_the_data_bucket_fire_no_notification(
                 subscriber.acknowledge(
                     subscription=sub, ack_ids=[m.ack_id for m in response.received_messages]
                 )
-            return marker in seen
+            return marker.name in seen
 
         assert wait_until(pulled_marker, timeout=30)
-        assert "elsewhere.csv" not in seen
+        assert not {blob.name for blob in quiet} & set(seen)
     finally:
         subscriber.delete_subscription(subscription=sub)
+        for blob in [*quiet[1:], marker]:  # (the uuid bucket goes with its fixture)
+            blob.delete()
 
 
 def test_failing_function_dead_letters_message_after_five_attempts(

@@ -17,6 +17,7 @@ import yaml
 from google.cloud import pubsub_v1
 from sklearn.datasets import load_breast_cancer
 
+from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.localstack import Stack
 from retrain.messages import MetricsReport, decode
 from tests.conftest import ROOT, unique
@@ -127,11 +128,20 @@ def test_run_publishes_a_metrics_report_that_checks_out_field_by_field(
     stored = {b.name for b in artifacts.list_blobs(prefix=f"runs/{model}/{run_id}/")}
     assert stored == {
         f"runs/{model}/{run_id}/{name}"
-        for name in ("model/model.joblib", "model/metadata.json", "eval.parquet", "report.json")
+        for name in (
+            "model/model.joblib",
+            "model/metadata.json",
+            "eval.parquet",
+            "report.json",
+            "published.json",
+        )
     }
+    # The report is kept (create-only) before it is published; the message id apart.
     kept = json.loads(artifacts.blob(f"runs/{model}/{run_id}/report.json").download_as_bytes())
-    assert kept["message_id"] == message_id
+    assert set(kept) == {"report"}
     assert MetricsReport.model_validate(kept["report"]) == report
+    published = artifacts.blob(f"runs/{model}/{run_id}/published.json").download_as_bytes()
+    assert json.loads(published) == {"message_id": message_id}
 
 
 def test_failed_step_publishes_a_failure_report_and_exits_non_zero(
@@ -167,6 +177,7 @@ def test_failed_step_publishes_a_failure_report_and_exits_non_zero(
 def test_champion_is_scored_on_the_same_rows(
     stack: Stack,
     gcs: Any,
+    registry: FirestoreRegistry,
     subscriber: pubsub_v1.SubscriberClient,
     metrics_subscription: str,
     config_with: Callable[..., tuple[Path, str]],
@@ -175,12 +186,14 @@ def test_champion_is_scored_on_the_same_rows(
     uri = upload(gcs, stack, f"{model}/rows.csv", RAINFALL.iloc[:3000])
     first = unique("run")
     assert retrain_run(config, model, "--data", uri, "--run-id", first).returncode == 0
-    # Make the first candidate the champion, as the gatekeeper will (registry layout).
-    artifacts = gcs.bucket(stack.settings.buckets.artifacts)
-    champion_uri = f"gs://{artifacts.name}/runs/{model}/{first}/model"
-    record = {"version": "1", "artifact_uri": champion_uri, "metrics": {}, "run_id": first}
-    artifacts.blob(f"registry/{model}/versions/1.json").upload_from_string(json.dumps(record))
-    artifacts.blob(f"registry/{model}/champion.json").upload_from_string('{"version": "1"}')
+    # Make the first candidate the champion, as the gatekeeper does: copied into the
+    # registry bucket, registered, and the pointer moved (its generation to 1).
+    candidate = f"{stack.settings.run_prefix(model, first)}/model"
+    champion_uri = registry.keep_artifact(model, first, candidate)
+    assert champion_uri.startswith(f"gs://{stack.settings.buckets.models}/")
+    version = registry.register(model, {"run_id": first, "artifact_uri": champion_uri,
+                                        "metrics": {}})  # fmt: skip
+    assert registry.promote(model, version, 0, by="test", reason="the first candidate")
     second = unique("run")
 
     result = retrain_run(config, model, "--data", uri, "--run-id", second)
@@ -190,7 +203,8 @@ def test_champion_is_scored_on_the_same_rows(
     report, _, _ = pull_report(subscriber, metrics_subscription, second)
     assert report.champion is not None
     assert report.candidate is not None
-    assert report.champion.version == "1"
+    assert report.champion.version == version == "1"
+    assert report.champion.generation == 1, "the pointer's generation, for the stale check"
     assert report.champion.artifact_uri == champion_uri
     # Same data and seed give the same model, so identical scores prove the same rows.
     assert report.champion.metrics == report.candidate.metrics

@@ -1,4 +1,5 @@
-"""The prediction server on the real stack: champions in fake-gcs-server, decisions on Pub/Sub."""
+"""The prediction server on the real stack: champions in the registry (Firestore, models in
+fake-gcs-server), decisions on Pub/Sub."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from starlette.exceptions import StarletteDeprecationWarning
 from components.train import train
 from retrain import blobstore
 from retrain.config import ModelSettings, Settings
+from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.localstack import Stack
 from retrain.messages import Decision, encode
+from retrain.statedb import Database
 from serving.app import create_app
 from serving.models import ChampionWatcher, ModelStore
-from serving.registry import GcsRegistry
 from tests.conftest import unique
 
 with warnings.catch_warnings():
@@ -68,14 +70,13 @@ def emulator_env(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def model_name(stack: Stack, gcs: Any) -> Iterator[str]:
-    """A uuid-named model; its registry entries and uploaded folders are deleted after."""
+def model_name(stack: Stack, db: Database, gcs: Any) -> Iterator[str]:
+    """A uuid-named model; its registry records and uploaded folders are deleted after."""
     name = unique("serving")
     yield name
-    bucket = stack.settings.buckets.artifacts
-    for prefix in (f"registry/{name}/", f"test-models/{name}/"):
-        for blob in gcs.list_blobs(bucket, prefix=prefix):
-            blob.delete()
+    db.client.recursive_delete(db.doc("registry", name))
+    for blob in gcs.list_blobs(stack.settings.buckets.models, prefix=f"{name}/"):
+        blob.delete()
 
 
 @pytest.fixture
@@ -90,16 +91,16 @@ def decisions_subscription(stack: Stack, subscriber: Any) -> Iterator[str]:
     subscriber.delete_subscription(subscription=path)
 
 
-def register(stack: Stack, gcs: Any, model: str, version: str, folder: Path) -> None:
-    """Upload ``folder`` and write the GcsRegistry's version record, then move the champion."""
-    bucket = stack.settings.buckets.artifacts
-    artifact = f"gs://{bucket}/test-models/{model}/{uuid.uuid4().hex}/model"
+def register(registry: FirestoreRegistry, gcs: Any, model: str, folder: Path) -> str:
+    """Upload ``folder`` into the registry bucket, register it as a new version and move the
+    champion to it, as the gatekeeper does; the version."""
+    run_id = uuid.uuid4().hex
+    artifact = f"gs://{registry.bucket}/{model}/{run_id}/model"
     blobstore.upload_dir(folder, artifact, gcs)
-    record = {"version": version, "artifact_uri": artifact, "metrics": {}, "run_id": "x"}
-    root = f"gs://{bucket}/registry/{model}"
-    blobstore.write_bytes(f"{root}/versions/{version}.json", json.dumps(record).encode(), gcs)
-    champion = json.dumps({"version": version}).encode()
-    blobstore.write_bytes(f"{root}/champion.json", champion, gcs)
+    version = registry.register(model, {"run_id": run_id, "artifact_uri": artifact,
+                                        "metrics": {}})  # fmt: skip
+    assert registry.promote(model, version, registry.pointer(model).generation, "test", "serve")
+    return version
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -115,6 +116,7 @@ def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
 def test_a_promoted_decision_swaps_the_served_champion(
     stack: Stack,
     gcs: Any,
+    registry: FirestoreRegistry,
     publisher: Any,
     model_dirs: list[Path],
     model_name: str,
@@ -122,13 +124,8 @@ def test_a_promoted_decision_swaps_the_served_champion(
     tmp_path: Path,
 ) -> None:
     settings: Settings = stack.settings.model_copy(update={"models": {model_name: SPEC}})
-    register(stack, gcs, model_name, "1", model_dirs[0])
-    store = ModelStore(
-        settings.models,
-        GcsRegistry(settings.buckets.artifacts),
-        blobstore.download_dir,
-        tmp_path / "cache",
-    )
+    assert register(registry, gcs, model_name, model_dirs[0]) == "1"
+    store = ModelStore(settings.models, registry, blobstore.download_dir, tmp_path / "cache")
     # Polling is slow on purpose: the swap below has to come from the decision.
     watcher = ChampionWatcher(store, settings.project, decisions_subscription, poll_seconds=300)
     base = f"/v1/projects/{settings.project}/locations/{settings.region}"
@@ -144,7 +141,7 @@ def test_a_promoted_decision_swaps_the_served_champion(
         assert watcher.listening.wait(30), "the streaming pull did not start"
         assert watcher.running()
 
-        register(stack, gcs, model_name, "2", model_dirs[1])
+        assert register(registry, gcs, model_name, model_dirs[1]) == "2"
         decision = Decision(
             model=model_name,
             run_id="run-2",

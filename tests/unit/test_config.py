@@ -80,7 +80,14 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ("bad_service_account", "gcp.pipeline_service_account", "is not a service account email"),
     ("canary_of_100_percent", "gcp.endpoint.canary_percent", "less than or equal to 99"),
     ("bad_job_label", "gcp.labels", "label Team='ml': keys start with a lowercase letter"),
-]
+    ("registry_bucket_is_data_bucket", "buckets",
+     "registry: 'retrain-data' is also the data or artifacts bucket"),
+    ("default_registry_name_too_long", "buckets",
+     "the default 'retrain-artifacts-of-the-rainfall-model-in-production-eu1-registry' is "
+     "not a valid bucket name; name the registry bucket"),
+    ("bad_database", "database", "'Retrain_Ledger' is not a valid Firestore database id"),
+    ("sweep_seconds_too_short", "sweep_seconds", "greater than or equal to 5"),
+]  # fmt: skip
 
 SEVERAL_PROBLEMS: dict[str, str] = {
     "colour": "unknown key",
@@ -112,6 +119,9 @@ def test_shipped_config_loads() -> None:
     assert rainfall.data_prefix == "rainfall/"
     assert (rainfall.label, rainfall.order_column) == ("rain", "day")
     assert settings.buckets.data == "retrain-data"
+    assert settings.buckets.models == "retrain-registry"
+    assert (settings.database, settings.sweep_seconds) == ("retrain", 600)
+    assert settings.local.ports.firestore == 8086
     assert settings.local.state_dir == (SHIPPED.parent / ".retrain").resolve()
 
 
@@ -208,6 +218,39 @@ def test_absolute_state_dir_is_kept(tmp_path: Path) -> None:
     config = minimal_config(local={"state_dir": str(absolute)})
     path = write_config(tmp_path / "retrain.yaml", config)
     assert load_settings(path).local.state_dir == absolute
+
+
+# --- the registry bucket, the database and the sweep -----------------------------------------
+
+
+def test_the_registry_bucket_defaults_to_one_of_its_own() -> None:
+    settings = Settings.model_validate(minimal_config())
+    assert settings.buckets.registry is None
+    assert settings.buckets.models == "retrain-artifacts-registry"
+    assert settings.database == "retrain"
+    named = minimal_config(buckets={"data": "retrain-data", "artifacts": "retrain-artifacts",
+                                    "registry": "models-only"})  # fmt: skip
+    assert Settings.model_validate(named).buckets.models == "models-only"
+
+
+@pytest.mark.parametrize("database", ["(default)", "ledger", "a-1-b"])
+def test_valid_database_ids(database: str) -> None:
+    assert Settings.model_validate(minimal_config(database=database)).database == database
+
+
+@pytest.mark.parametrize(("seconds", "ok"), [(4, False), (5, True), (3600, True), (3601, False)])
+def test_sweep_seconds_range(tmp_path: Path, seconds: int, ok: bool) -> None:
+    path = write_config(tmp_path / "retrain.yaml", minimal_config(sweep_seconds=seconds))
+    if ok:
+        assert load_settings(path).sweep_seconds == seconds
+    else:
+        [(key, _)] = problems_of(path)
+        assert key == "sweep_seconds"
+
+
+def test_run_prefix_is_under_the_artifacts_bucket() -> None:
+    settings = Settings.model_validate(minimal_config())
+    assert settings.run_prefix("rainfall", "r-1") == "gs://retrain-artifacts/runs/rainfall/r-1"
 
 
 # --- Settings.model_for_object ---------------------------------------------------------------

@@ -57,10 +57,16 @@ def test_other_event_types_are_refused() -> None:
 SHIPPED = Path(__file__).resolve().parents[2] / "retrain.yaml"
 
 
+# Nothing listens here: the functions build their Firestore client at cold start (no call
+# is made until the ledger or the registry is used), and any use of it would fail the test.
+NO_FIRESTORE = "127.0.0.1:1"
+
+
 @pytest.fixture
 def client(monkeypatch: pytest.MonkeyPatch) -> Any:
     """A function's app, in-process; these events never need the ledger or the bus."""
     monkeypatch.setenv("RETRAIN_CONFIG", str(SHIPPED))
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", NO_FIRESTORE)
 
     def make(function: str) -> Any:
         return create_app(function, str(TRIGGERS), "cloudevent").test_client()

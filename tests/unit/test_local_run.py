@@ -1,11 +1,16 @@
-"""Following a kfp.local run from its log, and the run's identity."""
+"""Following a kfp.local run from its log, the run's identity, and whether its worker lives."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import psutil
 import pytest
 
 from components.runs import RunContext
-from pipelines.local_run import StepEvent, parse_progress
+from pipelines.local_run import StepEvent, parse_progress, worker_alive
 
 pytestmark = pytest.mark.unit
 
@@ -51,3 +56,16 @@ def test_a_scheduled_job_is_named_after_the_pipeline_job() -> None:
     assert RunContext.parse("m", "r", "k", "data", "job").run_id == "r", "a given run id wins"
     with pytest.raises(ValueError, match="run_id is empty and the pipeline job has no name"):
         RunContext.parse("m", "", "", "schedule", "")
+
+
+def test_a_worker_is_alive_only_as_the_process_it_recorded() -> None:
+    """What the local launcher tells the sweep (running or ended): the pid with the same
+    start time; a pid that ended, or that was recycled by another process, is not alive."""
+    me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+    assert worker_alive(me)
+    assert not worker_alive({**me, "create_time": me["create_time"] - 60}), "a recycled pid"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    created = psutil.Process(ended.pid).create_time()
+    ended.wait()
+    assert not worker_alive({"pid": ended.pid, "create_time": created})
+    assert not worker_alive({"pid": os.getpid()})  # a record without its start time

@@ -107,3 +107,12 @@ def test_a_sweep_names_all_models_and_only_a_sweep_does() -> None:
     for bad in ({"model": "*"}, {"model": "rainfall", "reason": "sweep"}):
         with pytest.raises(ValidationError, match='model "\\*" goes with reason "sweep"'):
             ScheduleMessage.model_validate(bad)
+
+
+def test_a_champion_carries_the_pointer_generation_it_was_read_at() -> None:
+    """The gate finds a report stale by this generation (a rollback moves it too)."""
+    champion = EvaluatedModel(artifact_uri="gs://r/c", version="3", metrics={}, generation=5)
+    assert decode(EvaluatedModel, encode(champion)).generation == 5
+    assert EvaluatedModel(artifact_uri="gs://r/c", metrics={}).generation is None
+    with pytest.raises(ValidationError, match="generation"):
+        EvaluatedModel(artifact_uri="gs://r/c", metrics={}, generation=-1)

@@ -22,10 +22,10 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from components.train import train
 from retrain.config import Settings
+from retrain.gatekeeper.registry import ModelVersion
 from retrain.messages import Decision, encode
 from serving.app import MAX_BODY_BYTES, create_app
 from serving.models import ChampionWatcher, ModelLoadError, ModelStore, load_model
-from serving.registry import ModelVersion
 
 with warnings.catch_warnings():
     # Starlette 1.x asks for httpx2 but works with httpx; the warning is about packaging only.

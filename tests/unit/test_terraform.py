@@ -6,14 +6,18 @@ knows the few forms they use: references, ``try``, ``merge``, ``coalesce`` and s
 templates. The locals built with ``for`` expressions are pinned to their exact text and
 mirrored in Python below; change one and this test says which mirror to update. Resources
 are then checked to be ``for_each`` over those locals, wired to the right topics, and to be
-the only resources of their kinds, so Terraform has nothing the code does not.
+the only resources of their kinds, so Terraform has nothing the code does not. Last, the IAM
+bindings are read for who can write the registry bucket and the Firestore database (issue 11):
+the functions' account, and never the pipelines' account.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import json
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -24,11 +28,12 @@ from typing import Any
 import hcl2
 import pytest
 import yaml
+from croniter import croniter
 from hcl2.utils import SerializationOptions
 
 from retrain.config import FUNCTION_TOPICS, Settings, load_settings
 from retrain.messages import ScheduleMessage, decode
-from retrain.scheduler import SWEEP_CRON, jobs, schedule_message
+from retrain.scheduler import jobs, schedule_message
 from retrain.topology import DEAD_LETTER_SUFFIX, topology
 
 pytestmark = pytest.mark.unit
@@ -311,6 +316,19 @@ PINNED: dict[str, tuple[str, Mirror]] = {
         "${{for model, spec in local.models : model => spec.data_prefix}}",
         lambda ev: {m: s["data_prefix"] for m, s in ev.local("models").items()},
     ),
+    # Arithmetic and a conditional, which the evaluator does not know: pinned likewise.
+    "sweep_minutes": (
+        "${max(1, ceil(local.sweep_seconds / 60))}",
+        lambda ev: max(1, math.ceil(ev.local("sweep_seconds") / 60)),
+    ),
+    "sweep_cron": (
+        '${local.sweep_minutes >= 60 ? "0 * * * *" : "*/${local.sweep_minutes} * * * *"}',
+        lambda ev: (
+            "0 * * * *"
+            if ev.local("sweep_minutes") >= 60
+            else f"*/{ev.local('sweep_minutes')} * * * *"
+        ),
+    ),
     "topic_ids": (
         "${merge({for field, topic in google_pubsub_topic.topic : topic.name => topic.id}, "
         "{for field, topic in google_pubsub_topic.dead_letter : topic.name => topic.id})}",
@@ -337,7 +355,13 @@ def terraform_names(tf: Terraform, config: dict[str, Any]) -> dict[str, Any]:
     return {
         "project": ev.local("project"),
         "region": ev.local("region"),
-        "buckets": {"data": ev.local("data_bucket"), "artifacts": artifacts},
+        "buckets": {
+            "data": ev.local("data_bucket"),
+            "artifacts": artifacts,
+            "registry": ev.local("registry_bucket"),
+        },
+        "database": ev.local("database"),
+        "sweep cron": ev.local("sweep_cron"),
         "topics by field": topics,
         "all topics": sorted({*topics.values(), *dead_letters.values()}),
         "pull subscriptions": ev.local("pull_subscriptions"),
@@ -361,13 +385,27 @@ def terraform_names(tf: Terraform, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def sweep_cron(sweep_seconds: int) -> str:
+    """Cloud Scheduler's cron for a sweep every ``sweep_seconds``: whole minutes, rounded up
+    (never less often than asked, except below a minute, Cloud Scheduler's finest); hourly at
+    60 minutes, the most that Settings.sweep_seconds allows."""
+    minutes = max(1, math.ceil(sweep_seconds / 60))
+    return "0 * * * *" if minutes >= 60 else f"*/{minutes} * * * *"
+
+
 def code_names(settings: Settings) -> dict[str, Any]:
     plan = topology(settings)
     scheduled = {job.model for job in jobs(settings, datetime(2030, 1, 1, tzinfo=UTC))}
     return {
         "project": settings.project,
         "region": settings.region,
-        "buckets": {"data": settings.buckets.data, "artifacts": settings.buckets.artifacts},
+        "buckets": {
+            "data": settings.buckets.data,
+            "artifacts": settings.buckets.artifacts,
+            "registry": settings.buckets.models,
+        },
+        "database": settings.database,
+        "sweep cron": sweep_cron(settings.sweep_seconds),
         "topics by field": settings.topics.names(),
         "all topics": sorted(plan.all_topics),
         "pull subscriptions": plan.pulls,
@@ -459,7 +497,7 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         "pubsub_target.data": "${base64encode(jsonencode({model = each.key}))}",
     },
     ("google_cloud_scheduler_job", "sweep"): {
-        "schedule": SWEEP_CRON,
+        "schedule": "${local.sweep_cron}",
         "time_zone": "UTC",
         "pubsub_target.topic_name": _TOPIC % "retrain_schedule",
         # ScheduleMessage {"model": "*", "reason": "sweep"}: decoded in
@@ -494,9 +532,30 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         "uniform_bucket_level_access": True,
         "public_access_prevention": "enforced",
     },
+    ("google_storage_bucket", "registry"): {
+        "name": "${local.registry_bucket}",
+        "uniform_bucket_level_access": True,
+        "public_access_prevention": "enforced",
+        "versioning.enabled": True,
+        "force_destroy": False,
+        "lifecycle.precondition.condition": (
+            "${!contains([local.data_bucket, local.artifacts_bucket], local.registry_bucket)}"
+        ),
+    },
     ("google_storage_bucket", "access_logs"): {
         "uniform_bucket_level_access": True,
         "public_access_prevention": "enforced",
+    },
+    ("google_firestore_database", "state"): {
+        "name": "${local.database}",
+        "type": "FIRESTORE_NATIVE",
+        "location_id": "${local.firestore_location}",
+        # retrain/statedb.py: preconditioned batched commits, no transactions, no locks.
+        "concurrency_mode": "OPTIMISTIC",
+        "point_in_time_recovery_enablement": "POINT_IN_TIME_RECOVERY_ENABLED",
+        "delete_protection_state": "DELETE_PROTECTION_ENABLED",
+        "deletion_policy": "ABANDON",
+        "depends_on": ["${google_project_service.enabled}"],
     },
     ("google_artifact_registry_repository", "components"): {
         "repository_id": "${local.repository}",
@@ -563,6 +622,135 @@ def policy_problems(tf: Terraform) -> list[str]:
             "service_account_id"
         ) != ("${google_service_account.pipelines.name}"):
             problems.append(f"{rtype}.{name}: 'act as' is only for the pipeline runner account")
+    return problems
+
+
+# --- who can write the registry and the ledger (issue 11) ------------------------------------
+
+# The registry bucket and the Firestore database (the run ledger and the registry's records):
+# the functions' account writes both, the pipelines' account only reads them. What counts as
+# reading, per service; every other role there is write access.
+STORAGE_READ_ROLES = {
+    "roles/storage.objectViewer",
+    "roles/storage.legacyObjectReader",
+    "roles/storage.legacyBucketReader",
+}
+DATASTORE_READ_ROLES = {"roles/datastore.viewer"}
+# What the gatekeeper needs on the registry bucket: a server-side copy creates objects and,
+# when a redelivered report copies onto the same names, deletes the old ones (objectCreator
+# has no delete, and no read).
+STORAGE_WRITE_ROLES = {"roles/storage.objectUser", "roles/storage.objectAdmin"}
+DATASTORE_WRITE_ROLES = {"roles/datastore.user"}
+# Project-level roles known to carry no Cloud Storage or Firestore write permission. A role on
+# the project applies to every bucket and database in it, so any other one given to the
+# pipelines' account is refused until someone has looked at its permissions and listed it here.
+PROJECT_ROLES_WITHOUT_STORAGE_OR_DATASTORE_WRITES = {
+    "roles/aiplatform.user",  # Vertex AI resources only
+    "roles/viewer",  # reads everything, writes nothing
+    *STORAGE_READ_ROLES,
+    *DATASTORE_READ_ROLES,
+}
+# Resource types whose grants cannot reach the registry bucket or Firestore.
+_UNRELATED_IAM = {
+    "google_pubsub_topic_iam_member",
+    "google_artifact_registry_repository_iam_member",
+}
+_DATABASE_CONDITION = 'resource.name == "${google_firestore_database.%s.id}"'
+
+
+def _grantee(body: Mapping[str, Any], account: str) -> bool:
+    """Whether a binding grants to ``account`` (``functions`` or ``pipelines``), however the
+    member is spelled."""
+    text = json.dumps([body.get("member"), body.get("members")])
+    spellings = [f"google_service_account.{account}."]
+    if account == "pipelines":
+        spellings.append("local.pipeline_service_account")
+    return any(spelling in text for spelling in spellings)
+
+
+def _bucket_of(body: Mapping[str, Any]) -> str | None:
+    """``google_storage_bucket.<name>``'s name for a bucket binding; None if not that form."""
+    bucket = str(body.get("bucket", ""))
+    if bucket == "${local.registry_bucket}":
+        return "registry"
+    found = re.fullmatch(r"\$\{google_storage_bucket\.(\w+)\.(?:name|id)\}", bucket)
+    return found[1] if found else None
+
+
+def _condition(body: Mapping[str, Any]) -> str | None:
+    found = lookup(body, "condition.expression")
+    return None if found is None else str(found)
+
+
+@dataclass(frozen=True)
+class Grant:
+    where: str  # the binding, type.name
+    store: str  # "registry" (the bucket) or "database" (Firestore)
+    role: str
+    writes: bool
+    scoped: bool  # to the registry bucket or our database alone, not more
+
+
+def grants(tf: Terraform, account: str) -> list[Grant]:
+    """What ``account`` (``functions`` or ``pipelines``) is given on the registry bucket and
+    on Firestore. A grant that the reader cannot place counts as writing both."""
+    databases = [name for rtype, name in tf.resources if rtype == "google_firestore_database"]
+    ours = _DATABASE_CONDITION % (databases[0] if len(databases) == 1 else "?")
+    found = []
+    for (rtype, name), body in sorted(tf.resources.items()):
+        if not rtype.endswith(("_iam_member", "_iam_binding", "_iam_policy")):
+            continue
+        if not _grantee(body, account) or rtype in _UNRELATED_IAM:
+            continue
+        where, role = f"{rtype}.{name}", str(body.get("role", ""))
+        if rtype == "google_storage_bucket_iam_member":
+            bucket = _bucket_of(body)
+            if bucket in (None, "registry"):  # a bucket of unknown name may be the registry
+                writes = role not in STORAGE_READ_ROLES
+                found.append(Grant(where, "registry", role, writes, bucket == "registry"))
+        elif rtype == "google_project_iam_member" and role.startswith("roles/datastore."):
+            writes = role not in DATASTORE_READ_ROLES
+            found.append(Grant(where, "database", role, writes, _condition(body) == ours))
+        elif rtype == "google_project_iam_member":
+            # On the project: on every bucket and database in it.
+            writes = role not in PROJECT_ROLES_WITHOUT_STORAGE_OR_DATASTORE_WRITES
+            if writes:
+                found += [Grant(where, s, role, True, False) for s in ("registry", "database")]
+        else:
+            # Acting as another account (serviceAccountUser, TokenCreator) would be that
+            # account's access; any other kind of grant is not understood here.
+            found += [Grant(where, s, role, True, False) for s in ("registry", "database")]
+    return found
+
+
+def access_problems(tf: Terraform) -> list[str]:
+    """Where the pipelines' account could write the registry bucket or the Firestore database,
+    and where the functions' account could not write them (or the pipelines' not read them)."""
+    databases = [name for rtype, name in tf.resources if rtype == "google_firestore_database"]
+    if len(databases) != 1:
+        return [f"expected one google_firestore_database, found {databases}"]
+    stores = {"registry": "the registry bucket", "database": "Firestore"}
+    pipelines, functions = grants(tf, "pipelines"), grants(tf, "functions")
+    problems = [
+        f"{g.where}: the pipelines' account could write {stores[g.store]} ({g.role})"
+        for g in pipelines
+        if g.writes
+    ]
+    problems += [
+        f"{g.where}: {g.role} is not limited to our database (condition "
+        f"{_DATABASE_CONDITION % databases[0]!r})"
+        for g in pipelines + functions
+        if g.store == "database" and not g.scoped and g.role.startswith("roles/datastore.")
+    ]
+    needs = {"registry": STORAGE_WRITE_ROLES, "database": DATASTORE_WRITE_ROLES}
+    for store, label in stores.items():
+        if not any(g.store == store and g.scoped and not g.writes for g in pipelines):
+            problems.append(f"the pipelines' account cannot read {label} (evaluate reads it)")
+        if not any(g.store == store and g.scoped and g.role in needs[store] for g in functions):
+            problems.append(
+                f"the functions' account cannot write {label} (one of {sorted(needs[store])}"
+                " on it alone)"
+            )
     return problems
 
 
@@ -669,7 +857,9 @@ def _custom_config(tmp_path: Path) -> Path:
     raw |= {
         "project": "acme-ml-test",
         "region": "europe-west4",
-        "buckets": {"data": "acme-in", "artifacts": "acme-out"},
+        "buckets": {"data": "acme-in", "artifacts": "acme-out", "registry": "acme-models"},
+        "database": "acme-state",
+        "sweep_seconds": 420,
         "topics": {"data_arrivals": "acme-arrivals", "model_decisions": "acme-decisions"},
         "delivery": {"max_delivery_attempts": 7, "max_backoff_seconds": 30},
         "gcp": {
@@ -734,7 +924,10 @@ def test_roles_are_least_privilege_and_explained(terraform: Terraform) -> None:
 
 def test_publisher_roles_match_the_publishing_code(terraform: Terraform) -> None:
     functions_side = published_topics(
-        ROOT / "triggers", ROOT / "retrain" / "service.py", ROOT / "pipelines" / "launchers.py"
+        ROOT / "triggers",
+        ROOT / "retrain" / "service.py",
+        ROOT / "retrain" / "gatekeeper",
+        ROOT / "pipelines" / "launchers.py",
     )
     assert set(terraform.locals["function_publishes"]) == functions_side
     binding = terraform.resources["google_pubsub_topic_iam_member", "functions_publish"]
@@ -803,6 +996,18 @@ def _change_default_region(tf: Terraform) -> None:
     tf.locals["region"] = '${try(local.config.region, "europe-west1")}'
 
 
+def _change_default_database(tf: Terraform) -> None:
+    tf.locals["database"] = '${try(local.config.database, "(default)")}'
+
+
+def _registry_in_the_artifacts_bucket(tf: Terraform) -> None:
+    tf.locals["registry_bucket"] = "${local.artifacts_bucket}"
+
+
+def _fixed_sweep(tf: Terraform) -> None:
+    tf.locals["sweep_cron"] = "*/10 * * * *"
+
+
 @pytest.mark.parametrize(
     ("break_it", "symptom"),
     [
@@ -812,6 +1017,9 @@ def _change_default_region(tf: Terraform) -> None:
         (_rename_default_topic, "Terraform 'drift'"),
         (_change_dead_letter_names, "update its mirror"),
         (_change_default_region, "region"),
+        (_change_default_database, "database: Terraform '(default)', code 'retrain'"),
+        (_registry_in_the_artifacts_bucket, "buckets['registry']: Terraform 'acme-artifacts'"),
+        (_fixed_sweep, "update its mirror"),
     ],
 )
 def test_parity_check_catches(
@@ -842,3 +1050,177 @@ def test_wiring_and_policy_checks_catch(terraform: Terraform) -> None:
     assert any("no_such_binding is not declared" in p for p in problems)
     assert any("functions_read_data: a role binding needs" in p for p in problems)
     assert any("the trigger account gets roles/aiplatform.user" in p for p in problems)
+
+
+# --- the registry and the ledger: who writes them (issue 11) ----------------------------------
+
+
+def test_firestore_api_is_enabled(terraform: Terraform) -> None:
+    # The database depends on google_project_service.enabled (WIRING pins that).
+    apis = terraform.resources["google_project_service", "enabled"]["for_each"]
+    assert '"firestore.googleapis.com"' in apis
+
+
+def test_pipelines_cannot_write_the_registry_or_the_ledger(terraform: Terraform) -> None:
+    """The pipelines' account reads the registry bucket and Firestore and writes neither; the
+    functions' account writes both, each grant on that bucket or that database alone."""
+    assert access_problems(terraform) == []
+    pipelines = {(g.store, g.role) for g in grants(terraform, "pipelines")}
+    assert pipelines == {
+        ("registry", "roles/storage.objectViewer"),
+        ("database", "roles/datastore.viewer"),
+    }
+    functions = {(g.store, g.role) for g in grants(terraform, "functions") if g.scoped}
+    assert functions == {
+        ("registry", "roles/storage.objectUser"),
+        ("database", "roles/datastore.user"),
+    }
+
+
+@pytest.mark.parametrize("seconds", [5, 59, 60, 61, 420, 600, 1799, 1800, 3599, 3600])
+def test_sweep_runs_at_least_every_sweep_seconds(
+    terraform: Terraform, tmp_path: Path, seconds: int
+) -> None:
+    raw = yaml.safe_load(_minimal_config(tmp_path).read_text(encoding="utf-8"))
+    raw["sweep_seconds"] = seconds
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert parity_problems(terraform, path) == []
+
+    cron = Evaluator(terraform, raw).local("sweep_cron")
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    fires = croniter(cron, start)
+    times = [start]
+    while times[-1] < datetime(2030, 1, 3, tzinfo=UTC):
+        times.append(fires.get_next(datetime))
+    # times[0] is the start, not a firing.
+    longest = max((b - a).total_seconds() for a, b in itertools.pairwise(times[1:]))
+    # Never less often than asked, rounded up to Cloud Scheduler's whole minutes.
+    asked = max(60, seconds)
+    assert asked <= longest < asked + 60, (cron, longest)
+
+
+_PIPELINES = "${google_service_account.pipelines.member}"
+_REGISTRY = "${google_storage_bucket.registry.name}"
+
+
+def _binding(tf: Terraform, rtype: str, name: str, **body: Any) -> None:
+    tf.resources[rtype, name] = {**body, "__comments__": [{"value": "Why: a test"}]}
+
+
+def _pipelines_write_registry(tf: Terraform) -> None:
+    tf.resources["google_storage_bucket_iam_member", "pipelines_read_registry"]["role"] = (
+        "roles/storage.objectUser"
+    )
+
+
+def _pipelines_admin_registry_by_email(tf: Terraform) -> None:
+    _binding(
+        tf, "google_storage_bucket_iam_member", "sneaky", bucket="${local.registry_bucket}",
+        role="roles/storage.objectAdmin", member="serviceAccount:${local.pipeline_service_account}",
+    )  # fmt: skip
+
+
+def _pipelines_write_unknown_bucket(tf: Terraform) -> None:
+    _binding(
+        tf, "google_storage_bucket_iam_member", "literal", bucket="retrain-registry",
+        role="roles/storage.objectCreator", member=_PIPELINES,
+    )  # fmt: skip
+
+
+def _pipelines_write_database(tf: Terraform) -> None:
+    tf.resources["google_project_iam_member", "pipelines_read_state"]["role"] = (
+        "roles/datastore.user"
+    )
+
+
+def _pipelines_project_storage_admin(tf: Terraform) -> None:
+    _binding(
+        tf, "google_project_iam_member", "wide", project="${local.project}",
+        role="roles/storage.objectAdmin", member=_PIPELINES,
+    )  # fmt: skip
+
+
+def _pipelines_editor(tf: Terraform) -> None:
+    _binding(
+        tf, "google_project_iam_member", "editor", project="${local.project}",
+        role="roles/editor", member=_PIPELINES,
+    )  # fmt: skip
+
+
+def _pipelines_firebase_admin(tf: Terraform) -> None:
+    _binding(
+        tf, "google_project_iam_member", "firebase", project="${local.project}",
+        role="roles/firebase.admin", member=_PIPELINES,
+    )  # fmt: skip
+
+
+def _pipelines_act_as_functions(tf: Terraform) -> None:
+    _binding(
+        tf, "google_service_account_iam_member", "impersonate",
+        service_account_id="${google_service_account.functions.name}",
+        role="roles/iam.serviceAccountTokenCreator", member=_PIPELINES,
+    )  # fmt: skip
+
+
+def _pipelines_viewer_everywhere(tf: Terraform) -> None:
+    del tf.resources["google_project_iam_member", "pipelines_read_state"]["condition"]
+
+
+def _pipelines_cannot_read_registry(tf: Terraform) -> None:
+    del tf.resources["google_storage_bucket_iam_member", "pipelines_read_registry"]
+
+
+def _functions_cannot_overwrite(tf: Terraform) -> None:
+    tf.resources["google_storage_bucket_iam_member", "functions_write_registry"]["role"] = (
+        "roles/storage.objectCreator"
+    )
+
+
+def _functions_write_another_bucket(tf: Terraform) -> None:
+    tf.resources["google_storage_bucket_iam_member", "functions_write_registry"]["bucket"] = (
+        "${google_storage_bucket.artifacts.name}"
+    )
+
+
+def _functions_no_database(tf: Terraform) -> None:
+    del tf.resources["google_project_iam_member", "functions_use_state"]
+
+
+def _functions_every_database(tf: Terraform) -> None:
+    del tf.resources["google_project_iam_member", "functions_use_state"]["condition"]
+
+
+def _two_databases(tf: Terraform) -> None:
+    tf.resources["google_firestore_database", "other"] = {"name": "other"}
+
+
+@pytest.mark.parametrize(
+    ("break_it", "symptom"),
+    [
+        (_pipelines_write_registry, "pipelines_read_registry: the pipelines' account could write"),
+        (_pipelines_admin_registry_by_email, "sneaky: the pipelines' account could write the reg"),
+        (_pipelines_write_unknown_bucket, "literal: the pipelines' account could write the reg"),
+        (_pipelines_write_database, "pipelines_read_state: the pipelines' account could write"),
+        (_pipelines_project_storage_admin, "wide: the pipelines' account could write the regist"),
+        (_pipelines_project_storage_admin, "wide: the pipelines' account could write Firestore"),
+        (_pipelines_editor, "editor: the pipelines' account could write Firestore"),
+        (_pipelines_firebase_admin, "firebase: the pipelines' account could write Firestore"),
+        (_pipelines_act_as_functions, "impersonate: the pipelines' account could write"),
+        (_pipelines_viewer_everywhere, "datastore.viewer is not limited to our database"),
+        (_pipelines_cannot_read_registry, "the pipelines' account cannot read the registry"),
+        (_functions_cannot_overwrite, "the functions' account cannot write the registry bucket"),
+        (_functions_write_another_bucket, "the functions' account cannot write the registry"),
+        (_functions_no_database, "the functions' account cannot write Firestore"),
+        (_functions_every_database, "datastore.user is not limited to our database"),
+        (_two_databases, "expected one google_firestore_database"),
+    ],
+)
+def test_access_check_catches(
+    terraform: Terraform, break_it: Callable[[Terraform], None], symptom: str
+) -> None:
+    broken = copy.deepcopy(terraform)
+    break_it(broken)
+    problems = access_problems(broken)
+    assert any(symptom in p for p in problems), problems
+    assert access_problems(terraform) == []  # the deep copy left the real one alone

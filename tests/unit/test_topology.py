@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from retrain.config import load_settings
-from retrain.scheduler import jobs, schedule_message
+from retrain.messages import ScheduleMessage, decode
+from retrain.scheduler import CronJob, SweepJob, jobs, schedule_message
 from retrain.topology import push_subscription, topology
 
 pytestmark = pytest.mark.unit
@@ -60,11 +62,35 @@ def test_push_subscription_carries_dead_letter_and_retry_policy() -> None:
 
 def test_scheduler_fires_on_each_models_cron() -> None:
     settings = load_settings(SHIPPED)
-    (job,) = jobs(settings, datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
-    assert job.model == "rainfall"
-    assert job.next == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
-    assert job.advance() == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
-    assert job.next == datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
-    assert schedule_message("rainfall", job.next) == (
+    cron, _ = jobs(settings, datetime(2026, 11, 25, 12, 0, tzinfo=UTC))
+    assert isinstance(cron, CronJob)
+    assert cron.model == "rainfall"
+    assert cron.next == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+    assert cron.advance() == datetime(2026, 11, 26, 3, 0, tzinfo=UTC)
+    assert cron.next == datetime(2026, 11, 27, 3, 0, tzinfo=UTC)
+    assert schedule_message("rainfall", cron.next) == (
         b'{"model": "rainfall", "scheduled_time": "2026-11-27T03:00:00+00:00"}'
     )
+
+
+def test_scheduler_sweeps_every_sweep_seconds() -> None:
+    """One sweep job for all models, every ``sweep_seconds`` (600 shipped), with or without
+    any model's cron; its message is a sweep that the on_schedule function accepts."""
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    shipped = load_settings(SHIPPED)
+    sweep = jobs(shipped, now)[-1]
+    assert isinstance(sweep, SweepJob)
+    assert sweep.model == "*"
+    assert sweep.next == now + timedelta(seconds=600)
+    assert sweep.advance() == now + timedelta(seconds=600)
+    assert sweep.next == now + timedelta(seconds=1200)
+    message = schedule_message(sweep.model, sweep.next)
+    assert json.loads(message) == {"model": "*", "reason": "sweep"}
+    assert decode(ScheduleMessage, message).reason == "sweep"
+
+    quiet = shipped.model_copy(update={"sweep_seconds": 30, "models": {
+        name: model.model_copy(update={"schedule": None})
+        for name, model in shipped.models.items()}})  # fmt: skip
+    (only,) = jobs(quiet, now)
+    assert isinstance(only, SweepJob)
+    assert only.next == now + timedelta(seconds=30)

@@ -24,10 +24,10 @@ from threadpoolctl import threadpool_info
 
 from components.train import train
 from retrain.config import Settings
+from retrain.gatekeeper.registry import ModelVersion
 from retrain.localstack.processes import free_ports, http_ok, spawn, stop, wait_until
 from serving.app import create_app as create_prediction_server
 from serving.models import ModelStore
-from serving.registry import ModelVersion
 from serving.vertex_container import ContainerSettings, create_app, serve
 from tests.conftest import QUICK_MODEL, ROOT, rainfall
 
