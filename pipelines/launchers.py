@@ -29,7 +29,13 @@ if TYPE_CHECKING:
     from retrain.ledger import FirestoreLedger, RunRecord
     from retrain.localstack import Stack
 
-__all__ = ["LocalLauncher", "LocalRunError", "launcher_for", "run_and_follow"]
+__all__ = [
+    "LocalLauncher",
+    "LocalRunError",
+    "launcher_for",
+    "local_environment",
+    "run_and_follow",
+]
 
 EMULATOR_VARIABLES = ("PUBSUB_EMULATOR_HOST", "STORAGE_EMULATOR_HOST", "FIRESTORE_EMULATOR_HOST")
 DEFAULT_IMAGE = "retrain-components:latest"
@@ -107,7 +113,7 @@ def launcher_for(
     return LocalLauncher(config_path, settings.local.state_dir)
 
 
-def _environment(stack: Stack) -> dict[str, str]:
+def local_environment(stack: Stack) -> dict[str, str]:
     """The stack's emulators if it runs; else the caller's own environment must name them."""
     if stack.running():
         return {**os.environ, **stack.env()}
@@ -137,10 +143,13 @@ def run_and_follow(
     image: str = "retrain-components:latest",
     console: Console | None = None,
     timeout: float = 3600.0,
+    hold_lease: bool = False,
 ) -> RunResult:
-    """Run the pipeline in a worker process and follow it step by step until it ends."""
+    """Run the pipeline in a worker process and follow it step by step until it ends.
+    ``hold_lease``: run ``run_id`` holds the model's lease (the caller took it); the worker
+    records itself and keeps the lease while it runs."""
     _check_pipeline(stack, model, image)
-    env = _environment(stack)
+    env = local_environment(stack)
     run_id = run_id or new_run_id(model)
     workdir = stack.state_dir / "runs" / run_id
     workdir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +159,8 @@ def run_and_follow(
     )  # fmt: skip
     for uri in data_uris:
         argv += ["--data", uri]
+    if hold_lease:
+        argv.append("--hold-lease")
     log = workdir / LOG_FILE
     with log.open("wb") as out:
         worker = subprocess.Popen(

@@ -252,6 +252,14 @@ def main(
             "the model's coalescing window (this run must hold the model's lease).",
         ),
     ] = False,
+    hold_lease: Annotated[
+        bool,
+        typer.Option(
+            "--hold-lease",
+            help="This run holds the model's lease already (`retrain run` took it): record "
+            "this worker in the run and keep the lease while it runs.",
+        ),
+    ] = False,
     workdir: Annotated[Path, typer.Option(help="Folder for outputs and result.json.")] = Path("."),
     image: Annotated[str, typer.Option(help="Component image (recorded, not used locally).")] = (
         "retrain-components:latest"
@@ -261,6 +269,9 @@ def main(
     settings = load_settings(config)
     workdir.mkdir(parents=True, exist_ok=True)
     data_uris = list(data or [])
+    if hold_lease and not from_ledger and not _keep_lease(settings, model, run_id):
+        print(f"run {run_id} no longer holds the lease of {model}; nothing to do")  # noqa: T201
+        return
     if from_ledger:
         if not _keep_lease(settings, model, run_id):  # taken over before this worker started
             print(f"run {run_id} no longer holds the lease of {model}; nothing to do")  # noqa: T201

@@ -137,8 +137,10 @@ class VertexLauncher:
             return False
         found = job.gca_resource
         labels = dict(found.labels)
-        return bool(found.schedule_name) and labels.get("retrain_model") == model and (
-            labels.get("retrain_reason") == "schedule"
+        return (
+            bool(found.schedule_name)
+            and labels.get("retrain_model") == model
+            and labels.get("retrain_reason") == "schedule"
         )
 
     def state(self, model: str, run: RunRecord) -> JobState:

@@ -441,19 +441,47 @@ def run(
     ] = None,
     image: ImageOption = "retrain-components:latest",
 ) -> None:
-    """Run the pipeline locally with kfp.local, showing each step; publish its MetricsReport."""
-    from pipelines.launchers import LocalRunError, run_and_follow  # noqa: PLC0415
+    """Run the pipeline locally with kfp.local, showing each step; publish its MetricsReport.
+
+    The run takes the model's lease first, as a run the ledger launched (one run per model
+    at a time), so the gatekeeper decides on its report."""
+    from pipelines.launchers import (  # noqa: PLC0415
+        LocalRunError,
+        local_environment,
+        run_and_follow,
+    )
+    from retrain.ledger import new_run_id  # noqa: PLC0415
+    from retrain.service import gathering_lease  # noqa: PLC0415
 
     settings = _load(config)
     if model not in settings.models:
         known = ", ".join(sorted(settings.models))
         err.print(f"[bold red]no model {escape(model)!r}[/] in {config}; known: {escape(known)}")
         raise typer.Exit(code=2)
+    stack = _stack(config)
+    try:
+        local_environment(stack)
+    except LocalRunError as exc:
+        err.print(f"[bold red]retrain run[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    run_id = run_id or new_run_id(model)
+    ledger = _Clients(stack).ledger()
+    lease = ledger.acquire(model, run_id, gathering_lease(settings.models[model]))
+    if not lease.acquired:
+        err.print(
+            f"[bold red]retrain run[/]: run {escape(lease.holder or '?')} of {model} is in flight "
+            "(`retrain runs` shows it); one run per model at a time. `retrain publish manual` "
+            "queues a run for when it ends."
+        )
+        raise typer.Exit(code=1)
+    ledger.start(model, run_id, list(data))
     try:
         result = run_and_follow(
-            _stack(config), model, data, reason=reason, run_id=run_id, image=image, console=err
-        )
+            stack, model, data, reason=reason, run_id=run_id, image=image, console=err,
+            hold_lease=True,
+        )  # fmt: skip
     except LocalRunError as exc:
+        ledger.abandon(model, run_id, f"the run could not start: {exc}")
         err.print(f"[bold red]retrain run[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     out.print(f"run {result.run_id}: [bold]{result.state}[/] in {result.seconds:.1f} s")

@@ -18,6 +18,7 @@ from google.cloud import pubsub_v1
 from sklearn.datasets import load_breast_cancer
 
 from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack
 from retrain.messages import MetricsReport, decode
 from tests.conftest import ROOT, unique
@@ -178,6 +179,7 @@ def test_champion_is_scored_on_the_same_rows(
     stack: Stack,
     gcs: Any,
     registry: FirestoreRegistry,
+    ledger: FirestoreLedger,
     subscriber: pubsub_v1.SubscriberClient,
     metrics_subscription: str,
     config_with: Callable[..., tuple[Path, str]],
@@ -194,6 +196,8 @@ def test_champion_is_scored_on_the_same_rows(
     version = registry.register(model, {"run_id": first, "artifact_uri": champion_uri,
                                         "metrics": {}})  # fmt: skip
     assert registry.promote(model, version, 0, by="test", reason="the first candidate")
+    # (This config's model is unknown to the stack's gatekeeper: end the run as it would.)
+    assert ledger.finish(model, first, "succeeded"), "retrain run held the model's lease"
     second = unique("run")
 
     result = retrain_run(config, model, "--data", uri, "--run-id", second)
@@ -322,6 +326,23 @@ def test_container_component_is_refused_for_a_local_run_with_a_clear_message(
     said = " ".join(result.stderr.split())
     assert "local runs (kfp.local's SubprocessRunner) support Python components only" in said
     assert "Traceback" not in result.stderr
+
+
+def test_retrain_run_is_refused_while_another_run_holds_the_model(
+    config_with: Callable[..., tuple[Path, str]], ledger: FirestoreLedger
+) -> None:
+    """`retrain run` takes the model's lease like any run the ledger launches: while
+    another run holds it, it starts nothing and says what to do instead."""
+    config, model = config_with()
+    assert ledger.acquire(model, f"{model}-other-run", ttl=600).acquired
+
+    result = retrain_run(config, model, "--data", f"gs://retrain-data/{model}/x.csv")
+
+    assert result.returncode == 1
+    said = " ".join(result.stderr.split())
+    assert f"run {model}-other-run of {model} is in flight" in said
+    assert "`retrain publish manual` queues a run" in said
+    assert [r.run_id for r in ledger.runs(model)] == [f"{model}-other-run"]
 
 
 SCHEDULED_JOB = """
