@@ -75,7 +75,8 @@ def pull_decisions(
     got: list[Decision] = []
     deadline = time.monotonic() + timeout
     while len(got) < wanted and time.monotonic() < deadline:
-        response = subscriber.pull(subscription=subscription, max_messages=10, timeout=5)
+        wait = max(0.5, min(5.0, deadline - time.monotonic()))
+        response = subscriber.pull(subscription=subscription, max_messages=10, timeout=wait)
         for received in response.received_messages:
             got.append(decode(Decision, received.message.data))
             subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
@@ -179,6 +180,13 @@ def test_upload_to_served_then_worse_rejected_then_rollback(
         assert registry.audit("served")[-1]["action"] == "rollback"
 
 
+def _gatekeeper_lines(stack: Stack, run_id: str) -> int:
+    """How many deliveries about ``run_id`` the gatekeeper function has logged."""
+    log = stack.logs / "gatekeeper.log"
+    lines = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+    return sum(1 for line in lines if f'"run_id": "{run_id}"' in line)
+
+
 def _report_copy(registry: FirestoreRegistry, gcs: Any, stack: Stack, run_id: str) -> MetricsReport:
     kept = json.loads(
         gcs.bucket(stack.settings.buckets.artifacts)
@@ -204,10 +212,13 @@ def test_duplicate_and_racing_reports(
     topic = publisher.topic_path(stack.settings.project, stack.settings.topics.model_metrics)
     versions_before = len(registry.records("reports"))
 
-    # The same report delivered twice more: still one version and one decision.
+    # The same report delivered twice more: still one version and one decision. (The
+    # gatekeeper's log says when it handled both; then nothing may have been published.)
+    handled = _gatekeeper_lines(stack, run.run_id)
     for _ in range(2):
         publisher.publish(topic, encode(original)).result(timeout=30)
-    assert not pull_decisions(subscriber, decisions, 1, timeout=8)
+    assert wait_until(lambda: _gatekeeper_lines(stack, run.run_id) >= handled + 2, timeout=60)
+    assert not pull_decisions(subscriber, decisions, 1, timeout=2)
     assert len(registry.records("reports")) == versions_before
 
     # Forged reports (runs the ledger never launched), racing, better than the champion:
@@ -238,7 +249,7 @@ def test_duplicate_and_racing_reports(
     refused = registry.refused("reports")
     assert {r["run_id"] for r in refused} == {r.run_id for r in forged}
     assert all("not launched by the ledger" in r["why"] for r in refused)
-    assert not pull_decisions(subscriber, decisions, 1, timeout=5)
+    assert not pull_decisions(subscriber, decisions, 1, timeout=2)
     assert len(registry.records("reports")) == versions_before
     final = registry.champion("reports")
     assert final is not None

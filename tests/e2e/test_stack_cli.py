@@ -111,6 +111,8 @@ def _ledger_and_registry(config: Path) -> Database:
 
 def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     config = write_config(tmp_path)
+    state = config.parent / "state" / "stack.json"
+    stack = Stack(load_settings(config), config)
     proc = subprocess.Popen(
         [sys.executable, "-m", "retrain", "up", "--config", str(config)],
         stdout=subprocess.PIPE,
@@ -118,8 +120,6 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        state = config.parent / "state" / "stack.json"
-        stack = Stack(load_settings(config), config)
         assert wait_until(
             lambda: (
                 state.exists()
@@ -136,7 +136,9 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
+        if state.exists():  # a failure above: stop what it started, by its recorded pids
+            stack.down()
     assert proc.returncode == 0
     assert "stopped serving" in out
     assert not state.exists()

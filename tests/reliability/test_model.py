@@ -23,7 +23,7 @@ from tests.reliability.world import Crash, Delivery, Faults, Plan, World, check,
 
 pytestmark = pytest.mark.integration
 
-MAX_EXAMPLES = 20  # bench/test_reliability.py explores more
+MAX_EXAMPLES = 12  # bench/test_reliability.py explores 200
 
 
 # Each action may die after its first or second write (half the time, it does not).
