@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make test runs test files side by side: the suite waits on processes as much as it computes.
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help prereqs install browser lint checkov test demo bench up down status package deploy clean
@@ -41,7 +43,7 @@ browser: ## Debian's chromium for the dashboard's browser test (installed when r
 	  fi; }
 
 test: install prereqs browser lint checkov ## run every test tier but benchmarks (the tests start the emulators)
-	$(BIN)/python -m pytest -m "not bench" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not bench" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install prereqs ## the main job on the local stack
 	$(BIN)/retrain demo

@@ -1,75 +1,62 @@
-"""A shortened demo across the drift point: every chunk settles, every run is decided."""
+"""`retrain demo` as a user runs it, shortened to cross the drift point: every chunk
+settles, every run it causes is decided, and the report is written."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from retrain.config import load_settings
-from retrain.demo import load_stream, replay
-from retrain.gatekeeper.registry import FirestoreRegistry
-from retrain.ledger import FirestoreLedger
-from retrain.localstack import Stack, emulators
-from retrain.statedb import Database
 from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The shipped configuration (the drift-driven policy), on a stack of its own."""
-    path = write_config(tmp_path_factory.mktemp("demo"))
-    with Stack(load_settings(path), path).running_stack() as started:
-        yield started
+CHECKS = {"no_drift", "drift", "degradation"}
 
 
-def test_short_replay_settles_every_chunk_and_decides_every_run(stack: Stack) -> None:
-    stream = load_stream(ROOT / "data" / "rainfall.csv.gz")
-
-    result = replay(stack, stream, chunks=3, start_chunk_at=11_000)
-
-    assert [c.start for c in result.chunks] == [11_000, 12_000, 13_000]
-    settings = stack.settings
-    db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
-                                             settings.database))  # fmt: skip
-    ledger = FirestoreLedger(db)
-    registry = FirestoreRegistry(db, settings.buckets.models)
-    runs = ledger.runs("rainfall")
-    assert len(runs) == 1 + result.runs  # the first upload's run, then the chunks'
-    for run in runs:
-        assert run.ended_at is not None, run
-        assert registry.decision("rainfall", run.run_id) is not None, run.run_id
-    caused = [r for c in result.chunks for r in c.runs]
-    assert caused == [r.run_id for r in runs[1:]]
-    for chunk in result.chunks:
-        assert chunk.check in {"no_drift", "drift", "degradation"}
-        assert bool(chunk.runs) == (chunk.check != "no_drift")
-        assert len(chunk.decisions) == len(chunk.runs)
-        assert 0.4 < chunk.served_accuracy <= 1
-    assert result.promotions + result.rejections == result.runs
-    # the drift point is crossed: the champion was retrained on the new concept
-    assert any(c.runs for c in result.chunks if c.start >= 12_000)
-
-
-def test_make_demo_command_writes_the_table_and_the_report(tmp_path: Path) -> None:
-    """`retrain demo` as a user runs it, cut to one chunk (its own stack; this test's config)."""
+def test_make_demo_command_crosses_the_drift_point_and_decides_every_run(
+    tmp_path: Path,
+) -> None:
+    """Three chunks from row 11,000 (the concept changes at 12,000), on the demo's own stack."""
     config = write_config(tmp_path)
     report = tmp_path / "report.html"
     done = subprocess.run(
-        [sys.executable, "-m", "retrain", "demo", "--config", str(config), "--chunks", "1",
-         "--report", str(report), "--data", str(ROOT / "data" / "rainfall.csv.gz")],
-        capture_output=True, text=True, timeout=300, check=False,
+        [sys.executable, "-m", "retrain", "demo", "--config", str(config), "--chunks", "3",
+         "--start-at", "11000", "--report", str(report),
+         "--data", str(ROOT / "data" / "rainfall.csv.gz")],
+        capture_output=True, text=True, timeout=400, check=False,
         env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "3000-3999" in done.stdout
-    assert "runs for 1 chunks" in done.stdout
+
+    rows = {}
+    for line in done.stdout.splitlines():
+        cells = line.split()
+        if cells and re.fullmatch(r"\d+-\d+", cells[0]):
+            rows[cells[0]] = cells
+    assert list(rows) == ["11000-11999", "12000-12999", "13000-13999"], done.stdout
+    caused = 0
+    for start, cells in rows.items():
+        check, runs = cells[4], " ".join(cells[5:])
+        assert check in CHECKS, (start, cells)
+        # a run for every chunk that drifted, and a decision for every run
+        assert (runs != "-") == (check != "no_drift"), (start, cells)
+        verdicts = [] if runs == "-" else runs.split(", ")
+        assert all(re.fullmatch(r"(promoted|rejected)( v\d+)?", v) for v in verdicts), cells
+        caused += len(verdicts)
+        assert 0.4 < float(cells[2]) <= 1
+    # the drift point is crossed: the champion was retrained on the new concept
+    assert any(rows[r][5] != "-" for r in ("12000-12999", "13000-13999")), done.stdout
+    summary = re.search(r"(\d+) runs for 3 chunks .*; (\d+) promotions, (\d+) rejections",
+                        done.stdout)  # fmt: skip
+    assert summary, done.stdout
+    total, promotions, rejections = map(int, summary.groups())
+    assert total == caused == promotions + rejections
+
     html = report.read_text(encoding="utf-8")
     assert "data:image/png;base64," in html
     assert report.with_suffix(".png").stat().st_size > 10_000
