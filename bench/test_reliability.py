@@ -24,6 +24,7 @@ pytestmark = pytest.mark.bench
 TRIALS = 200
 
 
+@pytest.mark.timeout(900)  # 200 trials take 1-2 minutes on a quiet 2-core machine
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_races_at_scale(name: str, make_world: Callable[..., World]) -> None:
     failures: list[str] = []
@@ -38,6 +39,7 @@ def test_races_at_scale(name: str, make_world: Callable[..., World]) -> None:
     assert not failures, "\n".join(failures[:5])
 
 
+@pytest.mark.timeout(1800)  # 200 interleavings take about 5 minutes on a quiet 2-core machine
 def test_model_at_scale(make_world: Callable[..., World]) -> None:
     Protocol.make_world = staticmethod(make_world)
     run = Protocol.TestCase

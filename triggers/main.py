@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +29,16 @@ _CONFIG = Path(os.environ.get("RETRAIN_CONFIG", "retrain.yaml"))
 _SERVICE = build_service(load_settings(_CONFIG), _CONFIG)
 
 
+_LOG_LOCK = threading.Lock()
+
+
 def _log(severity: str, function: str, **fields: Any) -> None:
-    # Cloud Functions turns one JSON line on stdout into one structured log entry.
-    print(json.dumps({"severity": severity, "function": function, **fields}), flush=True)  # noqa: T201
+    # Cloud Functions turns one JSON line on stdout into one structured log entry. print()
+    # writes the text and its newline apart: concurrent requests' lines would be joined.
+    line = json.dumps({"severity": severity, "function": function, **fields}) + "\n"
+    with _LOG_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def _handle(function: str, event: CloudEvent, handler: Callable[[], Outcome]) -> None:

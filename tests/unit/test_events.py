@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ from retrain.events import PUBLISHED, EventError, decode_pubsub
 pytestmark = pytest.mark.unit
 
 DATA = Path(__file__).resolve().parents[1] / "test_data"
-TRIGGERS = Path(__file__).resolve().parents[2] / "triggers" / "main.py"
+ROOT = Path(__file__).resolve().parents[2]
+TRIGGERS = ROOT / "triggers" / "main.py"
 
 
 def event_fixture(name: str) -> dict[str, Any]:
@@ -166,3 +170,25 @@ def test_a_closed_monitoring_incident_starts_nothing(
     line = logged(capsys)
     assert line["action"] == "ignored"
     assert "incident i-1 closed" in line["detail"]
+
+
+def test_log_lines_of_concurrent_handlers_are_never_joined() -> None:
+    """Cloud Logging parses one JSON object per line: lines written by threads at once must
+    come out whole (print() writes the text and its newline separately)."""
+    code = """
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from triggers import main
+def burst(n):
+    for i in range(400):
+        main._log("INFO", "on_data_arrival", object=f"gs://b/{n}/{i}.csv", detail="x" * 200)
+threads = [threading.Thread(target=burst, args=(n,)) for n in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+    env = {**os.environ, "RETRAIN_CONFIG": str(SHIPPED), "FIRESTORE_EMULATOR_HOST": NO_FIRESTORE}
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
+                          text=True, timeout=120, check=True, env=env)  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert len(lines) == 8 * 400
+    assert all(json.loads(line)["function"] == "on_data_arrival" for line in lines)
