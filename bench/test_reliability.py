@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from tests.reliability.conftest import emulated, firestore_client, make_world, storage
 from tests.reliability.races import SCENARIOS, trial
@@ -50,6 +50,7 @@ def test_model_at_scale(make_world: Callable[..., World]) -> None:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
         database=None,  # a fresh random exploration each time (the test tier's is fixed)
+        phases=(Phase.explicit, Phase.reuse, Phase.generate),  # as the test tier: no shrinking
     )
     started = time.perf_counter()
     run().runTest()
