@@ -19,7 +19,6 @@ from pipelines.kfp_launcher import KfpLauncher
 from pipelines.launch import launch_name
 from retrain.ledger import FirestoreLedger, Lease, RunRecord, new_run_id
 from retrain.messages import RetrainRequest
-from tests.conftest import unique
 from tests.contract.fake_kfp_api import FakeKfp
 from tests.contract.fake_pipeline_service import (
     GOLDEN_TEMPLATE,
@@ -33,7 +32,7 @@ from tests.contract.fake_pipeline_service import (
 
 if TYPE_CHECKING:
     from retrain.config import Settings
-    from retrain.statedb import Database
+    from tests.contract.conftest import Clock
 
 pytestmark = pytest.mark.contract
 
@@ -53,32 +52,6 @@ STATES = {
     "CANCELED": "ended",
     "RUNTIME_STATE_UNSPECIFIED": "running",  # unknown yet: never taken over
 }
-
-
-class Clock:
-    """A ledger clock that stands still, so that lease times can be compared exactly."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def model() -> str:
-    """A model of its own per test: its ledger documents are seen by no other test."""
-    return unique("m")
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(db: Database, clock: Clock) -> FirestoreLedger:
-    return FirestoreLedger(db, clock=clock)
 
 
 @pytest.fixture
