@@ -119,7 +119,7 @@ def run(settings: Settings, host: str, port: int) -> None:
                     topic, schedule_message(job.model, fired), model=job.model
                 )
                 log.info("%s at %s: published %s", job.model, fired.isoformat(), future.result(30))
-        wait = min((j.next - now).total_seconds() for j in crons) if crons else 60.0
+        wait = min((j.next - now).total_seconds() for j in crons)  # (a sweep job always)
         stopping.wait(timeout=max(0.05, min(wait, 60.0)))
     server.shutdown()
 

@@ -59,10 +59,7 @@ class ProcessRecord:
 
     def alive(self) -> bool:
         proc = _same_process(self.pid, self.create_time)
-        try:
-            return proc is not None and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return proc is not None and not _gone(proc)
 
 
 def _same_process(pid: int, create_time: float) -> psutil.Process | None:

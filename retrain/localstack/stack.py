@@ -437,12 +437,12 @@ class Stack:
                 stopped.append(name)
         return stopped
 
-    def down(self) -> list[str]:
+    def down(self, export: bool = True) -> list[str]:
         """Stop the processes recorded by ``up``, newest first; return the parts stopped.
-        The ledger and the registry (the Firestore emulator's data) are exported first,
-        and the next ``up`` imports them."""
+        The ledger and the registry (the Firestore emulator's data) are exported first
+        (unless ``export`` is False), and the next ``up`` imports them."""
         state = self._read_state()
-        if "firestore" in state:
+        if export and "firestore" in state:
             self.export_firestore()
         stopped = self._stop_recorded(state)
         self.state_file.unlink(missing_ok=True)
@@ -461,9 +461,10 @@ class Stack:
 
     @contextmanager
     def running_stack(self, progress: Callable[[str], None] = lambda _: None) -> Iterator[Stack]:
-        """``up`` for the duration of a ``with`` block, then ``down``."""
+        """``up`` for the duration of a ``with`` block, then ``down``. For a stack used and
+        thrown away (tests, benchmarks): its data is not exported."""
         self.up(progress)
         try:
             yield self
         finally:
-            self.down()
+            self.down(export=False)

@@ -11,23 +11,25 @@ import contextlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from tests.reliability.world import Delivery, Plan, World, check, replay
 
 __all__ = ["SCENARIOS", "race"]
 
+T = TypeVar("T")
 
-def race(world: World, *operations: Callable[[], object]) -> None:
-    """Run ``operations`` at once; an event or report delivery that fails is redelivered."""
+
+def race(*operations: Callable[[], T]) -> list[T]:
+    """Run ``operations`` at once (released together); return what each returned."""
     barrier = threading.Barrier(len(operations))
 
-    def run(operation: Callable[[], object]) -> None:
+    def run(operation: Callable[[], T]) -> T:
         barrier.wait()
-        operation()
+        return operation()
 
     with ThreadPoolExecutor(len(operations)) as pool:
-        for future in [pool.submit(run, op) for op in operations]:
-            future.result()
+        return [future.result() for future in [pool.submit(run, op) for op in operations]]
 
 
 def _deliver(world: World, delivery: Delivery) -> Callable[[], None]:
@@ -52,14 +54,14 @@ def duplicates(world: World) -> None:
     """One event delivered three times at once, with a sweep."""
     request = world.event(1)
     world.inbox.queue.clear()
-    race(world, *[_deliver(world, Delivery("event", request)) for _ in range(3)], _sweep(world))
+    race(*[_deliver(world, Delivery("event", request)) for _ in range(3)], _sweep(world))
 
 
 def burst(world: World) -> None:
     """Eight events at once, with two sweeps: one run at a time, each event once."""
     requests = [world.event(i) for i in range(8)]
     world.inbox.queue.clear()
-    race(world, *[_deliver(world, Delivery("event", r)) for r in requests],
+    race(*[_deliver(world, Delivery("event", r)) for r in requests],
          _sweep(world), _sweep(world))  # fmt: skip
 
 
@@ -79,7 +81,7 @@ def racing_reports(world: World) -> None:
         with contextlib.suppress(Exception):  # nothing to roll back to, or moved: fine
             world.registry.rollback(world.model, pointer.generation, "ops", "race")
 
-    race(world, _deliver(world, Delivery("report", report)),
+    race(_deliver(world, Delivery("report", report)),
          _deliver(world, Delivery("report", report)), rollback)  # fmt: skip
 
 
@@ -92,7 +94,7 @@ def takeovers(world: World) -> None:
     world.now += 10_000
     request = world.event(2)
     world.inbox.queue.clear()
-    race(world, _sweep(world), _sweep(world), _deliver(world, Delivery("event", request)))
+    race(_sweep(world), _sweep(world), _deliver(world, Delivery("event", request)))
 
 
 def abandon_and_duplicate(world: World) -> None:
@@ -106,7 +108,7 @@ def abandon_and_duplicate(world: World) -> None:
     def abandon() -> None:
         world.ledger.abandon(world.model, lease.run_id, "launch failed")
 
-    race(world, abandon, _deliver(world, Delivery("event", request)))
+    race(abandon, _deliver(world, Delivery("event", request)))
 
 
 SCENARIOS: dict[str, Callable[[World], None]] = {

@@ -18,6 +18,7 @@ from retrain.events import EventError
 from retrain.gatekeeper.decisions import Refusal
 from retrain.ledger import FirestoreLedger
 from retrain.messages import Decision, EvaluatedModel, MetricsReport, RetrainRequest
+from tests.reliability.races import race
 from tests.reliability.world import Crash, Plan, World, check, replay
 
 pytestmark = pytest.mark.integration
@@ -67,20 +68,14 @@ def test_2_a_duplicate_racing_an_abandon_never_loses_the_event(
     world = make_world()
     run_id = _launched(world)
     world.launcher.jobs.clear()  # (as if the launch had failed after gathering)
-    barrier = threading.Barrier(2)
 
     def abandon() -> None:
-        barrier.wait()
         world.ledger.abandon(world.model, run_id, "launch failed")
 
     def duplicate() -> str:
-        barrier.wait()
         return world.ledger.claim(world.events[0])
 
-    with ThreadPoolExecutor(2) as pool:
-        done = pool.submit(abandon)
-        answer = pool.submit(duplicate).result()
-        done.result()
+    _, answer = race(abandon, duplicate)
     assert answer in ("pending", "done")
     assert world.ledger.has_pending(world.model), f"trial {trial}: the event was lost"
     world.inbox.queue.clear()
@@ -148,14 +143,11 @@ def test_4_concurrent_deliveries_of_one_report_record_what_the_pointer_did(
     world.finish_job(job)
     report = next(m for _, m in world.inbox.published if isinstance(m, MetricsReport)
                   and m.run_id == job.run_id)  # fmt: skip
-    barrier = threading.Barrier(2)
 
     def deliver() -> Decision | Refusal:
-        barrier.wait()
         return world.service.gatekeeper.report(report)
 
-    with ThreadPoolExecutor(2) as pool:
-        answers = [f.result() for f in [pool.submit(deliver), pool.submit(deliver)]]
+    answers = race(deliver, deliver)
     assert all(isinstance(a, Decision) and a.verdict == "promoted" for a in answers), (
         f"trial {trial}: {answers}"
     )
