@@ -17,7 +17,7 @@ from google.api_core.exceptions import PreconditionFailed
 from retrain import blobstore
 from retrain.bus import Bus
 from retrain.config import Settings
-from retrain.messages import MetricsReport
+from retrain.messages import REPORT_FILE, MetricsReport
 
 __all__ = [
     "RunContext",
@@ -99,7 +99,7 @@ def publish_report(
 def report_uri(settings: Settings, run: RunContext) -> str:
     """The run's report: the audit trail of the run, and what the sweep decides from if
     the published message never reached the gatekeeper."""
-    return blobstore.join(run_prefix(settings, run), "report.json")
+    return blobstore.join(run_prefix(settings, run), REPORT_FILE)
 
 
 def read_report(settings: Settings, run: RunContext) -> tuple[dict[str, Any], str | None] | None:

@@ -79,7 +79,7 @@ class VertexLauncher:
         settings = self.settings
         job_id = launch_name(run_id)
         job = aiplatform.PipelineJob(
-            display_name=f"retrain-{run_id}"[:128],
+            display_name=job_id,
             template_path=self.template or settings.pipeline_template(model),
             job_id=job_id,
             pipeline_root=settings.pipeline_root,

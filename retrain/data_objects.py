@@ -57,10 +57,6 @@ class RunInputs:
     def reason(self) -> str:
         return self.requests[0].reason
 
-    @property
-    def dedupe_keys(self) -> list[str]:
-        return [request.dedupe_key for request in self.requests]
-
 
 def gather(
     settings: Settings,

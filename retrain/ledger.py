@@ -111,9 +111,6 @@ class RunRecord:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in value.items() if k in known})
 
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2).encode()
-
 
 def _lease(value: Any) -> Lease | None:
     if not isinstance(value, dict):
@@ -290,11 +287,6 @@ class FirestoreLedger:
             return True
 
         return retrying(attempt, f"take over the lease of {model}")
-
-    def extend(self, model: str, holder: str, ttl: float) -> bool:
-        """Extend ``holder``'s lease to now + ``ttl`` (the sweep does, for a job that still
-        runs); False if ``holder`` does not hold it."""
-        return self.renew(model, holder, ttl) == "held"
 
     def renew(self, model: str, run_id: str, ttl: float) -> Renewal:
         """Extend ``run_id``'s lease to now + ``ttl``. ``released``: the run ended (its

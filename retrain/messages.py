@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 __all__ = [
     "ALL_MODELS",
+    "REPORT_FILE",
     "SCHEMA_VERSION",
     "Decision",
     "DriftAlert",
@@ -28,6 +29,9 @@ __all__ = [
 
 SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 1_000_000
+# Where a run keeps its MetricsReport, under its run prefix ({"report": ...}), before it
+# publishes it: the pipeline writes it, the gatekeeper decides from it if the message is lost.
+REPORT_FILE = "report.json"
 
 
 def _now() -> datetime:

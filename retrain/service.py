@@ -162,7 +162,7 @@ class RetrainService:
             return self.ledger.acquire(name, run_id, ttl)
         state = self.launcher.state(name, holder) if holder is not None else "absent"
         if state == "running":
-            self.ledger.extend(name, held.run_id, model.lease_seconds)
+            self.ledger.renew(name, held.run_id, model.lease_seconds)  # extend it
             return Acquired(False, held.run_id)
         if state == "absent" and held.expires_at > self.ledger.clock():
             return Acquired(False, held.run_id)  # still gathering, or about to submit

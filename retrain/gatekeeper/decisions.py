@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from retrain.gatekeeper.policy import Pointer, decide, stale
-from retrain.messages import Decision, MetricsReport
+from retrain.messages import REPORT_FILE, Decision, MetricsReport
 from retrain.statedb import Change, retrying
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def report_of(settings: Settings, model: str, run_id: str) -> MetricsReport | st
     the report; a string saying why it is not a valid one; or None if there is none."""
     from retrain import blobstore  # noqa: PLC0415
 
-    uri = f"{settings.run_prefix(model, run_id)}/report.json"
+    uri = blobstore.join(settings.run_prefix(model, run_id), REPORT_FILE)
     data = blobstore.read_bytes(uri)
     if data is None:
         return None

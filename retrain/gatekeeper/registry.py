@@ -29,14 +29,11 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from retrain import blobstore
 from retrain.gatekeeper.policy import Pointer
 from retrain.statedb import Change, Database, Doc, retrying
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "HISTORY",
