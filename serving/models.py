@@ -324,12 +324,10 @@ class ModelStore:
             if champion is None:
                 return False
             served = self._current.get(model)
-            if served is not None and served.version.artifact_uri == champion.artifact_uri:
+            if served is not None and _same(served.version, champion):
                 return False
             pinned = self._pinned_get(model, champion.version)
-            if pinned is None or pinned.version.artifact_uri != champion.artifact_uri:
-                pinned = None
-            loaded = pinned or self._load(champion)
+            loaded = pinned if pinned and _same(pinned.version, champion) else self._load(champion)
             self._current[model] = loaded  # the swap: one reference replaced
         log.info(
             "serving %s version %s (was %s)",
@@ -535,3 +533,9 @@ class ChampionWatcher:
         from google.cloud import pubsub_v1  # noqa: PLC0415 (PUBSUB_EMULATOR_HOST is honoured)
 
         return pubsub_v1.SubscriberClient()
+
+
+def _same(one: ModelVersion, other: ModelVersion) -> bool:
+    """The same version of the same artifact (a number alone may be reused by a new
+    registry; an artifact alone may be registered twice)."""
+    return (one.version, one.artifact_uri) == (other.version, other.artifact_uri)

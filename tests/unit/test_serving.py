@@ -401,6 +401,20 @@ def test_refresh_swaps_to_the_new_champion_once(
     assert len([c for c in downloader.calls if "slow" not in c]) == 2
 
 
+def test_a_new_version_of_the_same_artifact_is_served_under_its_own_number(
+    client: TestClient, store: ModelStore, registry: MemoryRegistry, downloader: CopyDownloader
+) -> None:
+    """Two versions may share one artifact (the bench registers a copy): the pointer moving
+    to the other version still swaps, so the version served is the one on record."""
+    body = {"instances": [[0.1] * 8]}
+    assert client.post(PREDICT, json=body).json()["modelVersionId"] == "1"
+    one = registry.versions[("rainfall", "1")]
+    registry.add("rainfall", "9", Path(one.artifact_uri), champion=True)
+    assert store.refresh("rainfall") is True
+    assert client.post(PREDICT, json=body).json()["modelVersionId"] == "9"
+    assert len([c for c in downloader.calls if c == one.artifact_uri]) == 1  # same folder
+
+
 def test_a_request_in_flight_finishes_on_the_model_it_started_on(
     client: TestClient, store: ModelStore, registry: MemoryRegistry
 ) -> None:
