@@ -32,10 +32,11 @@ class DataReadError(ValueError):
         super().__init__(f"{uri}: {reason}")
 
 
-def read_table(uri: str, fmt: DataFormat) -> pd.DataFrame:
-    """Read ``uri`` as ``fmt``; a zero-byte CSV is an empty table, not an error."""
-    if uri.startswith("gs://"):
-        data = _download(uri)
+def read_table(uri: str, fmt: DataFormat, data: bytes | None = None) -> pd.DataFrame:
+    """Read ``uri`` as ``fmt``, or parse ``data`` as the content of ``uri`` if given; a
+    zero-byte CSV is an empty table, not an error."""
+    if data is not None or uri.startswith("gs://"):
+        data = _download(uri) if data is None else data
         source: object = io.BytesIO(data)
         compression = _compression(uri, data)
     else:

@@ -65,6 +65,11 @@ class EvaluatedModel(Message):
         description="For the champion: the champion pointer's generation when it was read "
         "(how many times it had moved); the gate finds the report stale if it moved since.",
     )
+    missing_features: list[str] = Field(
+        default_factory=list,
+        description="For the champion: the features it needs that the evaluation rows lack "
+        "(a schema change); it was not scored, and gate.on_schema_change decides.",
+    )
 
 
 class MetricsReport(Message):
@@ -105,7 +110,7 @@ class DriftAlert(Message):
     """Our own drift alert, published to ``drift-alerts`` by the data-arrival check."""
 
     model: str = Field(min_length=1)
-    kind: Literal["drift", "degradation"]
+    kind: Literal["drift", "degradation", "schema_change"]
     data_uris: list[str] = Field(default_factory=list)
     summary: str
     details: dict[str, Any] = Field(default_factory=dict)

@@ -55,12 +55,16 @@ class EvaluationResult:
 
     candidate: ModelMetrics
     champion: ModelMetrics | None
+    champion_missing: tuple[str, ...] = ()
+    """Features the champion needs that the evaluation rows lack (a schema change): then
+    the champion is not scored, and the gate's ``on_schema_change`` decides."""
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"candidate": {...}, "champion": {...} | None}``, ready for JSON."""
+        """``{"candidate": {...}, "champion": {...} | None, "champion_missing": [...]}``."""
         return {
             "candidate": asdict(self.candidate),
             "champion": asdict(self.champion) if self.champion else None,
+            "champion_missing": list(self.champion_missing),
         }
 
 
@@ -84,9 +88,11 @@ def evaluate(
     except DataReadError as exc:
         raise EvaluationError(source, [], "unreadable", exc.reason) from exc
     _check_labels(source, frame, label)
+    missing = [c for c in champion.features if c not in frame.columns] if champion else []
     return EvaluationResult(
         candidate=candidate.score(source, frame),
-        champion=champion.score(source, frame) if champion else None,
+        champion=champion.score(source, frame) if champion and not missing else None,
+        champion_missing=tuple(missing),
     )
 
 

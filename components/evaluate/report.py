@@ -63,12 +63,13 @@ def evaluate_and_report(
         status="succeeded",
         candidate=EvaluatedModel(artifact_uri=artifact_uri, metrics=_metrics(result.candidate)),
         champion=None
-        if champion is None or result.champion is None
+        if champion is None
         else EvaluatedModel(
             artifact_uri=champion.artifact_uri,
             version=champion.version,
-            metrics=_metrics(result.champion),
+            metrics=_metrics(result.champion) if result.champion else {},
             generation=champion.generation,
+            missing_features=list(result.champion_missing),
         ),
         eval_data_uris=[eval_uri],
         train_data_uris=[str(i["uri"]) for i in inputs],

@@ -66,6 +66,11 @@ def preprocess(uris: Sequence[str], settings: ModelSettings, output_dir: Path) -
             "label": settings.label,
             "order_column": order,
             "features": list(inputs.features),
+            "dropped_features": list(inputs.dropped),
+            "skipped": [
+                {"uri": e.obj, "rule": str(e.rule), "columns": list(e.columns), "error": str(e)}
+                for e in inputs.skipped
+            ],
             "window": {"requested_rows": requested, **_span(window, order)},
             "train": {"file": TRAIN_FILE, **_span(train, order)},
             "eval": {"file": EVAL_FILE, **_span(evaluation, order)},

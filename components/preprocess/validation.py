@@ -18,7 +18,17 @@ from components.dataio import DataReadError, read_table
 from components.rules import RuleError
 from retrain.config import ModelSettings
 
-__all__ = ["Inputs", "Rule", "ValidationError", "check_split", "read_inputs"]
+__all__ = [
+    "Inputs",
+    "Rule",
+    "ValidationError",
+    "check_arrival",
+    "check_object",
+    "check_size",
+    "check_split",
+    "read_inputs",
+    "read_object",
+]
 
 
 class Rule(StrEnum):
@@ -26,6 +36,7 @@ class Rule(StrEnum):
 
     UNREADABLE = "unreadable"
     EMPTY = "empty"
+    TOO_LARGE = "too_large"
     MISSING_COLUMN = "missing_column"
     EXTRA_COLUMN = "extra_column"
     NON_NUMERIC = "non_numeric"
@@ -42,31 +53,161 @@ class ValidationError(RuleError):
 
 @dataclass(frozen=True)
 class Inputs:
-    """All input rows, in input order, with columns order column, features, label."""
+    """All input rows, in input order, with columns order column, features, label.
+
+    ``skipped`` holds the error of each input object that broke a rule and was left out;
+    ``dropped`` the feature columns left out because not every object has them."""
 
     frame: pd.DataFrame
     features: tuple[str, ...]
-    rows: tuple[tuple[str, int], ...]  # (uri, rows) per input object
+    rows: tuple[tuple[str, int], ...]  # (uri, rows) per input object used
+    skipped: tuple[ValidationError, ...] = ()
+    dropped: tuple[str, ...] = ()
+
+
+def read_object(uri: str, settings: ModelSettings, data: bytes | None = None) -> pd.DataFrame:
+    """One object (or ``data``, its content) as a frame; :class:`ValidationError` if it is
+    unreadable or has no rows."""
+    try:
+        frame = read_table(uri, settings.format, data)
+    except DataReadError as exc:
+        raise ValidationError(uri, [], Rule.UNREADABLE, exc.reason) from exc
+    if frame.empty:
+        header = "" if len(frame.columns) else " and no header"
+        raise ValidationError(uri, [], Rule.EMPTY, f"the object has no rows{header}")
+    return frame
+
+
+def check_object(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> tuple[str, ...]:
+    """The rules each object must pass on its own, at arrival and in preprocess; return
+    its feature columns (``features`` if configured, else all but label and order column).
+    """
+    label, order = settings.label, settings.order_column
+    reserved = (order, label)
+    _check_missing(uri, frame, settings, (*reserved, *(settings.features or ())))
+    if settings.features is not None:
+        features = tuple(settings.features)
+        extra = [str(c) for c in frame.columns if c not in (*reserved, *features)]
+        if extra:
+            why = "not among features, label and order column; list it under features or drop it"
+            raise ValidationError(uri, extra, Rule.EXTRA_COLUMN, why)
+    else:
+        features = tuple(str(c) for c in frame.columns if c not in reserved)
+        if not features:
+            why = "no feature columns besides the label and order column"
+            raise ValidationError(uri, [], Rule.MISSING_COLUMN, why)
+    for column in (label, order):
+        nulls = int(frame[column].isna().sum())
+        if nulls:
+            raise ValidationError(
+                uri,
+                [column],
+                Rule.NULL_VALUES,
+                f"{nulls} of {len(frame)} rows are null; the label and the order column "
+                "must be set in every row",
+            )
+    classes = _values(frame[label].unique())
+    if len(classes) > 2:
+        raise ValidationError(
+            uri,
+            [label],
+            Rule.LABEL_NOT_BINARY,
+            f"expected two classes, found {len(classes)}: {_show(classes)}",
+        )
+    empty = [c for c in features if frame[c].isna().all()]
+    if empty:
+        raise ValidationError(uri, empty, Rule.ALL_NULL, "every value is null in this object")
+    for column in features:
+        if not _numeric(frame[column].dtype, allow_bool=True):
+            raise ValidationError(
+                uri,
+                [column],
+                Rule.NON_NUMERIC,
+                f"a feature must be numeric, not {frame[column].dtype}",
+            )
+    _check_order_dtype(uri, frame, order)
+    return features
+
+
+def check_size(uri: str, size: int, settings: ModelSettings) -> None:
+    """An arriving object's size, before it is read: this bounds the check's memory."""
+    limit = settings.validation.max_object_bytes
+    if size > limit:
+        raise ValidationError(
+            uri,
+            [],
+            Rule.TOO_LARGE,
+            f"{size} bytes is over validation.max_object_bytes = {limit}; split it into "
+            "smaller objects",
+        )
+
+
+def check_arrival(
+    uri: str, data: bytes, settings: ModelSettings
+) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Every rule of :func:`check_object` on ``data`` (the content of ``uri``), and the
+    row count that only an arriving object must reach (``validation.min_object_rows``).
+    Return the frame and its features."""
+    limits = settings.validation
+    frame = read_object(uri, settings, data)
+    features = check_object(uri, frame, settings)
+    if len(frame) < limits.min_object_rows:
+        raise ValidationError(
+            uri,
+            [],
+            Rule.TOO_FEW_ROWS,
+            f"{len(frame)} rows is under validation.min_object_rows = {limits.min_object_rows}",
+        )
+    return frame, features
 
 
 def read_inputs(uris: Sequence[str], settings: ModelSettings) -> Inputs:
-    """Read, check and concatenate ``uris``; features are cast to float64."""
+    """Read and check ``uris``, and concatenate the objects that pass; features are cast to
+    float64. An object that breaks a rule on its own is left out (``Inputs.skipped``): a
+    run is not failed by one bad object among good ones. Without configured features, the
+    features are the columns that every object has (in the newest object's order)."""
     if not uris:
         raise ValueError("no input objects given")
-    read = [_read(uri, settings) for uri in uris]
-    features = (
-        tuple(settings.features)
-        if settings.features is not None
-        else _derive_features(uris[0], read[0], settings)
-    )
-    frames: list[pd.DataFrame] = []
-    for uri, frame in zip(uris, read, strict=True):
-        _check_object(uri, frame, settings, features, first=uris[0])
-        frames.append(frame[[settings.order_column, *features, settings.label]])
+    used: list[tuple[str, pd.DataFrame, tuple[str, ...]]] = []
+    skipped: list[ValidationError] = []
+    for uri in uris:
+        try:
+            frame = read_object(uri, settings)
+            used.append((uri, frame, check_object(uri, frame, settings)))
+        except ValidationError as exc:
+            skipped.append(exc)
+    if not used:
+        first = skipped[0]
+        if len(skipped) == 1:
+            raise first
+        raise ValidationError(
+            _objects(list(uris)),
+            first.columns,
+            first.rule,
+            f"every input object breaks a rule; the first: {first}",
+        ) from first
+    shared = set(used[0][2]).intersection(*(set(feats) for _, _, feats in used[1:]))
+    features = tuple(c for c in used[-1][2] if c in shared)
+    dropped = sorted({c for _, _, feats in used for c in feats} - shared)
+    if not features:
+        raise ValidationError(
+            _objects([uri for uri, _, _ in used]),
+            dropped,
+            Rule.MISSING_COLUMN,
+            "the objects share no feature column",
+        )
+    label, order = settings.label, settings.order_column
+    frames = [frame[[order, *features, label]] for _, frame, _ in used]
     combined = pd.concat(frames, ignore_index=True)
-    _check_combined(uris, combined, settings, features)
+    _check_combined([uri for uri, _, _ in used], combined, settings, features)
     combined[list(features)] = combined[list(features)].astype("float64")
-    return Inputs(combined, features, tuple((u, len(f)) for u, f in zip(uris, frames, strict=True)))
+    return Inputs(
+        combined,
+        features,
+        tuple((uri, len(frame)) for uri, frame, _ in used),
+        tuple(skipped),
+        tuple(dropped),
+    )
 
 
 def check_split(
@@ -99,69 +240,6 @@ def check_split(
             )
 
 
-def _read(uri: str, settings: ModelSettings) -> pd.DataFrame:
-    try:
-        frame = read_table(uri, settings.format)
-    except DataReadError as exc:
-        raise ValidationError(uri, [], Rule.UNREADABLE, exc.reason) from exc
-    if frame.empty:
-        header = "" if len(frame.columns) else " and no header"
-        raise ValidationError(uri, [], Rule.EMPTY, f"the object has no rows{header}")
-    return frame
-
-
-def _derive_features(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> tuple[str, ...]:
-    reserved = (settings.label, settings.order_column)
-    _check_missing(uri, frame, settings, reserved)
-    features = tuple(str(c) for c in frame.columns if c not in reserved)
-    if not features:
-        raise ValidationError(
-            uri, [], Rule.MISSING_COLUMN, "no feature columns besides the label and order column"
-        )
-    return features
-
-
-def _check_object(
-    uri: str, frame: pd.DataFrame, settings: ModelSettings, features: tuple[str, ...], first: str
-) -> None:
-    label, order = settings.label, settings.order_column
-    expected = (order, *features, label)
-    _check_missing(uri, frame, settings, expected)
-    extra = [str(c) for c in frame.columns if c not in expected]
-    if extra:
-        why = (
-            "not among features, label and order column; list it under features or drop it"
-            if settings.features is not None
-            else f"not in the first object {first}, from which the features were taken"
-        )
-        raise ValidationError(uri, extra, Rule.EXTRA_COLUMN, why)
-    for column in (label, order):
-        nulls = int(frame[column].isna().sum())
-        if nulls:
-            raise ValidationError(
-                uri,
-                [column],
-                Rule.NULL_VALUES,
-                f"{nulls} of {len(frame)} rows are null; the label and the order column "
-                "must be set in every row",
-            )
-    classes = _values(frame[label].unique())
-    if len(classes) > 2:
-        raise ValidationError(
-            uri,
-            [label],
-            Rule.LABEL_NOT_BINARY,
-            f"expected two classes, found {len(classes)}: {_show(classes)}",
-        )
-    for column in features:
-        values = frame[column]
-        if not values.isna().all() and not _numeric(values.dtype, allow_bool=True):
-            raise ValidationError(
-                uri, [column], Rule.NON_NUMERIC, f"a feature must be numeric, not {values.dtype}"
-            )
-    _check_order_dtype(uri, frame, order)
-
-
 def _check_missing(
     uri: str, frame: pd.DataFrame, settings: ModelSettings, expected: Sequence[str]
 ) -> None:
@@ -185,11 +263,6 @@ def _check_combined(
     uris: Sequence[str], frame: pd.DataFrame, settings: ModelSettings, features: Sequence[str]
 ) -> None:
     objects = _objects(uris)
-    empty = [c for c in features if frame[c].isna().all()]
-    if empty:
-        raise ValidationError(
-            objects, empty, Rule.ALL_NULL, "every value is null, in every input object"
-        )
     classes = _values(frame[settings.label].unique())
     if len(classes) != 2:
         raise ValidationError(

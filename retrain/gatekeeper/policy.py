@@ -77,6 +77,15 @@ def _change_rules(report: MetricsReport, gate: Gate) -> list[Rule]:
     assert report.candidate is not None and report.champion is not None  # noqa: S101, PT018
     ours, theirs = report.candidate.metrics, report.champion.metrics
     version = f"v{report.champion.version}"
+    if missing := report.champion.missing_features:
+        why = (
+            f"schema change: {version} needs features {missing} that the new data lacks, "
+            f"so it was not scored on the candidate's rows; gate.on_schema_change is "
+            f"{gate.on_schema_change}"
+        )
+        if gate.on_schema_change == "thresholds_only":
+            return [Rule(True, f"{why}: value thresholds only")]
+        return [Rule(False, f"{why}: the champion is kept; `retrain promote` serves the candidate")]
     primary = gate.primary_metric
     if primary not in ours or primary not in theirs:
         return [Rule(False, f"{primary} is missing for the candidate or {version}")]

@@ -155,3 +155,22 @@ def test_a_metric_that_is_not_a_number_fails_the_gate() -> None:
     verdict = decide(report({"roc_auc": float("nan")}), GATE, now=Pointer())
     assert not verdict.promote
     assert "roc_auc is nan, not a number the gate can compare: FAIL" in verdict.reasons
+
+
+@pytest.mark.parametrize(("policy", "promoted"), [("hold", False), ("thresholds_only", True)])
+def test_a_champion_that_lacks_features_is_a_schema_change_for_the_policy(
+    policy: str, promoted: bool
+) -> None:
+    unscored = EvaluatedModel(
+        artifact_uri="gs://a/6", version="6", metrics={}, missing_features=["visibility"]
+    )
+    gate = GATE.model_copy(update={"on_schema_change": policy})
+
+    verdict = decide(report({}, champion=None).model_copy(update={"champion": unscored}),
+                     gate, now=Pointer("6"))  # fmt: skip
+
+    assert verdict.promote is promoted
+    [change] = [r for r in verdict.reasons if "schema change" in r]
+    assert "v6 needs features ['visibility'] that the new data lacks" in change
+    assert f"gate.on_schema_change is {policy}" in change
+    assert change.endswith(": pass" if promoted else ": FAIL")

@@ -62,6 +62,7 @@ def test_candidate_alone(rainfall_model: TrainResult, rainfall_prepared: Preproc
             "rows": 120,
         },
         "champion": None,
+        "champion_missing": [],
     }
 
 
@@ -77,6 +78,28 @@ def test_candidate_and_champion_on_the_same_rows(
     assert both.champion is not None
     assert both.champion.rows == both.candidate.rows == 120
     assert both.champion.roc_auc != both.candidate.roc_auc
+
+
+@pytest.mark.unit
+def test_a_champion_that_needs_a_dropped_feature_is_not_scored_and_says_which(
+    settings_for: Callable[..., ModelSettings],
+    rainfall_prepared: PreprocessResult,
+    champion_dir: Path,
+) -> None:
+    frame = pd.read_parquet(rainfall_prepared.eval_path).drop(columns=["dew point"])
+    path = rainfall_prepared.eval_path.with_name("without-dew-point.parquet")
+    frame.to_parquet(path, index=False)
+    candidate = train(  # the candidate was trained on what the data has now
+        rainfall_prepared.train_path,
+        settings_for("rainfall", features=["temperature"]),
+        path.parent / "candidate",
+    ).model_path.parent
+
+    result = evaluate(candidate, path, champion_dir)
+
+    assert result.champion is None
+    assert result.champion_missing == ("dew point",)
+    assert result.candidate.rows == 120
 
 
 @pytest.mark.unit

@@ -143,7 +143,7 @@ def test_rule_unreadable_missing_object(
     missing = str(tmp_path / "gone.csv")
 
     with pytest.raises(ValidationError) as caught:
-        preprocess([*rainfall_inputs, missing], settings_for("rainfall"), tmp_path / "out")
+        preprocess([missing], settings_for("rainfall"), tmp_path / "out")
 
     assert_names(caught.value, missing, [], Rule.UNREADABLE)
     assert caught.value.__cause__ is not None
@@ -180,11 +180,11 @@ def test_rule_empty(
 def test_rule_missing_column(
     settings_for: Callable[..., ModelSettings], rainfall: pd.DataFrame, tmp_path: Path
 ) -> None:
-    good = write_csv(rainfall.iloc[:600], tmp_path / "a.csv")
-    bad = write_csv(rainfall.iloc[600:].drop(columns=["visibility"]), tmp_path / "b.csv")
+    bad = write_csv(rainfall.drop(columns=["visibility"]), tmp_path / "b.csv")
+    settings = settings_for("rainfall", features=FEATURES)
 
     with pytest.raises(ValidationError) as caught:
-        preprocess([good, bad], settings_for("rainfall"), tmp_path / "out")
+        preprocess([bad], settings, tmp_path / "out")
 
     assert_names(caught.value, bad, ["visibility"], Rule.MISSING_COLUMN)
 
@@ -215,17 +215,34 @@ def test_rule_extra_column_with_explicit_features(
 
 
 @pytest.mark.unit
-def test_rule_extra_column_against_the_first_object(
+def test_a_feature_not_in_every_object_is_left_out_and_named(
     settings_for: Callable[..., ModelSettings], rainfall: pd.DataFrame, tmp_path: Path
 ) -> None:
-    first = write_csv(rainfall.iloc[:600], tmp_path / "a.csv")
-    later = write_csv(rainfall.iloc[600:].assign(humidity=0.5), tmp_path / "b.csv")
+    old = write_csv(rainfall.iloc[:600].assign(humidity=0.5), tmp_path / "a.csv")
+    new = write_csv(rainfall.iloc[600:].drop(columns=["visibility"]), tmp_path / "b.csv")
 
-    with pytest.raises(ValidationError) as caught:
-        preprocess([first, later], settings_for("rainfall"), tmp_path / "out")
+    result = preprocess([old, new], settings_for("rainfall"), tmp_path / "out")
 
-    assert_names(caught.value, later, ["humidity"], Rule.EXTRA_COLUMN)
-    assert f"first object {first}" in str(caught.value)
+    summary = read_json(result.summary_path)
+    assert "visibility" not in result.features
+    assert "humidity" not in result.features
+    assert summary["dropped_features"] == ["humidity", "visibility"]
+    assert summary["input_rows"] == len(rainfall)
+
+
+@pytest.mark.unit
+def test_a_bad_object_among_good_ones_is_left_out_and_named(
+    settings_for: Callable[..., ModelSettings], rainfall: pd.DataFrame, tmp_path: Path
+) -> None:
+    good = write_csv(rainfall.iloc[:900], tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("day,temperature,rain\n", encoding="utf-8")
+    bad = str(tmp_path / "b.csv")
+
+    result = preprocess([good, bad], settings_for("rainfall"), tmp_path / "out")
+
+    summary = read_json(result.summary_path)
+    assert [i["uri"] for i in summary["inputs"]] == [good]
+    assert [(s["uri"], s["rule"]) for s in summary["skipped"]] == [(bad, "empty")]
 
 
 @pytest.mark.unit
@@ -268,6 +285,7 @@ def test_rule_all_null_names_every_object(
 
     assert_names(caught.value, uris[0], ["visibility"], Rule.ALL_NULL)
     assert uris[1] in str(caught.value)
+    assert "every input object breaks a rule" in str(caught.value)
 
 
 @pytest.mark.unit
@@ -288,13 +306,12 @@ def test_rule_null_values_in_the_label(
 def test_rule_label_not_binary_in_one_object(
     settings_for: Callable[..., ModelSettings], rainfall: pd.DataFrame, tmp_path: Path
 ) -> None:
-    good = write_csv(rainfall.iloc[:600], tmp_path / "a.csv")
     three = rainfall.iloc[600:].copy()
     three.loc[three.index[:10], "rain"] = 2
     bad = write_csv(three, tmp_path / "b.csv")
 
     with pytest.raises(ValidationError) as caught:
-        preprocess([good, bad], settings_for("rainfall"), tmp_path / "out")
+        preprocess([bad], settings_for("rainfall"), tmp_path / "out")
 
     assert_names(caught.value, bad, ["rain"], Rule.LABEL_NOT_BINARY)
     assert "found 3: 0, 1, 2" in str(caught.value)
