@@ -675,6 +675,65 @@ def runs(
         out.print(job, markup=False, soft_wrap=True)
 
 
+@app.command()
+def quarantine(
+    what: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODEL | release]", help="Only this model; or `release` to readmit OBJECT."
+        ),
+    ] = None,
+    obj: Annotated[
+        str | None, typer.Argument(metavar="[OBJECT]", help="gs://BUCKET/NAME to release.")
+    ] = None,
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """List the quarantined data objects (the rule each broke); `retrain quarantine release
+    gs://BUCKET/NAME` readmits one after a fix: later runs' data windows include it."""
+    stack = _stack(config)
+    settings = stack.settings
+    ledger = _Clients(stack).ledger()
+    if what == "release":
+        name = settings.model_for_object(*_bucket_and_name(obj))
+        if name is None:
+            err.print(f"[bold red]retrain quarantine release[/]: {escape(str(obj))} is not under "
+                      f"gs://{settings.buckets.data}/ and a model's data_prefix")  # fmt: skip
+            raise typer.Exit(code=2)
+        released = ledger.release(name, str(obj), _operator())
+        if released is None:
+            err.print(f"[bold red]retrain quarantine release[/]: {escape(str(obj))} is not "
+                      "quarantined (`retrain quarantine` lists what is)")  # fmt: skip
+            raise typer.Exit(code=1)
+        out.print(f"released {escape(str(obj))} (rule {released.get('rule')}): the next run of "
+                  f"{name} reads it; `retrain run {name}` starts one now")  # fmt: skip
+        return
+    if obj is not None or (what is not None and what not in settings.models):
+        known = ", ".join(sorted(settings.models))
+        err.print(f"[bold red]retrain quarantine[/]: {escape(str(what))} is not a model in "
+                  f"{config} (models: {known}), nor `release OBJECT`")  # fmt: skip
+        raise typer.Exit(code=2)
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "object", "rule", "columns", "error"):
+        table.add_column(column)
+    held = 0
+    for name in [what] if what else sorted(settings.models):
+        for entry in ledger.quarantined(name):
+            held += 1
+            table.add_row(name, escape(str(entry.get("object"))), str(entry.get("rule")),
+                          escape(", ".join(entry.get("columns") or [])) or "-",
+                          escape(str(entry.get("error"))))  # fmt: skip
+    out.print(table if held else "nothing is quarantined")
+
+
+def _bucket_and_name(uri: str | None) -> tuple[str, str]:
+    if not uri or not uri.startswith("gs://") or "/" not in uri[5:]:
+        err.print(f"[bold red]retrain quarantine release[/]: give the object as "
+                  f"gs://BUCKET/NAME, not {escape(str(uri))!r}")  # fmt: skip
+        raise typer.Exit(code=2)
+    bucket, _, name = uri[5:].partition("/")
+    return bucket, name
+
+
 def _writer(stack: Stack) -> FirestoreRegistry:
     """The registry that ``backend`` names (projected onto Vertex AI Model Registry, or not)."""
     from retrain.gatekeeper import registry_for  # noqa: PLC0415

@@ -54,6 +54,8 @@ FUNCTION_TOPICS: dict[str, str] = {
     "gatekeeper": "model_metrics",
 }
 
+MIB = 1024 * 1024
+
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
@@ -322,6 +324,21 @@ class TrainingWindow(_Strict):
     rows: PositiveInt | None = Field(
         None, description="Train on the latest N rows by the order column; null means all rows."
     )
+    max_bytes: PositiveInt = Field(
+        256 * MIB,
+        description="A run reads the newest accepted objects until they hold `rows` rows, "
+        "and never more than this many bytes of objects (the newest object always counts).",
+    )
+
+
+class Validation(_Strict):
+    """The rules every arriving object must pass, whatever the arrival policy; an object
+    that breaks one is quarantined: left out of every data window, until released."""
+
+    min_object_rows: PositiveInt = Field(20, description="Fewer rows than this: quarantined.")
+    max_object_bytes: PositiveInt = Field(
+        64 * MIB, description="A bigger object is quarantined unread (the check's memory bound)."
+    )
 
 
 class Estimator(_Strict):
@@ -371,6 +388,13 @@ class Gate(_Strict):
     thresholds: dict[Metric, Bound] = Field(default_factory=dict)
     min_improvement: Improvement = Improvement(absolute=0.0)
     max_regression: dict[Metric, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    on_schema_change: Literal["hold", "thresholds_only"] = Field(
+        "hold",
+        description="When the window lacks features the champion needs, the champion cannot "
+        "be scored on the candidate's rows: hold keeps the champion (the decision names the "
+        "missing features; `retrain promote` is the way out); thresholds_only promotes a "
+        "candidate that meets the value thresholds.",
+    )
 
 
 class Schedule(_Strict):
@@ -439,6 +463,7 @@ class ModelSettings(_Strict):
         "every_arrival"
     )
     drift: Drift = Drift()
+    validation: Validation = Validation()
     components: CustomComponents = CustomComponents()
     coalesce_seconds: float = Field(30.0, ge=0, le=3600)
     lease_seconds: float = Field(3600.0, gt=0)

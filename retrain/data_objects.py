@@ -12,34 +12,75 @@ from retrain.messages import RetrainRequest
 if TYPE_CHECKING:
     from retrain.ledger import FirestoreLedger
 
-__all__ = ["MAX_OBJECTS", "RunInputs", "data_window", "gather"]
+__all__ = ["MAX_OBJECTS", "RunInputs", "data_window", "gather", "newest_objects", "object_key"]
 
-# A run reads at most this many of the newest objects under the model's prefix; the
-# training window (rows by the order column) is then cut from them by preprocess.
-MAX_OBJECTS = 200
+# A run looks at most at this many of the newest objects under the model's prefix.
+MAX_OBJECTS = 1000
 
 
 def data_window(
-    settings: Settings, model: str, requests: list[RetrainRequest], client: Any | None = None
+    settings: Settings,
+    model: str,
+    requests: list[RetrainRequest],
+    client: Any | None = None,
+    ledger: FirestoreLedger | None = None,
 ) -> list[str]:
-    """The newest objects under the model's data prefix, plus any URI a request names that
-    lies elsewhere (a manual request may point at any data)."""
+    """The objects a run reads, oldest first: the newest objects under the model's data
+    prefix that were not quarantined, until they hold ``training_window.rows`` rows (as
+    counted at arrival) within ``training_window.max_bytes``; plus any URI a request names
+    that lies elsewhere (a manual request may point at any data). An object whose arrival
+    was never recorded (its notification was lost) is read, its rows uncounted; preprocess
+    checks it like any other."""
     if client is None:
         from google.cloud import storage  # noqa: PLC0415
 
         client = storage.Client()
+    if ledger is None:
+        from retrain import statedb  # noqa: PLC0415
+        from retrain.ledger import FirestoreLedger  # noqa: PLC0415
+
+        ledger = FirestoreLedger(statedb.database(settings))
     spec = settings.models[model]
     bucket = settings.buckets.data
-    blobs = [
-        blob
-        for blob in client.list_blobs(bucket, prefix=spec.data_prefix)
-        if not blob.name.endswith("/") and not blob.name.startswith("gcloud/tmp/")
-    ]
-    blobs.sort(key=lambda b: (b.updated, b.name))
-    uris = [f"gs://{bucket}/{blob.name}" for blob in blobs[-MAX_OBJECTS:]]
+    blobs = newest_objects(settings, model, client)
+    keys = [object_key(bucket, blob.name, blob.generation) for blob in blobs]
+    arrivals = ledger.arrivals(model, keys)
+    wanted, window = spec.training_window.rows, spec.training_window.max_bytes
+    chosen: list[str] = []
+    rows = size = 0
+    for blob, key in zip(blobs, keys, strict=True):
+        arrival = arrivals.get(key, {})
+        if arrival.get("outcome") == "quarantined":
+            continue
+        if chosen and size + (blob.size or 0) > window:
+            break
+        chosen.append(f"gs://{bucket}/{blob.name}")
+        rows += int(arrival.get("rows") or 0)
+        size += blob.size or 0
+        if wanted is not None and rows >= wanted:
+            break
+    uris = chosen[::-1]
     for request in requests:
         uris += [uri for uri in request.data_uris if uri not in uris]
     return uris
+
+
+def newest_objects(settings: Settings, model: str, client: Any) -> list[Any]:
+    """The newest :data:`MAX_OBJECTS` data objects (blobs) of ``model``, newest first."""
+    blobs = [
+        blob
+        for blob in client.list_blobs(
+            settings.buckets.data, prefix=settings.models[model].data_prefix
+        )
+        if not blob.name.endswith("/") and not blob.name.startswith("gcloud/tmp/")
+    ]
+    blobs.sort(key=lambda b: (b.updated, b.name), reverse=True)
+    return blobs[:MAX_OBJECTS]
+
+
+def object_key(bucket: str, name: str, generation: object) -> str:
+    """The dedupe key of an object's arrival: its notification's, whoever delivers it."""
+    return f"{bucket}/{name}#{generation}"
 
 
 @dataclass(frozen=True)
@@ -75,6 +116,6 @@ def gather(
     requests = ledger.collect(model, run_id)
     if not requests:
         raise LookupError(f"no pending events for {model}; another run covered them")
-    uris = data_window(settings, model, requests)
+    uris = data_window(settings, model, requests, ledger=ledger)
     ledger.start(model, run_id, uris)
     return RunInputs(uris, requests)

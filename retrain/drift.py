@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-
-from components.artifacts import MODEL_FILE
 
 if TYPE_CHECKING:
     from retrain.config import Drift
@@ -190,12 +187,13 @@ def check_drift(frame: pd.DataFrame, metadata: dict[str, Any], policy: Drift) ->
 
 def check_degradation(
     frame: pd.DataFrame,
-    model_dir: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
     margin: float,
 ) -> DegradationReport | None:
-    """Score the champion in ``model_dir`` on the labelled rows of ``frame``.
+    """Score the champion (``estimator``, loaded from its ``model.joblib``) on the labelled
+    rows of ``frame``.
 
     Returns None if ``frame`` has no label column or no labelled rows (rows with a null
     label are left out). With a single class present, ROC AUC is undefined: only accuracy
@@ -206,7 +204,6 @@ def check_degradation(
     Raises ValueError for missing feature columns, labels outside the model's classes,
     or rows the model cannot score.
     """
-    import joblib  # noqa: PLC0415 (lazy: see the module doc)
     from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: PLC0415
 
     label = str(metadata["label"])
@@ -221,7 +218,6 @@ def check_degradation(
         raise ValueError(
             f"the new data lacks feature columns {missing} that the champion was trained on"
         )
-    estimator = joblib.load(model_dir / MODEL_FILE)
     classes = estimator.classes_.tolist()
     unknown = sorted(set(rows[label].unique().tolist()) - set(classes), key=repr)
     if unknown:
@@ -231,7 +227,7 @@ def check_degradation(
     try:
         proba = estimator.predict_proba(rows[features])[:, 1]
     except ValueError as exc:
-        raise ValueError(f"the champion in {model_dir} cannot score the new data: {exc}") from exc
+        raise ValueError(f"the champion cannot score the new data: {exc}") from exc
     truth = (rows[label] == classes[1]).to_numpy().astype(np.int64)
     predicted = (proba >= THRESHOLD).astype(np.int64)
     metrics = {"accuracy": float(accuracy_score(truth, predicted))}

@@ -124,6 +124,7 @@ class ObjectEvent:
 
     @property
     def dedupe_key(self) -> str:
+        # data_objects.object_key: a republish keeps it (the override is this same key)
         return self.override or f"{self.bucket}/{self.name}#{self.generation}"
 
     @property

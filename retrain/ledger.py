@@ -9,8 +9,8 @@ transitions leaves a consistent ledger that any later call carries on from. Docu
                                     events wait again for the next run
     ledger/<model>/events/<h>       one event's claim (h = sha256 of its dedupe key);
                                     run_id: the run that covers it, None while it waits
-    ledger/<model>/arrivals/<h>     a data arrival that a drift policy checked, and what
-                                    the check decided
+    ledger/<model>/arrivals/<h>     a data object's arrival: what its check found (rows,
+                                    or the rule it broke), and what was decided
     ledger/<model>/runs/<run id>    the run: its events, data window, state, its worker
                                     process or pipeline job, and when it started and ended
 
@@ -149,6 +149,9 @@ class FirestoreLedger:
     def _arrival_doc(self, model: str, dedupe_key: str) -> Any:
         return self.db.doc("ledger", model, "arrivals", event_hash(dedupe_key))
 
+    def _arrivals(self, model: str) -> Any:
+        return self.db.client.collection("ledger", model, "arrivals")
+
     def _events(self, model: str) -> Any:
         return self.db.client.collection("ledger", model, "events")
 
@@ -200,15 +203,22 @@ class FirestoreLedger:
 
     # -- arrivals that a drift policy checks -----------------------------------------
 
-    def record_arrival(self, request: RetrainRequest) -> bool:
-        """For arrival policies that look at the data first: True the first time only."""
+    def record_arrival(
+        self, request: RetrainRequest, outcome: str | None = None, **checked: Any
+    ) -> bool:
+        """An arrival and what its check found (``checked``: rows, bytes and features, or a
+        broken rule); ``outcome`` is final at once (``quarantined``) or comes with
+        :meth:`settle_arrival`. True the first time only: a redelivery that checked again
+        found the same."""
         change = Change()
         change.put(
             Doc(self._arrival_doc(request.model, request.dedupe_key), None),
             {
+                **checked,
                 "request": json.loads(request.model_dump_json()),
+                "object": request.data_uris[0] if request.data_uris else None,
                 "received_at": self.clock(),
-                "outcome": None,
+                "outcome": outcome,
             },
         )
         try:
@@ -235,6 +245,42 @@ class FirestoreLedger:
 
     def arrival(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
         return self.db.read(self._arrival_doc(model, dedupe_key)).data
+
+    def arrivals(self, model: str, dedupe_keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The recorded arrivals among ``dedupe_keys``, by key (one batched read)."""
+        refs = [self._arrival_doc(model, key) for key in dedupe_keys]
+        found = {doc.ref.path: doc.data for doc in self.db.read_many(refs) if doc.exists}
+        return {
+            key: data
+            for key, ref in zip(dedupe_keys, refs, strict=True)
+            if (data := found.get(ref.path)) is not None
+        }
+
+    def quarantined(self, model: str) -> list[dict[str, Any]]:
+        """The arrivals of ``model`` that broke a rule and were not released, oldest first."""
+        found = self.db.query(self._arrivals(model), "outcome", "==", "quarantined", 10_000)
+        return sorted((doc.data or {} for doc in found), key=lambda d: d.get("received_at", 0))
+
+    def release(self, model: str, uri: str, by: str) -> dict[str, Any] | None:
+        """Readmit the quarantined object ``uri`` (every generation of it that is held):
+        later data windows include it. The released arrival, or None if none is held."""
+
+        def attempt() -> dict[str, Any] | None:
+            held = [
+                doc
+                for doc in self.db.query(self._arrivals(model), "object", "==", uri, 100)
+                if doc.get("outcome") == "quarantined"
+            ]
+            if not held:
+                return None
+            change = Change()
+            for doc in held:
+                change.put(doc, {"outcome": "released", "released_by": by,
+                                 "released_at": self.clock()})  # fmt: skip
+            self.db.commit(change)
+            return held[-1].data
+
+        return retrying(attempt, f"release {uri}")
 
     # -- the lease -------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ is decided from the report it kept, if any, and taken over otherwise.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
+from components.artifacts import MODEL_FILE
 from retrain.config import ModelSettings, Settings
 from retrain.events import (
     DEDUPE_ATTRIBUTE,
@@ -49,14 +49,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GATHER_SECONDS",
+    "RECOVER_PER_SWEEP",
     "Outcome",
     "RetrainService",
     "build_service",
     "gathering_lease",
 ]
 
-Action = Literal["launched", "queued", "duplicate", "ignored", "checked", "decided", "refused"]
+Action = Literal[
+    "launched", "queued", "duplicate", "ignored", "checked", "quarantined", "decided", "refused"
+]
 
+
+# A sweep checks at most this many objects per model whose arrival was never recorded.
+RECOVER_PER_SWEEP = 50
 
 # How long a run may take, past the coalescing window, to gather its events and launch.
 GATHER_SECONDS = 300.0
@@ -88,9 +94,11 @@ class RetrainService:
         bus: Bus,
         registry: FirestoreRegistry,
         serving: Serving | None = None,
+        storage: Any | None = None,
     ) -> None:
         """``serving`` deploys a promoted version (Vertex AI endpoints); None where the
-        prediction server follows the decisions topic by itself (the local stack)."""
+        prediction server follows the decisions topic by itself (the local stack).
+        ``storage`` reads arriving objects (default: a ``google.cloud.storage.Client``)."""
         self.settings = settings
         self.ledger = ledger
         self.launcher = launcher
@@ -98,7 +106,8 @@ class RetrainService:
         self.registry = registry
         self.serving = serving
         self.gatekeeper = Gatekeeper(settings, ledger, registry, bus, launcher.scheduled)
-        self._champions: dict[tuple[str, str], tuple[dict[str, Any], Path, dict[str, float]]] = {}
+        self._champions: dict[tuple[str, str], tuple[dict[str, Any], Any, dict[str, float]]] = {}
+        self._storage = storage
 
     # -- the one path to a run -----------------------------------------------------
 
@@ -221,7 +230,6 @@ class RetrainService:
         name = self.settings.model_for_object(event.bucket, event.name)
         if name is None:
             return Outcome("ignored", detail=f"{event.uri} belongs to no model's data prefix")
-        model = self.settings.models[name]
         request = RetrainRequest(
             model=name,
             reason="data",
@@ -229,9 +237,10 @@ class RetrainService:
             dedupe_key=event.dedupe_key,
             trigger_event_id=event.event_id,
         )
-        if model.arrival_policy == "every_arrival":
-            return self.request(request)
-        return self._check_arrival(request, model, event)
+        seen = self.ledger.arrival(name, request.dedupe_key)
+        if seen is not None and seen.get("outcome") is not None:
+            return Outcome("duplicate", name, detail=f"{event.dedupe_key} {seen['outcome']}")
+        return self._check_arrival(request, self.settings.models[name], event)
 
     def drift_alert(self, message: PubsubMessage) -> Outcome:
         payload = json_object(message)
@@ -294,20 +303,44 @@ class RetrainService:
         outcomes: dict[str, str] = {}
         launched: dict[str, str | None] = {}
         for name in self.settings.models:
+            try:
+                if found := self._recover_arrivals(name):
+                    outcomes[name] = f"{found} unrecorded arrivals checked; "
+            except Exception as exc:  # noqa: BLE001 (in the log line; the next sweep retries)
+                outcomes[name] = f"unrecorded arrivals: {type(exc).__name__}: {exc}; "
             if self.ledger.lease(name) is None and not self.ledger.has_pending(name):
                 continue
             try:
                 outcome = self.kick(name, look=True)
             except Exception as exc:  # noqa: BLE001 (in the log line; the next sweep retries)
-                outcomes[name] = f"failed: {type(exc).__name__}: {exc}"
+                outcomes[name] = outcomes.get(name, "") + f"failed: {type(exc).__name__}: {exc}"
                 continue
-            outcomes[name] = f"{outcome.action} {outcome.run_id or outcome.detail}"
+            outcomes[name] = (
+                outcomes.get(name, "") + f"{outcome.action} {outcome.run_id or outcome.detail}"
+            )
             if outcome.action == "launched":
                 launched[name] = outcome.run_id
         detail = "; ".join(f"{name}: {what}" for name, what in outcomes.items())
         return Outcome(
             "checked", detail=f"sweep: {detail or 'nothing waits'}", extra={"launched": launched}
         )
+
+    def _recover_arrivals(self, name: str) -> int:
+        """Check the model's objects whose arrival was never recorded (their notification
+        was lost: a Pub/Sub outage, a stack that was down), at most
+        :data:`RECOVER_PER_SWEEP` per sweep; as their notification would have. How many."""
+        from retrain.data_objects import newest_objects, object_key  # noqa: PLC0415
+
+        bucket = self.settings.buckets.data
+        blobs = newest_objects(self.settings, name, self.storage)
+        keys = [object_key(bucket, blob.name, blob.generation) for blob in blobs]
+        known = self.ledger.arrivals(name, keys)
+        lost = [(blob, key) for blob, key in zip(blobs, keys, strict=True) if key not in known]
+        for blob, key in lost[:RECOVER_PER_SWEEP]:
+            event = ObjectEvent(f"sweep:{key}", "OBJECT_FINALIZE", bucket, blob.name,
+                                str(blob.generation))  # fmt: skip
+            self.data_arrival(event)
+        return min(len(lost), RECOVER_PER_SWEEP)
 
     def report(self, report: MetricsReport) -> Outcome:
         """A run ended: decide on its candidate (which ends the run and releases its lease,
@@ -335,90 +368,193 @@ class RetrainService:
         if champion is not None and champion.version == decision.new_version:
             self.serving.deploy(decision.model, decision.new_version)
 
-    # -- arrival policies that look at the data --------------------------------------
+    # -- every arrival is checked; some policies look for drift ---------------------
 
     def _check_arrival(
         self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent
     ) -> Outcome:
-        if not self.ledger.record_arrival(request):
-            seen = self.ledger.arrival(request.model, request.dedupe_key) or {}
-            if seen.get("outcome") is not None:
-                return Outcome("duplicate", request.model, detail=f"{event.dedupe_key} checked")
-            # An earlier delivery died before its check finished: check again.
-        champion = self.registry.champion(request.model)
-        if champion is None:  # nothing to compare with: the first model needs this data
-            outcome = self.request(request)
-            self.ledger.settle_arrival(request, "first_model", run_id=outcome.run_id)
-            return outcome
-        from components.dataio import DataReadError, read_table  # noqa: PLC0415 (pandas)
+        """Check the object against the rules (``components.preprocess.validation``): one
+        that breaks one is quarantined; one that passes is recorded with its rows (the data
+        window counts them) and handled as the model's arrival policy says. A duplicate
+        delivery during the check checks again and finds the same: the first record and
+        the first settlement stand."""
+        from components.preprocess.validation import ValidationError  # noqa: PLC0415
+
+        try:
+            checked = self._read_checked(event, model)
+        except ValidationError as exc:
+            return self._quarantine(request, exc)
+        if checked is None:
+            self.ledger.record_arrival(request, "gone")
+            return Outcome("ignored", request.model, detail=f"{event.uri}#{event.generation} "
+                           "no longer exists")  # fmt: skip
+        frame, features, size = checked
+        fields = {"rows": len(frame), "bytes": size, "features": list(features)}
+        every = model.arrival_policy == "every_arrival"
+        champion = None if every else self.registry.champion(request.model)
+        if champion is None:  # every arrival runs; or the first model needs this data
+            self.ledger.record_arrival(request, **fields)
+            return self._settled(
+                request, "accepted" if every else "first_model", self.request(request)
+            )
+        try:
+            kind, reasons, details = self._drift(request.model, model, champion, frame, features)
+        except ValueError as exc:  # e.g. labels the champion does not know
+            return self._quarantine(
+                request, ValidationError(event.uri, [], "unscorable", str(exc)), size
+            )
+        self.ledger.record_arrival(request, **fields)
+        if not reasons:
+            summary = details["drift"].summary()
+            self.ledger.settle_arrival(request, "no_drift", summary=summary)
+            return Outcome("checked", request.model, detail=f"no drift: {summary}")
+        return self._alert(request, event, kind, reasons, details, champion.version)
+
+    def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
+        """(frame, features, bytes) of the object's generation if it passes the rules;
+        None if it no longer exists. :class:`ValidationError` names a broken rule; any
+        other error (the store did not answer) propagates, and the arrival is retried."""
+        from google.api_core.exceptions import NotFound  # noqa: PLC0415
+
+        from components.preprocess.validation import check_arrival, check_size  # noqa: PLC0415
+
+        generation = int(event.generation) if event.generation.isdigit() else None
+        blob = self.storage.bucket(event.bucket).get_blob(event.name, generation=generation)
+        if blob is None:
+            return None
+        size = int(blob.size or 0)
+        check_size(event.uri, size, model)
+        try:
+            data = blob.download_as_bytes()
+        except NotFound:
+            return None
+        frame, features = check_arrival(event.uri, data, model)
+        return frame, features, size
+
+    def _quarantine(self, request: RetrainRequest, error: Any, size: int | None = None) -> Outcome:
+        """Keep the object out of every data window until released; one ERROR line says why
+        (``retrain quarantine`` lists them)."""
+        fields = {"rule": str(error.rule), "columns": list(error.columns), "error": str(error)}
+        self.ledger.record_arrival(request, "quarantined", bytes=size, **fields)
+        extra = {"rule": fields["rule"], "columns": fields["columns"]}
+        return Outcome("quarantined", request.model, detail=str(error), extra=extra)
+
+    def _settled(self, request: RetrainRequest, outcome: str, result: Outcome) -> Outcome:
+        self.ledger.settle_arrival(request, outcome, run_id=result.run_id)
+        return result
+
+    def _drift(
+        self,
+        name: str,
+        model: ModelSettings,
+        champion: Any,
+        frame: Any,
+        features: tuple[str, ...],
+    ) -> tuple[Literal["drift", "degradation", "schema_change"], list[str], dict[str, Any]]:
+        """How the object differs from the champion's data: the alert's kind, its reasons
+        (none: no alert) and details. A schema change (the object lacks features that the
+        champion uses) is a reason of its own: the next run must say so and the gate
+        decide (``gate.on_schema_change``)."""
         from retrain.drift import check_degradation, check_drift  # noqa: PLC0415
 
-        metadata, model_dir, reference = self._champion(request.model, champion)
-        try:
-            frame = read_table(event.uri, model.format)
-        except DataReadError as exc:
-            self.ledger.settle_arrival(request, "unreadable", summary=str(exc))
-            raise EventError(f"{event.uri}: cannot check it for drift: {exc.reason}") from exc
-        try:
-            drift = check_drift(frame, metadata, model.drift)
-            degradation = (
-                check_degradation(
-                    frame, model_dir, metadata, reference, model.drift.degradation_margin
-                )
-                if model.arrival_policy == "on_drift_or_degradation"
-                else None
+        metadata, estimator, reference = self._champion(name, champion)
+        missing = [str(f) for f in metadata["features"] if f not in features]
+        if missing:
+            why = (
+                f"schema change: the data lacks features {missing} that champion "
+                f"v{champion.version} uses; gate.on_schema_change is {model.gate.on_schema_change}"
             )
-        except ValueError as exc:  # the data itself: retrying it would fail the same way
-            self.ledger.settle_arrival(request, "unreadable", summary=str(exc))
-            raise EventError(f"{event.uri}: cannot check it for drift: {exc}") from exc
+            return "schema_change", [why], {"missing_features": missing}
+        drift = check_drift(frame, metadata, model.drift)
         reasons = [drift.summary()] if drift.drifted else []
-        details: dict[str, Any] = {"drift": drift.to_dict()}
-        kind: Literal["drift", "degradation"] = "drift"
-        if degradation is not None:
-            details["degradation"] = degradation.to_dict()
-            if degradation.degraded:
-                reasons.extend(degradation.reasons)
-                kind = "drift" if drift.drifted else "degradation"
-        if not reasons:
-            self.ledger.settle_arrival(request, "no_drift", summary=drift.summary())
-            return Outcome("checked", request.model, detail=f"no drift: {drift.summary()}")
+        details: dict[str, Any] = {"drift": drift}
+        kind: Literal["drift", "degradation", "schema_change"] = "drift"
+        if model.arrival_policy == "on_drift_or_degradation":
+            degradation = check_degradation(
+                frame, estimator, metadata, reference, model.drift.degradation_margin
+            )
+            if degradation is not None:
+                details["degradation"] = degradation
+                if degradation.degraded:
+                    reasons.extend(degradation.reasons)
+                    kind = "drift" if drift.drifted else "degradation"
+        return kind, reasons, details
+
+    def _alert(
+        self,
+        request: RetrainRequest,
+        event: ObjectEvent,
+        kind: Literal["drift", "degradation", "schema_change"],
+        reasons: list[str],
+        details: dict[str, Any],
+        version: str,
+    ) -> Outcome:
+        """Claim the drift's run, then publish the alert for whoever watches drift-alerts
+        (on_drift finds it claimed). Keyed by the arrival, not by this publish: a second
+        check of the same arrival claims nothing new. Claimed first, so that a lost alert
+        message loses no run."""
         alert = DriftAlert(
             model=request.model,
             kind=kind,
             data_uris=[event.uri],
             summary="; ".join(reasons),
-            details=details | {"champion_version": champion.version},
+            details={
+                name: value.to_dict() if hasattr(value, "to_dict") else value
+                for name, value in details.items()
+            }
+            | {"champion_version": version},
         )
-        # Keyed by the arrival, not by this publish: if this delivery dies before it settles
-        # and the arrival is checked again, the second alert is a duplicate, not a new run.
         alert_key = f"drift:{event.dedupe_key}"
+        run = self.request(
+            RetrainRequest(
+                model=request.model, reason="drift", data_uris=[event.uri],
+                dedupe_key=alert_key, trigger_event_id=event.event_id,
+            )
+        )  # fmt: skip
         message_id = self.bus.publish(
             self.settings.topics.drift_alerts, alert, model=alert.model,
             **{DEDUPE_ATTRIBUTE: alert_key},
         )  # fmt: skip
         self.ledger.settle_arrival(
             request, kind, alert_message_id=message_id, alert_key=alert_key,
-            summary=alert.summary,
+            summary=alert.summary, run_id=run.run_id,
         )  # fmt: skip
-        return Outcome("checked", request.model, detail=alert.summary, extra={"alert": message_id})
+        return Outcome(
+            "checked", request.model, run.run_id, alert.summary, extra={"alert": message_id}
+        )
 
-    def _champion(self, name: str, champion: Any) -> tuple[dict[str, Any], Path, dict[str, float]]:
-        """The champion's metadata and model folder, downloaded once per artifact."""
+    def _champion(self, name: str, champion: Any) -> tuple[dict[str, Any], Any, dict[str, float]]:
+        """The champion's metadata and loaded estimator, downloaded once per artifact. The
+        download's folder goes at once: nothing reads it later (in Cloud Functions, /tmp is
+        memory), and no other thread can find it half-deleted."""
         key = (name, champion.artifact_uri)
-        if key not in self._champions:
+        cached = self._champions.get(key)
+        if cached is None:
             import json  # noqa: PLC0415
+
+            import joblib  # noqa: PLC0415
 
             from retrain import blobstore  # noqa: PLC0415
 
-            folder = Path(tempfile.mkdtemp(prefix=f"champion-{name}-{champion.version}-"))
-            blobstore.download_dir(champion.artifact_uri, folder)
-            metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
-            # One folder per model: the replaced champion's goes (in Cloud Functions, /tmp
-            # is memory).
-            for stale in [k for k in self._champions if k[0] == name]:
-                shutil.rmtree(self._champions.pop(stale)[1], ignore_errors=True)
-            self._champions[key] = (metadata, folder, dict(champion.metrics))
-        return self._champions[key]
+            with tempfile.TemporaryDirectory(prefix=f"champion-{name}-") as tmp:
+                folder = Path(tmp)
+                blobstore.download_dir(champion.artifact_uri, folder)
+                metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+                estimator = joblib.load(folder / MODEL_FILE)
+            cached = (metadata, estimator, dict(champion.metrics))
+            # One per model: the replaced champion's goes (dicts are safe across threads).
+            self._champions = {k: v for k, v in self._champions.items() if k[0] != name}
+            self._champions[key] = cached
+        return cached
+
+    @property
+    def storage(self) -> Any:
+        """The storage client that reads arriving objects (made on first use)."""
+        if self._storage is None:
+            from google.cloud import storage  # noqa: PLC0415
+
+            self._storage = storage.Client()
+        return self._storage
 
 
 def build_service(settings: Settings, config_path: Path) -> RetrainService:

@@ -49,7 +49,8 @@ def _handle(function: str, event: CloudEvent, handler: Callable[[], Outcome]) ->
         _log("ERROR", function, event_id=event["id"], error=str(exc))
         return
     took = round((time.perf_counter() - started) * 1000, 2)
-    _log("INFO", function, event_id=event["id"], at=time.time(), ms=took, **outcome.log_fields())
+    severity = "ERROR" if outcome.action == "quarantined" else "INFO"  # bad data: one line
+    _log(severity, function, event_id=event["id"], at=time.time(), ms=took, **outcome.log_fields())
 
 
 @functions_framework.cloud_event

@@ -222,7 +222,7 @@ class World:
         self.inbox = Inbox(self.faults)
         self.launcher = SimLauncher(self)
         self.service = RetrainService(
-            self.settings, self.ledger, self.launcher, self.inbox, self.registry
+            self.settings, self.ledger, self.launcher, self.inbox, self.registry, storage=gcs
         )
         self.events: list[RetrainRequest] = []
         self.submitted: list[str] = []  # run ids, in the order their jobs were created

@@ -16,11 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import joblib
 import numpy as np
 import pandas as pd
 import pytest
 
-from components.artifacts import read_json
+from components.artifacts import MODEL_FILE, read_json
 from components.evaluate import evaluate
 from components.train import train
 from retrain.config import Drift, ModelSettings
@@ -74,6 +75,11 @@ def champion(
     train_path = directory / "train.parquet"
     split[0].to_parquet(train_path)
     return train(train_path, settings, directory / "model").model_path.parent
+
+
+@pytest.fixture(scope="module")
+def estimator(champion: Path) -> Any:
+    return joblib.load(champion / MODEL_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +194,7 @@ def test_missing_feature_columns_are_named(
     split: tuple[pd.DataFrame, pd.DataFrame],
     metadata: dict[str, Any],
     policy: Drift,
-    champion: Path,
+    estimator: Any,
     reference_metrics: dict[str, float],
 ) -> None:
     frame = split[1].drop(columns=["dew point", "visibility"])
@@ -196,16 +202,16 @@ def test_missing_feature_columns_are_named(
     with pytest.raises(ValueError, match=r"\['dew point', 'visibility'\]"):
         check_drift(frame, metadata, policy)
     with pytest.raises(ValueError, match=r"\['dew point', 'visibility'\]"):
-        check_degradation(frame, champion, metadata, reference_metrics, 0.05)
+        check_degradation(frame, estimator, metadata, reference_metrics, 0.05)
 
 
 def test_the_champion_on_its_training_rows_is_not_degraded(
     split: tuple[pd.DataFrame, pd.DataFrame],
-    champion: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
 ) -> None:
-    report = check_degradation(split[0], champion, metadata, reference_metrics, 0.05)
+    report = check_degradation(split[0], estimator, metadata, reference_metrics, 0.05)
 
     assert report is not None
     assert not report.degraded
@@ -219,13 +225,13 @@ def test_the_champion_on_its_training_rows_is_not_degraded(
 
 def test_flipped_labels_degrade_the_champion(
     split: tuple[pd.DataFrame, pd.DataFrame],
-    champion: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
 ) -> None:
     frame = split[1].assign(**{LABEL: 1 - split[1][LABEL]})
 
-    report = check_degradation(frame, champion, metadata, reference_metrics, 0.05)
+    report = check_degradation(frame, estimator, metadata, reference_metrics, 0.05)
 
     assert report is not None
     assert report.degraded
@@ -236,26 +242,26 @@ def test_flipped_labels_degrade_the_champion(
 
 def test_without_labels_there_is_no_degradation_report(
     split: tuple[pd.DataFrame, pd.DataFrame],
-    champion: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
 ) -> None:
     unlabelled = split[1].drop(columns=[LABEL])
     all_null = split[1].assign(**{LABEL: np.nan})
 
-    assert check_degradation(unlabelled, champion, metadata, reference_metrics, 0.05) is None
-    assert check_degradation(all_null, champion, metadata, reference_metrics, 0.05) is None
+    assert check_degradation(unlabelled, estimator, metadata, reference_metrics, 0.05) is None
+    assert check_degradation(all_null, estimator, metadata, reference_metrics, 0.05) is None
 
 
 def test_one_class_compares_accuracy_only(
     split: tuple[pd.DataFrame, pd.DataFrame],
-    champion: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
 ) -> None:
     dry = split[1][split[1][LABEL] == 0]
 
-    report = check_degradation(dry, champion, metadata, reference_metrics, 0.05)
+    report = check_degradation(dry, estimator, metadata, reference_metrics, 0.05)
 
     assert report is not None
     assert set(report.metrics) == set(report.reference) == {"accuracy"}
@@ -264,14 +270,14 @@ def test_one_class_compares_accuracy_only(
 
 def test_unknown_label_values_are_an_error(
     split: tuple[pd.DataFrame, pd.DataFrame],
-    champion: Path,
+    estimator: Any,
     metadata: dict[str, Any],
     reference_metrics: dict[str, float],
 ) -> None:
     frame = split[1].assign(**{LABEL: split[1][LABEL] * 2})
 
     with pytest.raises(ValueError, match=r"values \[2\] are not among"):
-        check_degradation(frame, champion, metadata, reference_metrics, 0.05)
+        check_degradation(frame, estimator, metadata, reference_metrics, 0.05)
 
 
 def test_importing_the_module_loads_no_scipy_or_sklearn() -> None:

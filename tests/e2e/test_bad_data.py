@@ -1,0 +1,173 @@
+"""Bad data costs one quarantine record and nothing else, on the whole local stack: each kind
+of bad upload is quarantined with its rule, the champion serves throughout, and the next
+good upload trains and is decided."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from retrain.config import MIB, load_settings
+from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
+from retrain.localstack import Stack, emulators
+from retrain.localstack.processes import wait_until
+from retrain.statedb import Database
+from tests.conftest import QUICK_MODEL, rainfall, settled, write_config
+from tests.e2e.test_gatekeeper import predict, retrain_cli, served_version
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "guarded"
+RAINFALL = rainfall(6000)
+FEATURES = [c for c in RAINFALL.columns if c not in ("day", "rain")]
+GOOD = RAINFALL.iloc[3000:3400]
+
+
+def csv(frame: pd.DataFrame) -> bytes:
+    return str(frame.to_csv(index=False)).encode()
+
+
+def three_classes() -> bytes:
+    frame = GOOD.copy()
+    frame.loc[frame.index[:10], "rain"] = 2
+    return csv(frame)
+
+
+def two_hundred_thousand_rows() -> bytes:
+    frame = pd.concat([RAINFALL] * 34, ignore_index=True).iloc[:200_000]
+    return csv(frame.assign(day=np.arange(len(frame)) + 100_000))
+
+
+# name -> (content, the rule it breaks, the columns it names)
+BAD: dict[str, tuple[Any, str, list[str]]] = {
+    "renamed.csv": (
+        lambda: csv(GOOD.set_axis([f"c{i}" for i in range(GOOD.shape[1])], axis=1)),
+        "missing_column", ["day", "rain"],
+    ),
+    "no-label.csv": (lambda: csv(GOOD.drop(columns=["rain"])), "missing_column", ["rain"]),
+    "three-classes.csv": (three_classes, "label_not_binary", ["rain"]),
+    "words.csv": (
+        lambda: csv(GOOD.assign(temperature=["warm"] * len(GOOD))), "non_numeric", ["temperature"]
+    ),
+    "header-only.csv": (lambda: ",".join(GOOD.columns).encode() + b"\n", "empty", []),
+    "binary.csv": (lambda: bytes(range(256)) * 64, "unreadable", []),
+    "blank-feature.csv": (
+        lambda: csv(GOOD.assign(visibility=np.nan)), "all_null", ["visibility"]
+    ),
+    "ten-rows.csv": (lambda: csv(GOOD.iloc[:10]), "too_few_rows", []),
+    "200k-rows.csv": (two_hundred_thousand_rows, "too_large", []),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    spec = {**QUICK_MODEL, "data_prefix": f"{MODEL}/",
+            "validation": {"max_object_bytes": 16 * MIB}}  # fmt: skip
+    path = write_config(tmp_path_factory.mktemp("bad-data"), models={MODEL: spec})
+    with Stack(load_settings(path), path).running_stack() as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def state(stack: Stack) -> Database:
+    s = stack.settings
+    return Database(emulators.firestore_client(stack.firestore_host, s.project, s.database))
+
+
+class Predictions:
+    """Ask the prediction server for the model's answer, over and over, counting failures;
+    bounded in count and time."""
+
+    def __init__(self, stack: Stack, limit: int = 5000, seconds: float = 600) -> None:
+        self.stack, self.limit, self.seconds = stack, limit, seconds
+        self.ok = 0
+        self.failed: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        row = [float(v) for v in GOOD[FEATURES].iloc[0]]
+        while not self.stopping.is_set() and self.ok + len(self.failed) < self.limit:
+            if time.monotonic() > deadline:
+                return
+            try:
+                predict(self.stack, MODEL, [row])
+                self.ok += 1
+            except (urllib.error.URLError, OSError) as exc:
+                self.failed.append(repr(exc))
+            self.stopping.wait(0.05)
+
+    def __enter__(self) -> Predictions:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+
+def peak_memory_mib(stack: Stack, part: str) -> float:
+    """The part's peak resident memory (VmHWM), in MiB."""
+    pid = next(p.pid for p in stack.status() if p.name == part)
+    status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    return kib / 1024
+
+
+def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
+    stack: Stack, gcs: Any, state: Database, record_property: Any
+) -> None:
+    ledger = FirestoreLedger(state)
+    registry = FirestoreRegistry(state, stack.settings.buckets.models, gcs)
+    bucket = gcs.bucket(stack.settings.buckets.data)
+    bucket.blob(f"{MODEL}/good-0.csv").upload_from_string(csv(RAINFALL.iloc[:3000]))
+    settled(ledger, MODEL, runs=1)
+    assert wait_until(lambda: served_version(stack, MODEL) == "1", timeout=60, interval=0.2)
+
+    with Predictions(stack) as predictions:
+        for name, (content, _, _) in BAD.items():
+            bucket.blob(f"{MODEL}/bad/{name}").upload_from_string(content())
+        assert wait_until(lambda: len(ledger.quarantined(MODEL)) >= len(BAD), timeout=180), (
+            ledger.quarantined(MODEL)
+        )
+        bucket.blob(f"{MODEL}/good-1.csv").upload_from_string(csv(RAINFALL.iloc[3000:6000]))
+        first, second = settled(ledger, MODEL, runs=2)
+        assert wait_until(lambda: predictions.ok > 20, timeout=30, interval=0.2)
+
+    held = {Path(q["object"]).name: q for q in ledger.quarantined(MODEL)}
+    for name, (_, rule, columns) in BAD.items():
+        assert held[name]["rule"] == rule, held[name]["error"]
+        assert held[name]["columns"] == columns, held[name]["error"]
+        assert name in held[name]["error"]
+    assert not predictions.failed, predictions.failed[:5]
+    assert [run.state for run in (first, second)] == ["succeeded", "succeeded"], second.error
+    assert not [uri for uri in second.data_uris if "/bad/" in uri]
+    assert second.data_uris[-1].endswith("good-1.csv")
+    assert registry.decision(MODEL, second.run_id) is not None  # decided, whatever the verdict
+    peak = peak_memory_mib(stack, "on_data_arrival")
+    record_property("on_data_arrival_peak_mib", round(peak))
+    assert peak < 1024, f"the arrival check's peak memory {peak:.0f} MiB is over 1 GiB"
+
+    listed = retrain_cli(stack, "quarantine", MODEL)
+    assert listed.returncode == 0, listed.stderr
+    for name, (_, rule, _) in BAD.items():
+        assert name in listed.stdout
+        assert rule in listed.stdout
+    ten = f"gs://{bucket.name}/{MODEL}/bad/ten-rows.csv"
+    released = retrain_cli(stack, "quarantine", "release", ten)
+    assert released.returncode == 0, released.stderr
+    assert "released" in released.stdout
+    assert len(ledger.quarantined(MODEL)) == len(BAD) - 1
+    again = retrain_cli(stack, "quarantine", "release", ten)
+    assert again.returncode == 1
+    assert "is not quarantined" in again.stderr
