@@ -31,7 +31,7 @@ from retrain.events import (
     json_object,
 )
 from retrain.gatekeeper.decisions import Gatekeeper, Refusal, report_of
-from retrain.ledger import Acquired, Lease, new_run_id
+from retrain.ledger import Acquired, Claim, Lease, new_run_id
 from retrain.messages import (
     Decision,
     DriftAlert,
@@ -113,15 +113,19 @@ class RetrainService:
 
     def request(self, request: RetrainRequest) -> Outcome:
         """Claim the request once; launch a run if the model has none, else leave it queued."""
+        return self._claim(request)[1]
+
+    def _claim(self, request: RetrainRequest) -> tuple[Claim, Outcome]:
         model = self._model(request.model)
         check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
         claim = self.ledger.claim(request)
         if claim == "done":
-            return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
+            done = Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
+            return claim, done
         outcome = self.kick(request.model, model)
         if claim == "pending" and outcome.action == "queued":
-            return Outcome("duplicate", request.model, detail=f"{request.dedupe_key} queued")
-        return outcome
+            return claim, Outcome("duplicate", request.model, detail=f"{request.dedupe_key} queued")
+        return claim, outcome
 
     def kick(self, name: str, model: ModelSettings | None = None, *, look: bool = False) -> Outcome:
         """Start a run for ``name`` if none holds its lease; the run gathers what waits.
@@ -491,8 +495,9 @@ class RetrainService:
     ) -> Outcome:
         """Claim the drift's run, then publish the alert for whoever watches drift-alerts
         (on_drift finds it claimed). Keyed by the arrival, not by this publish: a second
-        check of the same arrival claims nothing new. Claimed first, so that a lost alert
-        message loses no run."""
+        check of the same arrival claims nothing new, and publishes nothing. Claimed first,
+        so that a lost alert message loses no run (a crash between the two loses the
+        message; the arrival's record keeps its summary)."""
         alert = DriftAlert(
             model=request.model,
             kind=kind,
@@ -505,16 +510,18 @@ class RetrainService:
             | {"champion_version": version},
         )
         alert_key = f"drift:{event.dedupe_key}"
-        run = self.request(
+        claim, run = self._claim(
             RetrainRequest(
                 model=request.model, reason="drift", data_uris=[event.uri],
                 dedupe_key=alert_key, trigger_event_id=event.event_id,
             )
         )  # fmt: skip
-        message_id = self.bus.publish(
-            self.settings.topics.drift_alerts, alert, model=alert.model,
-            **{DEDUPE_ATTRIBUTE: alert_key},
-        )  # fmt: skip
+        message_id = None
+        if claim == "new":
+            message_id = self.bus.publish(
+                self.settings.topics.drift_alerts, alert, model=alert.model,
+                **{DEDUPE_ATTRIBUTE: alert_key},
+            )  # fmt: skip
         self.ledger.settle_arrival(
             request, kind, alert_message_id=message_id, alert_key=alert_key,
             summary=alert.summary, run_id=run.run_id,

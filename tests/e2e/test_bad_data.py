@@ -4,6 +4,7 @@ good upload trains and is decided."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import urllib.error
@@ -26,7 +27,7 @@ from tests.e2e.test_gatekeeper import predict, retrain_cli, served_version
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "guarded"
+EVERY, WATCHED, RESHAPED = "every", "watched", "reshaped"
 RAINFALL = rainfall(6000)
 FEATURES = [c for c in RAINFALL.columns if c not in ("day", "rain")]
 GOOD = RAINFALL.iloc[3000:3400]
@@ -68,11 +69,17 @@ BAD: dict[str, tuple[Any, str, list[str]]] = {
 }  # fmt: skip
 
 
+# Any new data drifts, so that the drift policy trains on every good upload.
+ALWAYS_DRIFTS = {"psi_threshold": 1e-9, "ks_pvalue": 0.999, "min_drifted_features": 1}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    spec = {**QUICK_MODEL, "data_prefix": f"{MODEL}/",
-            "validation": {"max_object_bytes": 16 * MIB}}  # fmt: skip
-    path = write_config(tmp_path_factory.mktemp("bad-data"), models={MODEL: spec})
+    base = {**QUICK_MODEL, "validation": {"max_object_bytes": 16 * MIB}}
+    watched = {**base, "arrival_policy": "on_drift_or_degradation", "drift": ALWAYS_DRIFTS}
+    models = {EVERY: base, WATCHED: watched, RESHAPED: watched}
+    models = {name: {**spec, "data_prefix": f"{name}/"} for name, spec in models.items()}
+    path = write_config(tmp_path_factory.mktemp("bad-data"), models=models)
     with Stack(load_settings(path), path).running_stack() as started:
         yield started
 
@@ -87,8 +94,8 @@ class Predictions:
     """Ask the prediction server for the model's answer, over and over, counting failures;
     bounded in count and time."""
 
-    def __init__(self, stack: Stack, limit: int = 5000, seconds: float = 600) -> None:
-        self.stack, self.limit, self.seconds = stack, limit, seconds
+    def __init__(self, stack: Stack, model: str, limit: int = 5000, seconds: float = 600) -> None:
+        self.stack, self.model, self.limit, self.seconds = stack, model, limit, seconds
         self.ok = 0
         self.failed: list[str] = []
         self.stopping = threading.Event()
@@ -101,7 +108,7 @@ class Predictions:
             if time.monotonic() > deadline:
                 return
             try:
-                predict(self.stack, MODEL, [row])
+                predict(self.stack, self.model, [row])
                 self.ok += 1
             except (urllib.error.URLError, OSError) as exc:
                 self.failed.append(repr(exc))
@@ -124,27 +131,51 @@ def peak_memory_mib(stack: Stack, part: str) -> float:
     return kib / 1024
 
 
-def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
-    stack: Stack, gcs: Any, state: Database, record_property: Any
-) -> None:
-    ledger = FirestoreLedger(state)
-    registry = FirestoreRegistry(state, stack.settings.buckets.models, gcs)
-    bucket = gcs.bucket(stack.settings.buckets.data)
-    bucket.blob(f"{MODEL}/good-0.csv").upload_from_string(csv(RAINFALL.iloc[:3000]))
-    settled(ledger, MODEL, runs=1)
-    assert wait_until(lambda: served_version(stack, MODEL) == "1", timeout=60, interval=0.2)
+@pytest.fixture(scope="module")
+def ledger(state: Database) -> FirestoreLedger:
+    return FirestoreLedger(state)
 
-    with Predictions(stack) as predictions:
+
+@pytest.fixture
+def registry(stack: Stack, state: Database, gcs: Any) -> FirestoreRegistry:
+    return FirestoreRegistry(state, stack.settings.buckets.models, gcs)
+
+
+def first_champion(stack: Stack, gcs: Any, ledger: FirestoreLedger, model: str) -> Any:
+    bucket = gcs.bucket(stack.settings.buckets.data)
+    bucket.blob(f"{model}/good-0.csv").upload_from_string(csv(RAINFALL.iloc[:3000]))
+    settled(ledger, model, runs=1)
+    assert wait_until(lambda: served_version(stack, model) == "1", timeout=60, interval=0.2)
+    return bucket
+
+
+def log_lines(stack: Stack, part: str) -> list[dict[str, Any]]:
+    lines = (stack.logs / f"{part}.log").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.mark.parametrize("model", [EVERY, WATCHED])
+def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
+    stack: Stack,
+    gcs: Any,
+    ledger: FirestoreLedger,
+    registry: FirestoreRegistry,
+    model: str,
+    record_property: Any,
+) -> None:
+    bucket = first_champion(stack, gcs, ledger, model)
+
+    with Predictions(stack, model) as predictions:
         for name, (content, _, _) in BAD.items():
-            bucket.blob(f"{MODEL}/bad/{name}").upload_from_string(content())
-        assert wait_until(lambda: len(ledger.quarantined(MODEL)) >= len(BAD), timeout=180), (
-            ledger.quarantined(MODEL)
+            bucket.blob(f"{model}/bad/{name}").upload_from_string(content())
+        assert wait_until(lambda: len(ledger.quarantined(model)) >= len(BAD), timeout=180), (
+            ledger.quarantined(model)
         )
-        bucket.blob(f"{MODEL}/good-1.csv").upload_from_string(csv(RAINFALL.iloc[3000:6000]))
-        first, second = settled(ledger, MODEL, runs=2)
+        bucket.blob(f"{model}/good-1.csv").upload_from_string(csv(RAINFALL.iloc[3000:6000]))
+        first, second = settled(ledger, model, runs=2)
         assert wait_until(lambda: predictions.ok > 20, timeout=30, interval=0.2)
 
-    held = {Path(q["object"]).name: q for q in ledger.quarantined(MODEL)}
+    held = {Path(q["object"]).name: q for q in ledger.quarantined(model)}
     for name, (_, rule, columns) in BAD.items():
         assert held[name]["rule"] == rule, held[name]["error"]
         assert held[name]["columns"] == columns, held[name]["error"]
@@ -153,21 +184,77 @@ def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
     assert [run.state for run in (first, second)] == ["succeeded", "succeeded"], second.error
     assert not [uri for uri in second.data_uris if "/bad/" in uri]
     assert second.data_uris[-1].endswith("good-1.csv")
-    assert registry.decision(MODEL, second.run_id) is not None  # decided, whatever the verdict
+    assert registry.decision(model, second.run_id) is not None  # decided, whatever the verdict
+    # One structured ERROR line per bad object, and no traceback.
+    log = log_lines(stack, "on_data_arrival")
+    for name in BAD:
+        errors = [line for line in log if line["severity"] == "ERROR"
+                  and line.get("object", "").endswith(f"{model}/bad/{name}")]  # fmt: skip
+        assert len(errors) == 1, errors
+        assert errors[0]["action"] == "quarantined"
+        assert errors[0]["rule"] == BAD[name][1]
+    assert "Traceback" not in (stack.logs / "on_data_arrival.log").read_text(encoding="utf-8")
     peak = peak_memory_mib(stack, "on_data_arrival")
     record_property("on_data_arrival_peak_mib", round(peak))
     assert peak < 1024, f"the arrival check's peak memory {peak:.0f} MiB is over 1 GiB"
 
-    listed = retrain_cli(stack, "quarantine", MODEL)
+
+def test_quarantine_lists_and_releases_from_the_cli(
+    stack: Stack, gcs: Any, ledger: FirestoreLedger
+) -> None:
+    bucket = gcs.bucket(stack.settings.buckets.data)
+    name = f"{EVERY}/bad/cli-ten-rows.csv"
+    bucket.blob(name).upload_from_string(csv(GOOD.iloc[:10]))
+    uri = f"gs://{bucket.name}/{name}"
+    assert wait_until(lambda: uri in [q["object"] for q in ledger.quarantined(EVERY)],
+                      timeout=60)  # fmt: skip
+
+    listed = retrain_cli(stack, "quarantine", EVERY)
     assert listed.returncode == 0, listed.stderr
-    for name, (_, rule, _) in BAD.items():
-        assert name in listed.stdout
-        assert rule in listed.stdout
-    ten = f"gs://{bucket.name}/{MODEL}/bad/ten-rows.csv"
-    released = retrain_cli(stack, "quarantine", "release", ten)
+    assert "cli-ten-rows.csv" in listed.stdout
+    assert "too_few_rows" in listed.stdout
+    released = retrain_cli(stack, "quarantine", "release", uri)
     assert released.returncode == 0, released.stderr
     assert "released" in released.stdout
-    assert len(ledger.quarantined(MODEL)) == len(BAD) - 1
-    again = retrain_cli(stack, "quarantine", "release", ten)
+    assert uri not in [q["object"] for q in ledger.quarantined(EVERY)]
+    again = retrain_cli(stack, "quarantine", "release", uri)
     assert again.returncode == 1
     assert "is not quarantined" in again.stderr
+    unknown = retrain_cli(stack, "quarantine", "nope")
+    assert unknown.returncode == 2
+    assert "is not a model" in unknown.stderr
+
+
+def test_a_dropped_feature_is_a_schema_change_that_holds_the_champion(
+    stack: Stack, gcs: Any, ledger: FirestoreLedger, registry: FirestoreRegistry
+) -> None:
+    bucket = first_champion(stack, gcs, ledger, RESHAPED)
+    fewer = RAINFALL.iloc[3000:6000].drop(columns=["visibility"])
+    bucket.blob(f"{RESHAPED}/good-1.csv").upload_from_string(csv(fewer))
+    _, second = settled(ledger, RESHAPED, runs=2)
+
+    arrival = next(line for line in log_lines(stack, "on_data_arrival")
+                   if line.get("object", "").endswith(f"{RESHAPED}/good-1.csv"))  # fmt: skip
+    assert "schema change" in arrival["detail"], arrival
+    assert "['visibility']" in arrival["detail"]
+    assert second.state == "succeeded", second.error
+    kept = registry.decision(RESHAPED, second.run_id)
+    assert kept is not None
+    decision = kept["decision"]
+    assert decision["verdict"] == "rejected"
+    [why] = [r for r in decision["reasons"] if "schema change" in r]
+    assert "v1 needs features ['visibility']" in why
+    assert "gate.on_schema_change is hold" in why
+    assert served_version(stack, RESHAPED) == "1"
+    version = str(decision["new_version"])
+    promoted = retrain_cli(stack, "promote", RESHAPED, version, "--reason", "reviewed")
+    assert promoted.returncode == 0, promoted.stderr
+    seven = [[0.0] * (len(FEATURES) - 1)]  # the new version's features
+
+    def serves_it() -> bool:
+        try:
+            return str(predict(stack, RESHAPED, seven)["modelVersionId"]) == version
+        except urllib.error.HTTPError:
+            return False
+
+    assert wait_until(serves_it, timeout=60, interval=0.2)

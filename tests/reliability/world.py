@@ -193,7 +193,9 @@ class World:
     """One model in one world (a fresh model name, so worlds never see each other)."""
 
     def __init__(self, base: Settings, client: Any, gcs: Any, faults: Faults | None = None,
-                 plan: Plan | None = None, lease_seconds: float = 600.0) -> None:  # fmt: skip
+                 plan: Plan | None = None, lease_seconds: float = 600.0,
+                 **changes: Any) -> None:  # fmt: skip
+        """``changes``: to the model's settings (the shipped rainfall model's), as objects."""
         self.model = f"m-{uuid.uuid4().hex[:12]}"
         spec = base.models["rainfall"].model_copy(
             update={
@@ -201,6 +203,7 @@ class World:
                 "coalesce_seconds": 0.0,
                 "lease_seconds": lease_seconds,
                 "schedule": None,
+                **changes,
             }
         )
         # Buckets of its own: fake-gcs-server lists a prefix by walking the whole bucket,
