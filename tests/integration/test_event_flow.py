@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -190,5 +189,48 @@ def test_delivery_policy_is_on_every_push_subscription(
         assert sub.dead_letter_policy.dead_letter_topic.endswith(
             f"/topics/{route.topic}-dead-letter"
         )
-        assert sub.retry_policy.minimum_backoff == timedelta(seconds=1)
-        assert sub.retry_policy.maximum_backoff == timedelta(seconds=10)
+        # No retry policy in the emulator (it loses retries under one: apply_pubsub says
+        # why); Terraform's subscriptions carry it (tests/unit/test_terraform.py).
+        assert "retry_policy" not in sub
+
+
+def test_a_batch_of_invalid_reports_all_reach_the_dead_letter_topic(
+    stack: Stack,
+    publisher: pubsub_v1.PublisherClient,
+    subscriber: pubsub_v1.SubscriberClient,
+) -> None:
+    """Issue 12 finding 9: with a retry policy the emulator redelivered a batch of invalid
+    MetricsReports three times, then never again, and never dead-lettered them."""
+    project, topics = stack.settings.project, stack.settings.topics
+    dead = subscriber.subscription_path(project, unique("metrics-dead"))
+    subscriber.create_subscription(
+        name=dead, topic=publisher.topic_path(project, f"{topics.model_metrics}-dead-letter")
+    )
+    test_id = unique("invalid")
+    topic = publisher.topic_path(project, topics.model_metrics)
+    received: dict[str, Any] = {}
+
+    def dead_lettered(wanted: int) -> Callable[[], bool]:
+        def check() -> bool:
+            response = subscriber.pull(subscription=dead, max_messages=10, timeout=5)
+            for got in response.received_messages:
+                subscriber.acknowledge(subscription=dead, ack_ids=[got.ack_id])
+                if got.message.attributes.get("test_id") == test_id:
+                    received[got.message.message_id] = got.message
+            return len(received) >= wanted
+
+        return check
+
+    try:
+        batch = [publisher.publish(topic, b'{"model": 1}', test_id=test_id) for _ in range(5)]
+        for future in batch:
+            future.result(timeout=30)
+        assert wait_until(dead_lettered(5), timeout=120, interval=0.2), (
+            f"{len(received)} of 5 invalid reports reached the dead-letter topic"
+        )
+        publisher.publish(topic, b'{"model": 2}', test_id=test_id).result(timeout=30)
+        assert wait_until(dead_lettered(6), timeout=60, interval=0.2), "the next one did not"
+    finally:
+        subscriber.delete_subscription(subscription=dead)
+    for message in received.values():
+        assert message.attributes["CloudPubSubDeadLetterSourceDeliveryCount"] == "5"

@@ -58,6 +58,9 @@ def test_push_subscription_carries_dead_letter_and_retry_policy() -> None:
     assert sub.retry_policy.minimum_backoff.total_seconds() == 1
     assert sub.retry_policy.maximum_backoff.total_seconds() == 10
     assert sub.ack_deadline_seconds == 60
+    local = push_subscription("p-roject", route, "http://x", settings.delivery, retry_policy=False)
+    assert "retry_policy" not in local
+    assert local.dead_letter_policy == sub.dead_letter_policy
 
 
 def test_scheduler_fires_on_each_models_cron() -> None:
