@@ -1,4 +1,5 @@
-"""The status dashboard at ``/``: models, champions, versions, decisions and runs.
+"""The status dashboard at ``/``: models, champions, versions, decisions, runs and the
+quarantined data objects.
 
 ``status()`` gathers everything from the registry and the ledger as JSON
 (``/api/status``); the page renders it and refreshes itself every few seconds.
@@ -61,6 +62,16 @@ def status(
             }
             for r in ledger.runs(name)
         ][-RECENT:]
+        quarantined = [
+            {
+                "object": q.get("object"),
+                "rule": q.get("rule"),
+                "columns": q.get("columns") or [],
+                "error": q.get("error"),
+                "at": _when(q.get("received_at")),
+            }
+            for q in ledger.quarantined(name)
+        ]
         models.append(
             {
                 "name": name,
@@ -70,6 +81,7 @@ def status(
                 "versions": versions,
                 "decisions": list(reversed(decisions)),
                 "runs": list(reversed(runs)),
+                "quarantined": list(reversed(quarantined)),
             }
         )
     return {"project": settings.project, "generated_at": _when(datetime.now(UTC).timestamp()),

@@ -13,6 +13,7 @@ import pytest
 
 from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
+from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import wait_until
 from retrain.statedb import Database
@@ -50,11 +51,16 @@ def test_dashboard_shows_a_promotion_made_during_the_test(stack: Stack, tmp_path
     gcs.bucket(stack.settings.buckets.data).blob("rainfall/first.csv").upload_from_string(
         rows.rename(columns={"Unnamed: 0": "day"}).to_csv(index=False)
     )
+    gcs.bucket(stack.settings.buckets.data).blob("rainfall/header-only.csv").upload_from_string(
+        "day,temperature,rain\n"
+    )
     settings = stack.settings
     db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
                                              settings.database))  # fmt: skip
     registry = FirestoreRegistry(db, settings.buckets.models, gcs)
     assert wait_until(lambda: registry.champion("rainfall") is not None, timeout=120, interval=0.5)
+    ledger = FirestoreLedger(db)
+    assert wait_until(lambda: bool(ledger.quarantined("rainfall")), timeout=60, interval=0.5)
     (decision,) = registry.decisions("rainfall")
     run_id = decision["decision"]["run_id"]
     url = f"http://{stack.settings.local.host}:{stack.settings.local.ports.serving}/"
@@ -72,3 +78,6 @@ def test_dashboard_shows_a_promotion_made_during_the_test(stack: Stack, tmp_path
     assert run_id in page  # the run, in the decisions and the runs tables
     assert "first version: value thresholds only: pass" in page  # the decision's reasons
     assert "<svg" in page  # the chart of the primary metric per version
+    assert "Quarantined objects (1)" in page
+    assert "rainfall/header-only.csv" in page
+    assert '<td class="rejected">empty</td>' in page
