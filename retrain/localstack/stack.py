@@ -571,7 +571,7 @@ class Stack:
             raise
         with self._locked():  # what it forked since (a JVM, a worker): record those too
             state = self._read_state()
-            if name in state and state[name]["process"] == record.to_json():
+            if name in state and self.records()[name] == record:
                 state[name]["process"] = record.with_children().to_json()
                 self._write_state(state)
         return True

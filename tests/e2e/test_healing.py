@@ -39,7 +39,7 @@ def healing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def server_of(stack: Stack, name: str) -> psutil.Process:
     """The process of part ``name`` that listens on its port: the JVM of an emulator (the
     Firestore emulator's launcher script is its parent), else the recorded process."""
-    record = stack.records()[name]
+    record = stack.records()[name].with_children()
     port = stack.part(name).port
     for pid, started in ((record.pid, record.create_time), *record.children):
         if not ProcessRecord(pid, started).alive():
@@ -88,6 +88,9 @@ def test_every_part_killed_with_kill_9_comes_back(healing: Stack) -> None:
             interval=0.2,
         ), f"{name} did not come back: {stack.status()}; see {stack.logs}"
     assert {part.name: part.restarts for part in stack.status()} == dict.fromkeys(PART_NAMES, 1)
+    # The restarted Firestore emulator's JVM (a child of its launcher script) is recorded:
+    # a kill -9 of the script alone would leave it holding the port otherwise.
+    assert wait_until(lambda: bool(stack.records()["firestore"].children), timeout=30)
 
     # What each restart had to bring back: Pub/Sub's topics and push subscriptions, the
     # objects that fake-gcs-server keeps on disk, and the Firestore export.
