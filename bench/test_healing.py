@@ -112,3 +112,23 @@ def test_what_a_kill_loses(healing: Stack) -> None:
     finally:
         subscriber.close()
         publisher.transport.close()
+
+
+def test_a_push_that_fails_while_its_function_is_down_is_delivered_after(healing: Stack) -> None:
+    """Pub/Sub retries a push that fails (1-10 s apart, 5 attempts): one published while the
+    gatekeeper is down reaches the restarted gatekeeper. (A report that is not one: the
+    gatekeeper logs its event id and leaves it to the dead-letter topic.)"""
+    stack, settings = healing, healing.settings
+    server = server_of(stack, "gatekeeper")
+    recorded = stack.records()["gatekeeper"].pid
+    publisher = emulators.publisher(stack.pubsub_host)
+    try:
+        server.kill()
+        topic = f"projects/{settings.project}/topics/{settings.topics.model_metrics}"
+        message_id = publisher.publish(topic, b"not a report").result(30)
+    finally:
+        publisher.transport.close()
+    assert wait_until(lambda: healed(stack, "gatekeeper", recorded), RECOVERY_DEADLINE)
+    log = stack.logs / "gatekeeper.log"
+    assert wait_until(lambda: message_id in log.read_text(encoding="utf-8"), timeout=60)
+    print("\na push published while the gatekeeper was down reached the restarted gatekeeper")

@@ -35,7 +35,7 @@ from retrain.options import ConfigOption
 
 __all__ = ["EXPORT_SECONDS", "Backoff", "Supervisor"]
 
-# An export of the emulator's data took 0.02-0.04 s with a few documents and 0.1-0.2 s with
+# An export of the emulator's data took 0.02-0.04 s with a few documents and 0.03-0.15 s with
 # a thousand (docs/reliability.md): every 10 s costs little, and bounds what a kill -9 loses.
 EXPORT_SECONDS = 10.0
 ROUND_SECONDS = 0.5
