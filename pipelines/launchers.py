@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 
 from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
 from pipelines.launch import JobState, PipelineLauncher
-from pipelines.local_run import LOG_FILE, RESULT_FILE, RunResult, parse_progress, worker_alive
+from pipelines.local_run import (
+    LOG_FILE,
+    RESULT_FILE,
+    RunResult,
+    parse_progress,
+    stop_leftovers,
+    worker_alive,
+)
 from retrain.ledger import new_run_id
 
 if TYPE_CHECKING:
@@ -85,11 +92,16 @@ class LocalLauncher:
             )
 
     def state(self, model: str, run: RunRecord) -> JobState:
-        """``running`` while the worker process that recorded itself lives."""
+        """``running`` while the worker process that recorded itself lives. Once it is
+        dead, what it left of its process group (kfp.local tasks) is killed first, so that
+        nothing of the run goes on once the sweep takes the model over."""
         del model
         if not run.worker:
             return "absent"
-        return "running" if worker_alive(run.worker) else "ended"
+        if worker_alive(run.worker):
+            return "running"
+        stop_leftovers(run.worker)
+        return "ended"
 
     def scheduled(self, model: str, run_id: str) -> bool:
         """Never: locally a schedule is a tick through the ledger, not a pipeline schedule."""

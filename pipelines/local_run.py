@@ -31,6 +31,7 @@ __all__ = [
     "StepEvent",
     "parse_progress",
     "run_locally",
+    "stop_leftovers",
     "worker_alive",
 ]
 
@@ -144,6 +145,65 @@ def worker_alive(worker: dict[str, float]) -> bool:
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.Error, KeyError, TypeError, ValueError):
         return False
+
+
+def stop_leftovers(worker: dict[str, float]) -> list[int]:
+    """Kill what a dead worker left running: its kfp.local tasks, which a worker killed
+    with ``kill -9`` leaves to run on (and report) beside the run that takes over.
+
+    The worker runs in a session of its own, so its process group's id is its pid. A
+    process is killed only if it is in that group and session and started after the
+    worker; and only while the worker's pid names the dead worker (a zombie) or nothing
+    (Linux gives no new process a pid that is still some group's id). If the pid names
+    another process (the worker was reaped and its pid reused), nothing is killed. A
+    reused pid that leads a new group after the old group emptied would need the pid space
+    to wrap in the minutes between the worker's death and the sweep that finds it.
+
+    Args:
+        worker: ``{"pid", "create_time"}`` as the worker recorded itself in its run.
+
+    Returns:
+        The pids that were killed.
+    """
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    import psutil  # noqa: PLC0415
+
+    try:
+        leader, started = int(worker["pid"]), float(worker["create_time"])
+    except (KeyError, TypeError, ValueError):
+        return []
+    if worker_alive(worker) or _other_process(leader, started):
+        return []
+    killed = []
+    for proc in psutil.process_iter():
+        try:
+            if (
+                proc.pid == leader
+                or os.getpgid(proc.pid) != leader
+                or os.getsid(proc.pid) != leader
+            ):
+                continue
+            if proc.create_time() < started:
+                continue
+            os.kill(proc.pid, signal.SIGKILL)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile, or not ours
+        killed.append(proc.pid)
+    return killed
+
+
+def _other_process(pid: int, create_time: float) -> bool:
+    """Whether ``pid`` names a process other than the one started at ``create_time``."""
+    import psutil  # noqa: PLC0415
+
+    try:
+        return bool(abs(psutil.Process(pid).create_time() - create_time) > 0.5)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # cannot tell: assume it is not ours
 
 
 def _ledger(settings: Settings) -> Any:

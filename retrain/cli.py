@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from retrain.config import ConfigError, Settings, load_settings
-from retrain.localstack import Stack, StackError, StackRunning
+from retrain.localstack import PART_NAMES, Stack, StackError, StackRunning
 from retrain.options import ConfigOption
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ def _stack(config: Path) -> Stack:
 
 def _print_parts(stack: Stack) -> None:
     table = Table(box=None, pad_edge=False)
-    for column in ("part", "listens on", "pid", "state"):
+    for column in ("part", "listens on", "pid", "state", "restarts"):
         table.add_column(column)
     for part in stack.status():
         state = (
@@ -131,8 +131,12 @@ def _print_parts(stack: Stack) -> None:
             if part.healthy
             else ("[yellow]running, not answering[/]" if part.running else "[red]not running[/]")
         )
-        table.add_row(part.name, part.url, str(part.pid or "-"), state)
+        last = time.strftime(" (last %H:%M:%S)", time.localtime(part.restarted_at or 0))
+        restarts = f"{part.restarts}{last if part.restarts else ''}"
+        table.add_row(part.name, part.url, str(part.pid or "-"), state, restarts)
     out.print(table)
+    supervised = "[green]running[/]" if stack.supervised() else "[red]not running[/] (`retrain up`)"
+    out.print(f"supervisor: {supervised}")
 
 
 @app.command()
@@ -171,7 +175,8 @@ def up(
     try:
         _announce(stack)
         out.print("Press Ctrl-C to stop.")
-        stopping.wait()
+        while not stopping.wait(1.0) and stack.state_file.exists():  # (`down` elsewhere)
+            pass
     except KeyboardInterrupt:
         pass
     finally:
@@ -211,6 +216,28 @@ def down(config: ConfigOption = Path("retrain.yaml")) -> None:
         out.print(f"stopped {', '.join(stopped)}")
     else:
         out.print(f"no local stack is running from {stack.state_dir}")
+
+
+@app.command()
+def restart(
+    part: Annotated[str, typer.Argument(help="One of: " + ", ".join(PART_NAMES) + ".")],
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Stop one part of the local stack and start it again (provisioned as at `up`)."""
+    if part not in PART_NAMES:
+        err.print(f"[bold red]no part {escape(part)!r}[/]; the parts: {', '.join(PART_NAMES)}")
+        raise typer.Exit(code=2)
+    stack = _stack(config)
+    try:
+        with err.status(f"restarting {part}"):
+            stack.restart(part)
+    except StackError as exc:
+        err.print(f"[bold red]retrain restart failed[/]: {escape(str(exc))}")
+        if exc.log:
+            err.print(exc.log, markup=False)
+        raise typer.Exit(code=1) from exc
+    out.print(f"restarted {part}")
+    _print_parts(stack)
 
 
 @app.command()

@@ -1,13 +1,15 @@
 """The whole cloud topology on one machine, from real emulators and runners.
 
 ``up`` starts each part on 127.0.0.1, waits until it answers and records its process id
-and port in the state folder; ``down`` stops exactly those processes; ``status`` asks
-each part whether it is healthy.
+and port in the state folder; then a supervisor process (:mod:`retrain.localstack.supervisor`)
+restarts any part that dies. ``down`` stops the supervisor first, then exactly the recorded
+processes; ``status`` asks each part whether it is healthy; ``restart`` starts one part anew.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import shutil
 import sys
@@ -16,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.api_core.exceptions import Conflict
 
@@ -32,9 +35,12 @@ from retrain.localstack.processes import (
 )
 from retrain.topology import PushRoute, apply_pubsub, topology
 
-__all__ = ["Part", "PartHealth", "Stack", "StackError", "StackRunning"]
+__all__ = ["PART_NAMES", "Part", "PartHealth", "Stack", "StackError", "StackRunning"]
 
 STATE_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+SUPERVISOR = "supervisor"
+PART_NAMES = ("pubsub", "firestore", "gcs", *FUNCTION_TOPICS, "scheduler", "serving")
 TRIGGERS_SOURCE = Path(__file__).resolve().parents[2] / "triggers" / "main.py"
 
 
@@ -74,6 +80,8 @@ class PartHealth:
     pid: int | None
     running: bool
     healthy: bool
+    restarts: int = 0  # since `up`, by the supervisor or `retrain restart`
+    restarted_at: float | None = None  # time.time() of the last restart
 
 
 def _answers_ok(status: int, body: bytes) -> bool:
@@ -287,29 +295,45 @@ class Stack:
 
     # -- state ---------------------------------------------------------------------
 
-    def _read_state(self) -> dict[str, dict[str, object]]:
+    def _read_doc(self) -> dict[str, Any]:
+        """The state file: ``config``, ``started_at``, ``parts`` (name to process, port, url,
+        health, log, restarts, restarted_at) and ``supervisor`` (process, log)."""
         try:
-            data = json.loads(self.state_file.read_text(encoding="utf-8"))
+            data: dict[str, Any] = json.loads(self.state_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise StackError(f"cannot read the stack state {self.state_file}: {exc}") from exc
-        parts: dict[str, dict[str, object]] = data.get("parts", {})
+        return data
+
+    def _read_state(self) -> dict[str, dict[str, object]]:
+        parts: dict[str, dict[str, object]] = self._read_doc().get("parts", {})
         return parts
 
-    def _write_state(self, parts: dict[str, dict[str, object]]) -> None:
+    def _write_doc(self, doc: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {"config": str(self.config_path), "started_at": time.time(), "parts": parts},
-                indent=2,
-            ),
-            encoding="utf-8",
-        )
+        tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
         tmp.replace(self.state_file)
 
-    def _records(self) -> dict[str, ProcessRecord]:
+    def _write_state(self, parts: dict[str, dict[str, object]]) -> None:
+        """Write the parts; what else the file holds (the supervisor) is kept."""
+        doc = self._read_doc()
+        doc.update(config=str(self.config_path), parts=parts)
+        doc.setdefault("started_at", time.time())
+        self._write_doc(doc)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One read-modify-write of the state file at a time (the supervisor's restarts,
+        ``retrain restart``, the supervisor's own record)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / LOCK_FILE).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def records(self) -> dict[str, ProcessRecord]:
+        """The recorded process of each part."""
         return {
             name: ProcessRecord.from_json(entry["process"])  # type: ignore[arg-type]
             for name, entry in self._read_state().items()
@@ -319,18 +343,28 @@ class Stack:
         """Names of recorded parts whose process, or a recorded child of it, still runs."""
         return [
             name
-            for name, record in self._records().items()
+            for name, record in self.records().items()
             if record.alive()
             or any(ProcessRecord(pid, started).alive() for pid, started in record.children)
         ]
 
     # -- up / down / status --------------------------------------------------------
 
-    def up(self, progress: Callable[[str], None] = lambda _: None) -> list[Part]:
-        """Start every part and wait until each answers; on any failure stop the others."""
+    def up(
+        self, progress: Callable[[str], None] = lambda _: None, *, supervise: bool = True
+    ) -> list[Part]:
+        """Start every part and wait until each answers, then (if ``supervise``) the
+        supervisor that restarts a part that dies; on any failure stop the others.
+
+        If the stack runs already, raise :class:`StackRunning`, after starting its supervisor
+        again if that is what died."""
         if alive := self.running():
+            again = ""
+            if supervise and not self.supervised():
+                self.start_supervisor()
+                again = "; its supervisor had stopped and is started again"
             raise StackRunning(
-                f"the local stack already runs from {self.state_dir} ({', '.join(alive)}); "
+                f"the local stack already runs from {self.state_dir} ({', '.join(alive)}){again}; "
                 "`retrain status` shows it, `retrain down` stops it"
             )
         self.state_file.unlink(missing_ok=True)
@@ -356,44 +390,49 @@ class Stack:
                 records = {part.name: self._spawn(part, state) for part in group}
                 for part in group:
                     self._await(part, records[part.name])
-                names = {part.name for part in group}
-                if "pubsub" in names:
-                    progress("creating topics and subscriptions")
-                    self._provision_pubsub()
-                if "gcs" in names:
-                    progress("creating buckets")
-                    self._provision_buckets()
+                    self._provision(part.name, progress)
             for part in parts:  # a JVM or worker may have forked since: record those too
                 record = ProcessRecord.from_json(state[part.name]["process"])  # type: ignore[arg-type]
                 state[part.name]["process"] = record.with_children().to_json()
             self._write_state(state)
+            if supervise:
+                progress("starting the supervisor")
+                self.start_supervisor()
         except BaseException:
-            self.stopped_on_failure = self._stop_recorded(state)
+            self.stopped_on_failure = self._stop_supervisor() + self._stop_recorded(state)
             self.state_file.unlink(missing_ok=True)
             raise
         return parts
 
-    def _spawn(self, part: Part, state: dict[str, dict[str, object]]) -> ProcessRecord:
+    def _spawn(
+        self, part: Part, state: dict[str, dict[str, object]], *, fresh_log: bool = True
+    ) -> ProcessRecord:
         log = self.logs / f"{part.name}.log"
-        log.unlink(missing_ok=True)
+        if fresh_log:
+            log.unlink(missing_ok=True)
         record = spawn(part.argv, log, self.env(), cwd=self.state_dir)
+        before = state.get(part.name, {})
         state[part.name] = {
             "process": record.to_json(),
             "port": part.port,
             "url": part.url,
             "health": part.health_url,
             "log": str(log),
+            "restarts": before.get("restarts", 0),
+            "restarted_at": before.get("restarted_at"),
         }
         self._write_state(state)
         return record
 
-    def _await(self, part: Part, record: ProcessRecord) -> None:
+    def _await(
+        self, part: Part, record: ProcessRecord, abort: Callable[[], bool] = lambda: False
+    ) -> None:
         log = self.logs / f"{part.name}.log"
         healthy = wait_until(
             lambda: http_ok(part.health_url, part.expect),
             timeout=part.startup_timeout,
             interval=0.1,
-            abort=lambda: not record.alive(),
+            abort=lambda: abort() or not record.alive(),
         )
         if not healthy:
             why = (
@@ -406,6 +445,17 @@ class Stack:
                 part=part.name,
                 log=log_tail(log),
             )
+
+    def _provision(self, name: str, progress: Callable[[str], None] = lambda _: None) -> None:
+        """What part ``name`` needs once it answers, at ``up`` and after each restart: the
+        Pub/Sub emulator keeps nothing, so its topics and push subscriptions are made again;
+        fake-gcs-server keeps its objects on disk, and making its buckets again is harmless."""
+        if name == "pubsub":
+            progress("creating topics and subscriptions")
+            self._provision_pubsub()
+        elif name == "gcs":
+            progress("creating buckets")
+            self._provision_buckets()
 
     def _provision_pubsub(self) -> None:
         publisher = emulators.publisher(self.pubsub_host)
@@ -438,13 +488,15 @@ class Stack:
         return stopped
 
     def down(self, export: bool = True) -> list[str]:
-        """Stop the processes recorded by ``up``, newest first; return the parts stopped.
-        The ledger and the registry (the Firestore emulator's data) are exported first
-        (unless ``export`` is False), and the next ``up`` imports them."""
-        state = self._read_state()
+        """Stop the supervisor first (so that it restarts nothing), then the processes
+        recorded by ``up``, newest first; return what was stopped. The ledger and the
+        registry (the Firestore emulator's data) are exported first (unless ``export`` is
+        False), and the next ``up`` imports them."""
+        stopped = self._stop_supervisor()
+        state = self._read_state()  # read after: a restart in flight may have recorded more
         if export and "firestore" in state:
             self.export_firestore()
-        stopped = self._stop_recorded(state)
+        stopped += self._stop_recorded(state)
         self.state_file.unlink(missing_ok=True)
         return stopped
 
@@ -456,14 +508,112 @@ class Stack:
             record = ProcessRecord.from_json(entry["process"])  # type: ignore[arg-type]
             running = record.alive()
             healthy = running and http_ok(str(entry["health"]), expect.get(name))
-            report.append(PartHealth(name, str(entry["url"]), record.pid, running, healthy))
+            restarted_at = entry.get("restarted_at")
+            report.append(
+                PartHealth(
+                    name, str(entry["url"]), record.pid, running, healthy,
+                    restarts=int(entry.get("restarts", 0)),  # type: ignore[call-overload]
+                    restarted_at=float(restarted_at) if restarted_at is not None else None,  # type: ignore[arg-type]
+                )
+            )  # fmt: skip
         return report
 
+    # -- healing -------------------------------------------------------------------
+
+    def part(self, name: str) -> Part:
+        """The part called ``name``; a :class:`StackError` names the parts otherwise."""
+        for part in self.parts():
+            if part.name == name:
+                return part
+        raise StackError(
+            f"there is no part {name!r}; the parts are {', '.join(PART_NAMES)}", part=name
+        )
+
+    def restart(
+        self, name: str, *, only_if_dead: bool = False, abort: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """Stop part ``name`` (its recorded processes), start it anew, wait until it answers
+        and provision it again (topics and push subscriptions for Pub/Sub, buckets for
+        fake-gcs-server; the Firestore emulator imports the newest export). The restart is
+        counted in the state file.
+
+        Args:
+            name: the part, one of :data:`PART_NAMES`.
+            only_if_dead: restart only a part whose process died (the supervisor's case:
+                ``retrain restart`` may have restarted it meanwhile).
+            abort: checked while waiting for the part; true stops the wait (and the part).
+
+        Returns:
+            True if the part was restarted; False if ``only_if_dead`` and it runs.
+
+        Raises:
+            StackError: no stack runs, ``name`` is no part, or the part did not come back
+                (it is stopped again, and the supervisor's next attempt retries it).
+        """
+        part = self.part(name)
+        with self._locked():
+            state = self._read_state()
+            if name not in state:
+                raise StackError(f"no local stack is running from {self.state_dir}", part=name)
+            old = ProcessRecord.from_json(state[name]["process"])  # type: ignore[arg-type]
+            if only_if_dead and old.alive():
+                return False
+            stop(old)  # and whatever it left: an orphaned JVM would hold the port
+            record = self._spawn(part, state, fresh_log=False)
+            state[name]["restarts"] = int(state[name]["restarts"]) + 1  # type: ignore[call-overload]
+            state[name]["restarted_at"] = time.time()
+            self._write_state(state)
+        try:
+            self._await(part, record, abort)
+            self._provision(name)
+        except BaseException:
+            stop(record)
+            raise
+        with self._locked():  # what it forked since (a JVM, a worker): record those too
+            state = self._read_state()
+            if name in state and self.records()[name] == record:
+                state[name]["process"] = record.with_children().to_json()
+                self._write_state(state)
+        return True
+
+    def start_supervisor(self) -> ProcessRecord:
+        """Start the supervisor process (``python -m retrain.localstack.supervisor``) and
+        record it in the state file."""
+        log = self.logs / f"{SUPERVISOR}.log"
+        argv = (
+            sys.executable,
+            "-m",
+            "retrain.localstack.supervisor",
+            "--config",
+            str(self.config_path),
+        )
+        record = spawn(argv, log, self.env(), cwd=self.state_dir)
+        with self._locked():
+            doc = self._read_doc()
+            doc[SUPERVISOR] = {"process": record.to_json(), "log": str(log)}
+            self._write_doc(doc)
+        return record
+
+    def supervised(self) -> bool:
+        """Whether the recorded supervisor process runs."""
+        entry = self._read_doc().get(SUPERVISOR)
+        return entry is not None and ProcessRecord.from_json(entry["process"]).alive()
+
+    def _stop_supervisor(self) -> list[str]:
+        entry = self._read_doc().get(SUPERVISOR)
+        if entry is None:
+            return []
+        # It ends its current round first; a restart it waits on is cut short.
+        return [SUPERVISOR] if stop(ProcessRecord.from_json(entry["process"]), 30) else []
+
     @contextmanager
-    def running_stack(self, progress: Callable[[str], None] = lambda _: None) -> Iterator[Stack]:
+    def running_stack(
+        self, progress: Callable[[str], None] = lambda _: None, *, supervise: bool = False
+    ) -> Iterator[Stack]:
         """``up`` for the duration of a ``with`` block, then ``down``. For a stack used and
-        thrown away (tests, benchmarks): its data is not exported."""
-        self.up(progress)
+        thrown away (tests, benchmarks): its data is not exported, and by default nothing
+        restarts its parts."""
+        self.up(progress, supervise=supervise)
         try:
             yield self
         finally:

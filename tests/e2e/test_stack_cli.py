@@ -54,6 +54,16 @@ def recorded_pids(config: Path) -> list[int]:
     return pids
 
 
+def supervisor_pid(config: Path) -> int:
+    state = json.loads((config.parent / "state" / "stack.json").read_text(encoding="utf-8"))
+    pid: int = state["supervisor"]["process"]["pid"]
+    return pid
+
+
+def running(pid: int) -> bool:
+    return psutil.pid_exists(pid) and bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+
+
 def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     started = retrain("up", "--detach", config=config)
@@ -64,6 +74,9 @@ def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> N
         pids = recorded_pids(config)
         # the emulators' JVMs, fake-gcs-server, 4 functions (and their workers), scheduler, server
         assert len(pids) >= len(PARTS)
+        supervisor = supervisor_pid(config)
+        assert running(supervisor), "--detach leaves a supervisor running"
+        pids.append(supervisor)
 
         status = retrain("status", config=config)
         assert status.returncode == 0, status.stdout
@@ -72,11 +85,12 @@ def test_up_status_second_up_and_down_leave_nothing_running(tmp_path: Path) -> N
         again = retrain("up", "--detach", config=config)
         assert again.returncode == 0
         assert "already runs" in again.stdout
-        assert recorded_pids(config) == pids, "a second up must not start anything"
+        assert recorded_pids(config) == pids[:-1], "a second up must not start anything"
         _ledger_and_registry(config).doc("registry", "kept").set({"champion": "7"})
     finally:
         stopped = retrain("down", config=config)
     assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.startswith("stopped supervisor, "), "the supervisor is stopped first"
     assert wait_until(
         lambda: (
             not any(
@@ -130,7 +144,18 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
             interval=0.5,
             abort=lambda: proc.poll() is not None,
         ), proc.stderr.read() if proc.stderr and proc.poll() is not None else "not healthy"
-        pids = recorded_pids(config)
+        # In the foreground too, a part that dies comes back.
+        serving = next(p for p in stack.status() if p.name == "serving")
+        assert serving.pid is not None
+        os.kill(serving.pid, signal.SIGKILL)
+        assert wait_until(
+            lambda: all(
+                p.healthy and p.pid != serving.pid for p in stack.status() if p.name == "serving"
+            ),
+            timeout=120,
+            interval=0.2,
+        ), "the foreground stack did not restart serving"
+        pids = [*recorded_pids(config), supervisor_pid(config)]
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -140,7 +165,7 @@ def test_foreground_up_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         if state.exists():  # a failure above: stop what it started, by its recorded pids
             stack.down()
     assert proc.returncode == 0
-    assert "stopped serving" in out
+    assert "stopped supervisor, serving" in out
     assert not state.exists()
     assert not [
         p
