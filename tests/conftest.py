@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -20,8 +21,8 @@ from retrain.ledger import FirestoreLedger, RunRecord
 from retrain.localstack import Stack, emulators
 from retrain.localstack.processes import (
     ProcessRecord,
-    free_ports,
     http_ok,
+    port_in_use,
     spawn,
     stop,
     wait_until,
@@ -30,6 +31,28 @@ from retrain.statedb import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDER = ROOT / "tests" / "functions" / "recorder.py"
+
+
+# Ports for the tests' servers, from a range of this xdist worker's own, below the kernel's
+# ephemeral range (32768-60999), so that no other worker's stack, nor any client socket, can
+# take a port between the moment it is chosen and the moment a slow JVM binds it.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORTS_PER_WORKER = 4000
+_FIRST_PORT = 12000 + _PORTS_PER_WORKER * _WORKER
+_NEXT_PORT = itertools.count(_FIRST_PORT)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` ports free now, never handed out before in this session."""
+    found: list[int] = []
+    for port in _NEXT_PORT:
+        if port >= _FIRST_PORT + _PORTS_PER_WORKER:
+            raise RuntimeError(f"xdist worker {_WORKER} used its {_PORTS_PER_WORKER} ports")
+        if not port_in_use("127.0.0.1", port):
+            found.append(port)
+        if len(found) == count:
+            return found
+    raise AssertionError("unreachable")
 
 
 def write_config(directory: Path, **overrides: Any) -> Path:

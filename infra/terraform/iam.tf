@@ -60,7 +60,8 @@ resource "google_pubsub_topic_iam_member" "functions_publish" {
 }
 
 resource "google_storage_bucket_iam_member" "functions_read_data" {
-  # Why: on_data_arrival reads an arrived object to check it for drift; it never writes data.
+  # Why: on_data_arrival reads each arrived object to check it against the rules (and for drift);
+  # the sweep lists the data prefixes for objects whose notification was lost. It never writes data.
   bucket = google_storage_bucket.data.name
   role   = "roles/storage.objectViewer"
   member = google_service_account.functions.member

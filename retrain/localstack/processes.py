@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import socket
 import subprocess
@@ -169,8 +170,8 @@ def http_ok(url: str, expect: Callable[[int, bytes], bool] | None = None) -> boo
             status, body = response.status, response.read(256)
     except urllib.error.HTTPError as exc:
         status, body = exc.code, b""
-    except (urllib.error.URLError, OSError):
-        return False
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return False  # (HTTPException: not HTTP/1, e.g. a gRPC server on the port)
     return expect(status, body) if expect else status < 500
 
 

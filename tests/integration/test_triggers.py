@@ -21,11 +21,20 @@ from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger, RunRecord
 from retrain.localstack import Stack, emulators
-from retrain.localstack.processes import free_ports, http_ok, spawn, stop, wait_until
+from retrain.localstack.processes import http_ok, spawn, stop, wait_until
 from retrain.messages import DriftAlert, ScheduleMessage, decode, encode
 from retrain.operator import data_notification
 from retrain.statedb import Database
-from tests.conftest import QUICK_MODEL, ROOT, rainfall, settled, unique, upload, write_config
+from tests.conftest import (
+    QUICK_MODEL,
+    ROOT,
+    free_ports,
+    rainfall,
+    settled,
+    unique,
+    upload,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 

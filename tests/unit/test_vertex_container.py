@@ -25,11 +25,11 @@ from threadpoolctl import threadpool_info
 from components.train import train
 from retrain.config import Settings
 from retrain.gatekeeper.registry import ModelVersion
-from retrain.localstack.processes import free_ports, http_ok, spawn, stop, wait_until
+from retrain.localstack.processes import http_ok, spawn, stop, wait_until
 from serving.app import create_app as create_prediction_server
 from serving.models import ModelStore
 from serving.vertex_container import ContainerSettings, create_app, serve
-from tests.conftest import QUICK_MODEL, ROOT, rainfall
+from tests.conftest import QUICK_MODEL, ROOT, free_ports, rainfall
 
 with warnings.catch_warnings():
     # Starlette 1.x asks for httpx2 but works with httpx; the warning is about packaging only.
