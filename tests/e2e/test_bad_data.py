@@ -27,7 +27,7 @@ from tests.e2e.test_gatekeeper import predict, retrain_cli, served_version
 
 pytestmark = pytest.mark.e2e
 
-EVERY, WATCHED, RESHAPED = "every", "watched", "reshaped"
+EVERY, WATCHED, RESHAPED = MODELS = ("every", "watched", "reshaped")
 RAINFALL = rainfall(6000)
 FEATURES = [c for c in RAINFALL.columns if c not in ("day", "rain")]
 GOOD = RAINFALL.iloc[3000:3400]
@@ -78,6 +78,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     base = {**QUICK_MODEL, "validation": {"max_object_bytes": 16 * MIB}}
     watched = {**base, "arrival_policy": "on_drift_or_degradation", "drift": ALWAYS_DRIFTS}
     models = {EVERY: base, WATCHED: watched, RESHAPED: watched}
+    assert tuple(models) == MODELS
     models = {name: {**spec, "data_prefix": f"{name}/"} for name, spec in models.items()}
     path = write_config(tmp_path_factory.mktemp("bad-data"), models=models)
     with Stack(load_settings(path), path).running_stack() as started:
@@ -141,12 +142,19 @@ def registry(stack: Stack, state: Database, gcs: Any) -> FirestoreRegistry:
     return FirestoreRegistry(state, stack.settings.buckets.models, gcs)
 
 
-def first_champion(stack: Stack, gcs: Any, ledger: FirestoreLedger, model: str) -> Any:
-    bucket = gcs.bucket(stack.settings.buckets.data)
-    bucket.blob(f"{model}/good-0.csv").upload_from_string(csv(RAINFALL.iloc[:3000]))
-    settled(ledger, model, runs=1)
-    assert wait_until(lambda: served_version(stack, model) == "1", timeout=60, interval=0.2)
-    return bucket
+@pytest.fixture(scope="module")
+def bucket(stack: Stack, ledger: FirestoreLedger) -> Any:
+    """The data bucket, once every model has its first champion (v1, served), trained side
+    by side."""
+    gcs = emulators.storage_client(stack.gcs_url, stack.settings.project)
+    data = gcs.bucket(stack.settings.buckets.data)
+    for model in MODELS:
+        data.blob(f"{model}/good-0.csv").upload_from_string(csv(RAINFALL.iloc[:3000]))
+    for model in MODELS:
+        settled(ledger, model, runs=1)
+        assert wait_until(lambda m=model: served_version(stack, m) == "1",  # type: ignore[misc]
+                          timeout=60, interval=0.2)  # fmt: skip
+    return data
 
 
 def log_lines(stack: Stack, part: str) -> list[dict[str, Any]]:
@@ -154,45 +162,49 @@ def log_lines(stack: Stack, part: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.startswith("{")]
 
 
-@pytest.mark.parametrize("model", [EVERY, WATCHED])
 def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
     stack: Stack,
-    gcs: Any,
+    bucket: Any,
     ledger: FirestoreLedger,
     registry: FirestoreRegistry,
-    model: str,
     record_property: Any,
 ) -> None:
-    bucket = first_champion(stack, gcs, ledger, model)
+    """For a model of each arrival policy, side by side."""
+    models = (EVERY, WATCHED)
+    with Predictions(stack, EVERY) as every, Predictions(stack, WATCHED) as watched:
+        for model in models:
+            for name, (content, _, _) in BAD.items():
+                bucket.blob(f"{model}/bad/{name}").upload_from_string(content())
+        for model in models:
+            assert wait_until(lambda m=model: len(ledger.quarantined(m)) >= len(BAD),  # type: ignore[misc]
+                              timeout=180), ledger.quarantined(model)  # fmt: skip
+        for model in models:
+            good = csv(RAINFALL.iloc[3000:6000])
+            bucket.blob(f"{model}/good-1.csv").upload_from_string(good)
+        runs = {model: settled(ledger, model, runs=2) for model in models}
+        for predictions in (every, watched):
+            assert wait_until(lambda p=predictions: p.ok > 20, timeout=30, interval=0.2)  # type: ignore[misc]
 
-    with Predictions(stack, model) as predictions:
-        for name, (content, _, _) in BAD.items():
-            bucket.blob(f"{model}/bad/{name}").upload_from_string(content())
-        assert wait_until(lambda: len(ledger.quarantined(model)) >= len(BAD), timeout=180), (
-            ledger.quarantined(model)
-        )
-        bucket.blob(f"{model}/good-1.csv").upload_from_string(csv(RAINFALL.iloc[3000:6000]))
-        first, second = settled(ledger, model, runs=2)
-        assert wait_until(lambda: predictions.ok > 20, timeout=30, interval=0.2)
-
-    held = {Path(q["object"]).name: q for q in ledger.quarantined(model)}
-    for name, (_, rule, columns) in BAD.items():
-        assert held[name]["rule"] == rule, held[name]["error"]
-        assert held[name]["columns"] == columns, held[name]["error"]
-        assert name in held[name]["error"]
-    assert not predictions.failed, predictions.failed[:5]
-    assert [run.state for run in (first, second)] == ["succeeded", "succeeded"], second.error
-    assert not [uri for uri in second.data_uris if "/bad/" in uri]
-    assert second.data_uris[-1].endswith("good-1.csv")
-    assert registry.decision(model, second.run_id) is not None  # decided, whatever the verdict
-    # One structured ERROR line per bad object, and no traceback.
     log = log_lines(stack, "on_data_arrival")
-    for name in BAD:
-        errors = [line for line in log if line["severity"] == "ERROR"
-                  and line.get("object", "").endswith(f"{model}/bad/{name}")]  # fmt: skip
-        assert len(errors) == 1, errors
-        assert errors[0]["action"] == "quarantined"
-        assert errors[0]["rule"] == BAD[name][1]
+    for model, predictions in ((EVERY, every), (WATCHED, watched)):
+        held = {Path(q["object"]).name: q for q in ledger.quarantined(model)}
+        for name, (_, rule, columns) in BAD.items():
+            assert held[name]["rule"] == rule, held[name]["error"]
+            assert held[name]["columns"] == columns, held[name]["error"]
+            assert name in held[name]["error"]
+        assert not predictions.failed, predictions.failed[:5]
+        first, second = runs[model]
+        assert [first.state, second.state] == ["succeeded", "succeeded"], second.error
+        assert not [uri for uri in second.data_uris if "/bad/" in uri]
+        assert second.data_uris[-1].endswith("good-1.csv")
+        assert registry.decision(model, second.run_id) is not None  # decided, either way
+        # One structured ERROR line per bad object, and no traceback.
+        for name in BAD:
+            errors = [line for line in log if line["severity"] == "ERROR"
+                      and line.get("object", "").endswith(f"{model}/bad/{name}")]  # fmt: skip
+            assert len(errors) == 1, errors
+            assert errors[0]["action"] == "quarantined"
+            assert errors[0]["rule"] == BAD[name][1]
     assert "Traceback" not in (stack.logs / "on_data_arrival.log").read_text(encoding="utf-8")
     peak = peak_memory_mib(stack, "on_data_arrival")
     record_property("on_data_arrival_peak_mib", round(peak))
@@ -200,9 +212,8 @@ def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
 
 
 def test_quarantine_lists_and_releases_from_the_cli(
-    stack: Stack, gcs: Any, ledger: FirestoreLedger
+    stack: Stack, bucket: Any, ledger: FirestoreLedger
 ) -> None:
-    bucket = gcs.bucket(stack.settings.buckets.data)
     name = f"{EVERY}/bad/cli-ten-rows.csv"
     bucket.blob(name).upload_from_string(csv(GOOD.iloc[:10]))
     uri = f"gs://{bucket.name}/{name}"
@@ -226,9 +237,8 @@ def test_quarantine_lists_and_releases_from_the_cli(
 
 
 def test_a_dropped_feature_is_a_schema_change_that_holds_the_champion(
-    stack: Stack, gcs: Any, ledger: FirestoreLedger, registry: FirestoreRegistry
+    stack: Stack, bucket: Any, ledger: FirestoreLedger, registry: FirestoreRegistry
 ) -> None:
-    bucket = first_champion(stack, gcs, ledger, RESHAPED)
     fewer = RAINFALL.iloc[3000:6000].drop(columns=["visibility"])
     bucket.blob(f"{RESHAPED}/good-1.csv").upload_from_string(csv(fewer))
     _, second = settled(ledger, RESHAPED, runs=2)
