@@ -17,7 +17,7 @@ from retrain.localstack.processes import wait_until
 from retrain.statedb import Database
 from retrain.topology import topology
 from tests.conftest import unique, write_config
-from tests.e2e.test_healing import RECOVERY_DEADLINE, healed, server_of
+from tests.e2e.test_healing import RECOVERY_DEADLINE, exported_after, healed, server_of
 
 pytestmark = pytest.mark.bench
 
@@ -82,12 +82,7 @@ def test_what_a_kill_loses(healing: Stack) -> None:
     kept, lost = unique("kept"), unique("lost")
     db.doc("healing", kept).set({"at": time.time()})
     written = time.time()
-    folder = stack.state_dir / "firestore"
-    assert wait_until(
-        lambda: any(p.stat().st_mtime > written + 0.5 for p in folder.glob("*/*metadata")),
-        timeout=60,
-        interval=0.2,
-    )
+    assert wait_until(lambda: exported_after(stack, written), timeout=60, interval=0.2)
     db.doc("healing", lost).set({"at": time.time()})
     kill_and_wait(stack, "firestore")
     assert db.read_path("healing", kept).exists

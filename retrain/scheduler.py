@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 import typer
 from croniter import croniter
 
+from retrain import jsonlog
 from retrain.config import Settings, load_settings
 from retrain.messages import ALL_MODELS
 from retrain.options import ConfigOption
@@ -132,7 +133,7 @@ def main(
     port: Annotated[int, typer.Option(envvar="SCHEDULER_PORT", help="Health server port.")] = 8095,
 ) -> None:
     """Publish a schedule message for each model on its cron from retrain.yaml."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    jsonlog.configure()
     run(load_settings(config), host, port)
 
 

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GATHER_SECONDS",
     "RECOVER_PER_SWEEP",
+    "UNSETTLED_SECONDS",
     "Outcome",
     "RetrainService",
     "build_service",
@@ -61,8 +62,10 @@ Action = Literal[
 ]
 
 
-# A sweep checks at most this many objects per model whose arrival was never recorded.
+# A sweep checks at most this many objects per model whose arrival was never recorded, or
+# whose check was left unfinished for UNSETTLED_SECONDS (its deliveries are over by then).
 RECOVER_PER_SWEEP = 50
+UNSETTLED_SECONDS = 600.0
 
 # How long a run may take, past the coalescing window, to gather its events and launch.
 GATHER_SECONDS = 300.0
@@ -331,15 +334,22 @@ class RetrainService:
 
     def _recover_arrivals(self, name: str) -> int:
         """Check the model's objects whose arrival was never recorded (their notification
-        was lost: a Pub/Sub outage, a stack that was down), at most
-        :data:`RECOVER_PER_SWEEP` per sweep; as their notification would have. How many."""
+        was lost: a Pub/Sub outage, a stack that was down), or whose check never finished
+        (its deliveries gave up mid-way, :data:`UNSETTLED_SECONDS` ago), as their
+        notification would have; at most :data:`RECOVER_PER_SWEEP` per sweep. How many."""
         from retrain.data_objects import newest_objects, object_key  # noqa: PLC0415
 
         bucket = self.settings.buckets.data
         blobs = newest_objects(self.settings, name, self.storage)
         keys = [object_key(bucket, blob.name, blob.generation) for blob in blobs]
         known = self.ledger.arrivals(name, keys)
-        lost = [(blob, key) for blob, key in zip(blobs, keys, strict=True) if key not in known]
+        stale = self.ledger.clock() - UNSETTLED_SECONDS
+        lost = [
+            (blob, key)
+            for blob, key in zip(blobs, keys, strict=True)
+            if key not in known
+            or (known[key].get("outcome") is None and known[key].get("received_at", 0) < stale)
+        ]
         for blob, key in lost[:RECOVER_PER_SWEEP]:
             event = ObjectEvent(f"sweep:{key}", "OBJECT_FINALIZE", bucket, blob.name,
                                 str(blob.generation))  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 import uvicorn
 from threadpoolctl import threadpool_limits
 
-from retrain import blobstore, statedb
+from retrain import blobstore, jsonlog, statedb
 from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
@@ -62,7 +61,7 @@ def main(
     Google clients find the emulators through PUBSUB_EMULATOR_HOST, STORAGE_EMULATOR_HOST
     and FIRESTORE_EMULATOR_HOST.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    jsonlog.configure()
     settings = load_settings(config)
     db = statedb.database(settings)
     registry = FirestoreRegistry(db, settings.buckets.models)
@@ -85,7 +84,7 @@ def main(
     # One OpenMP thread per predict: requests are small, and an idle OpenMP team that spins
     # between requests takes the cores that the event loop and the clients need.
     with threadpool_limits(limits=1):
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None)
 
 
 if __name__ == "__main__":

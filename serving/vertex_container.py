@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
-from retrain import blobstore
+from retrain import blobstore, jsonlog
 from retrain.gatekeeper.registry import ModelVersion
 from serving.app import ApiError, api_error, http_error, predictions_for
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
@@ -200,7 +200,9 @@ def serve(settings: ContainerSettings, *, download: Downloader = blobstore.downl
 
     app = create_app(settings, download=download, on_failure=stop)
     server = uvicorn.Server(
-        uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level="warning", log_config=None
+        )
     )
     # One OpenMP thread per predict, as in `python -m serving`: requests are small, and an
     # idle OpenMP team that spins between requests takes the cores the event loop needs.
@@ -249,7 +251,7 @@ def main(
     ] = "unknown",
 ) -> None:
     """Serve one model folder under Vertex AI's custom container contract."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    jsonlog.configure()
     try:
         settings = ContainerSettings(
             storage_uri=storage_uri,

@@ -34,11 +34,12 @@ RECORDER = ROOT / "tests" / "functions" / "recorder.py"
 
 
 # Ports for the tests' servers, from a range of this xdist worker's own, below the kernel's
-# ephemeral range (32768-60999), so that no other worker's stack, nor any client socket, can
-# take a port between the moment it is chosen and the moment a slow JVM binds it.
+# ephemeral range and below what retrain's own free_ports picks (`retrain demo`), so that
+# no other worker's stack, nor any client socket, can take a port between the moment it is
+# chosen and the moment a slow JVM binds it.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_PORTS_PER_WORKER = 4000
-_FIRST_PORT = 12000 + _PORTS_PER_WORKER * _WORKER
+_PORTS_PER_WORKER = 2500
+_FIRST_PORT = 10000 + _PORTS_PER_WORKER * _WORKER
 _NEXT_PORT = itertools.count(_FIRST_PORT)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import socket
 import subprocess
 import time
@@ -142,13 +143,33 @@ def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Proce
     return alive
 
 
+# free_ports chooses from here up to the kernel's ephemeral range (tests use 10000-19999).
+PORTS_FROM = 20000
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports free now, all distinct (each socket is held until all are chosen)."""
-    with contextlib.ExitStack() as held:
-        socks = [held.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
+    """``count`` distinct ports free now, from below the kernel's ephemeral range, starting
+    at a random one: a port of that range (what binding port 0 gives), once released, can be
+    taken by any outgoing connection before a slow server binds it."""
+    last = _ephemeral_low() - 1
+    span = last - PORTS_FROM + 1
+    start = random.randrange(span)  # noqa: S311 (spreads concurrent choosers, not a secret)
+    found: list[int] = []
+    for offset in range(span):
+        port = PORTS_FROM + (start + offset) % span
+        if not port_in_use(host, port):
+            found.append(port)
+            if len(found) == count:
+                return found
+    raise OSError(f"no {count} free ports on {host} in {PORTS_FROM}-{last}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="utf-8")
+        return max(int(text.split()[0]), PORTS_FROM + 1000)
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import typer
 
+from retrain import jsonlog
 from retrain.config import load_settings
 from retrain.localstack.processes import ProcessRecord
 from retrain.localstack.stack import Stack
@@ -132,7 +133,7 @@ class Supervisor:
 
 def main(config: ConfigOption = Path("retrain.yaml")) -> None:
     """Supervise the local stack that ``retrain up`` started from this config."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    jsonlog.configure()
     supervisor = Supervisor(Stack(load_settings(config), config))
     signal.signal(signal.SIGTERM, lambda *_: supervisor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())

@@ -206,6 +206,10 @@ def test_each_kind_of_bad_upload_is_quarantined_and_costs_nothing_else(
             assert errors[0]["action"] == "quarantined"
             assert errors[0]["rule"] == BAD[name][1]
     assert "Traceback" not in (stack.logs / "on_data_arrival.log").read_text(encoding="utf-8")
+    for server in ("scheduler", "serving"):  # the servers' lines: one JSON object each
+        lines = (stack.logs / f"{server}.log").read_text(encoding="utf-8").splitlines()
+        assert lines, server
+        assert all(isinstance(json.loads(line), dict) for line in lines if line.strip())
     peak = peak_memory_mib(stack, "on_data_arrival")
     record_property("on_data_arrival_peak_mib", round(peak))
     assert peak < 1024, f"the arrival check's peak memory {peak:.0f} MiB is over 1 GiB"

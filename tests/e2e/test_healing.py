@@ -78,6 +78,12 @@ def subscribed(stack: Stack) -> bool:
     return wanted <= names
 
 
+def exported_after(stack: Stack, written: float) -> bool:
+    """Whether the supervisor finished a Firestore export after ``written`` (a time)."""
+    exports = (stack.state_dir / "firestore").glob("*/*metadata")
+    return any(p.stat().st_mtime > written + 0.5 for p in exports)
+
+
 def test_every_part_killed_with_kill_9_comes_back(healing: Stack) -> None:
     stack, settings = healing, healing.settings
     gcs = emulators.storage_client(stack.gcs_url, settings.project)
@@ -88,13 +94,10 @@ def test_every_part_killed_with_kill_9_comes_back(healing: Stack) -> None:
     doc = unique("doc")
     db.doc("healing", doc).set({"kept": True})
     written = time.time()
-    exports = stack.state_dir / "firestore"
     # The supervisor exports every 10 s: wait for one that has the document.
-    assert wait_until(
-        lambda: any(p.stat().st_mtime > written + 0.5 for p in exports.glob("*/*metadata")),
-        timeout=60,
-        interval=0.5,
-    ), "the supervisor exported nothing"
+    assert wait_until(lambda: exported_after(stack, written), timeout=60, interval=0.5), (
+        "the supervisor exported nothing"
+    )
 
     for name in PART_NAMES:
         server = server_of(stack, name)

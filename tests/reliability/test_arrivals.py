@@ -18,6 +18,7 @@ from retrain.data_objects import data_window
 from retrain.drift import check_degradation
 from retrain.events import ObjectEvent
 from retrain.messages import RetrainRequest
+from retrain.service import UNSETTLED_SECONDS
 from tests.conftest import rainfall
 from tests.reliability.races import race
 from tests.reliability.world import World
@@ -162,3 +163,30 @@ def test_the_sweep_checks_an_object_whose_notification_was_lost(
     assert len(world.launcher.jobs) == 1
     world.service.sweep()
     assert len(world.launcher.jobs) == 1, "checked once"
+
+
+def test_the_sweep_finishes_a_check_whose_deliveries_gave_up(
+    make_world: Callable[..., World],
+) -> None:
+    """The check recorded the object, then died before claiming its run, and Pub/Sub gave up
+    on the notification: the sweep finishes it, once it is old enough."""
+    world = make_world(arrival_policy="every_arrival")
+    event = put(world, "half.csv", RAINFALL.iloc[:600])
+    request = RetrainRequest(
+        model=world.model,
+        reason="data",
+        data_uris=[event.uri],
+        dedupe_key=event.dedupe_key,
+        trigger_event_id=event.event_id,
+    )
+    world.ledger.record_arrival(request, rows=600)  # fmt: skip
+
+    world.service.sweep()
+    assert not world.launcher.jobs, "a check in progress is left alone"
+    world.now += UNSETTLED_SECONDS + 1
+    world.service.sweep()
+
+    assert len(world.launcher.jobs) == 1
+    arrival = world.ledger.arrival(world.model, event.dedupe_key)
+    assert arrival is not None
+    assert arrival["outcome"] == "accepted"
