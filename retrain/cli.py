@@ -707,11 +707,11 @@ def quarantine(
     what: Annotated[
         str | None,
         typer.Argument(
-            metavar="[MODEL | release]", help="Only this model; or `release` to readmit OBJECT."
+            metavar="MODEL|release", help="Only this model; or `release` to readmit OBJECT."
         ),
     ] = None,
     obj: Annotated[
-        str | None, typer.Argument(metavar="[OBJECT]", help="gs://BUCKET/NAME to release.")
+        str | None, typer.Argument(metavar="OBJECT", help="gs://BUCKET/NAME to release.")
     ] = None,
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
