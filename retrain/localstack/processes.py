@@ -97,12 +97,15 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
     return ProcessRecord(proc.pid, psutil.Process(proc.pid).create_time())
 
 
-def stop(record: ProcessRecord, timeout: float = 10.0) -> list[int]:
-    """Terminate the recorded process and its recorded or current descendants.
+def stop(record: ProcessRecord, timeout: float = 10.0, *, descendants: bool = True) -> list[int]:
+    """Terminate the recorded process and (unless ``descendants`` is False) its recorded or
+    current descendants.
 
     Returns the pids that were still running. Nothing else is signalled.
     """
-    record = record.with_children()
+    record = (
+        record.with_children() if descendants else ProcessRecord(record.pid, record.create_time)
+    )
     procs = [
         proc
         for pid, started in ((record.pid, record.create_time), *record.children)

@@ -603,8 +603,11 @@ class Stack:
         entry = self._read_doc().get(SUPERVISOR)
         if entry is None:
             return []
-        # It ends its current round first; a restart it waits on is cut short.
-        return [SUPERVISOR] if stop(ProcessRecord.from_json(entry["process"]), 30) else []
+        # It ends its current round first; a restart it waits on is cut short. Only the
+        # supervisor: the parts it restarted are its children, and down stops them after
+        # the export (a restarted Firestore emulator stopped first would export nothing).
+        record = ProcessRecord.from_json(entry["process"])
+        return [SUPERVISOR] if stop(record, 30, descendants=False) else []
 
     @contextmanager
     def running_stack(

@@ -150,3 +150,19 @@ def retrain(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
         check=False,
         env={"COLUMNS": "200", "PATH": os.environ["PATH"]},
     )
+
+
+def test_down_exports_from_a_firestore_the_supervisor_restarted(healing: Stack) -> None:
+    """The parts the supervisor restarted are its children: stopping it first (as down does)
+    must not stop them, or a restarted Firestore emulator is gone before down exports it.
+    Last in this module: it stops the stack."""
+    assert {part.name: part.restarts for part in healing.status()}["firestore"] >= 1
+    exports = healing.state_dir / "firestore"
+    before = {p.name for p in exports.iterdir()}
+
+    stopped = healing.down()  # exports, as `retrain down` does
+
+    made = [p for p in exports.iterdir() if p.name not in before]
+    assert [p for p in made if list(p.glob("*metadata"))], "down exported nothing"
+    assert stopped[0] == "supervisor"
+    assert set(stopped) == {"supervisor", *PART_NAMES}
