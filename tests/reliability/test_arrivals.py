@@ -38,6 +38,18 @@ def put(world: World, name: str, frame: pd.DataFrame) -> ObjectEvent:
     return ObjectEvent(f"e-{name}", "OBJECT_FINALIZE", bucket, blob.name, str(blob.generation))
 
 
+def recorded(world: World, event: ObjectEvent, rows: int) -> None:
+    """The arrival of ``event`` recorded as checked (``rows``), and nothing more done."""
+    request = RetrainRequest(
+        model=world.model,
+        reason="data",
+        data_uris=[event.uri],
+        dedupe_key=event.dedupe_key,
+        trigger_event_id=event.event_id,
+    )
+    world.ledger.record_arrival(request, rows=rows)  # fmt: skip
+
+
 def champion(world: World, tmp_path: Path, rows: pd.DataFrame) -> str:
     """A real model trained on ``rows``, registered and made champion; its version."""
     spec = world.settings.models[world.model]
@@ -121,14 +133,7 @@ def test_8_the_data_window_counts_rows_not_objects(make_world: Callable[..., Wor
                        validation=Validation(min_object_rows=1))  # fmt: skip
     for i in range(300):
         event = put(world, f"tiny-{i:03d}.csv", RAINFALL.iloc[4 * i : 4 * i + 4])
-        request = RetrainRequest(
-            model=world.model,
-            reason="data",
-            data_uris=[event.uri],
-            dedupe_key=event.dedupe_key,
-            trigger_event_id=event.event_id,
-        )
-        world.ledger.record_arrival(request, rows=4)  # fmt: skip
+        recorded(world, event, rows=4)
 
     window = data_window(world.settings, world.model, [], world.gcs, world.ledger)
 
@@ -172,14 +177,7 @@ def test_the_sweep_finishes_a_check_whose_deliveries_gave_up(
     on the notification: the sweep finishes it, once it is old enough."""
     world = make_world(arrival_policy="every_arrival")
     event = put(world, "half.csv", RAINFALL.iloc[:600])
-    request = RetrainRequest(
-        model=world.model,
-        reason="data",
-        data_uris=[event.uri],
-        dedupe_key=event.dedupe_key,
-        trigger_event_id=event.event_id,
-    )
-    world.ledger.record_arrival(request, rows=600)  # fmt: skip
+    recorded(world, event, rows=600)
 
     world.service.sweep()
     assert not world.launcher.jobs, "a check in progress is left alone"
