@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from components.compute import thread_limit
 from components.runs import RunContext, record_failure
 from retrain.config import ModelSettings, Settings, load_settings
 
@@ -33,10 +34,13 @@ def model_settings(config_yaml: str, model: str) -> ModelSettings:
 
 @contextmanager
 def step(name: str, config_yaml: str, run: RunContext) -> Iterator[tuple[Settings, ModelSettings]]:
-    """Run one pipeline step; if it fails, leave its error for the exit handler to report."""
+    """Run one pipeline step, its OpenMP and BLAS threads limited to the model's
+    ``threads``; if it fails, leave its error for the exit handler to report."""
     settings = load(config_yaml)
     try:
-        yield settings, model_settings(config_yaml, run.model)
+        model = model_settings(config_yaml, run.model)
+        with thread_limit(model.threads):
+            yield settings, model
     except Exception as exc:
         record_failure(settings, run, name, exc)
         raise

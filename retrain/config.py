@@ -339,6 +339,11 @@ class Validation(_Strict):
     max_object_bytes: PositiveInt = Field(
         64 * MIB, description="A bigger object is quarantined unread (the check's memory bound)."
     )
+    unlabelled_rows: Literal["reject", "drop"] = Field(
+        "reject",
+        description="Rows whose label is null: reject quarantines the object (and a run leaves "
+        "it out); drop keeps the object and trains and evaluates without those rows.",
+    )
 
 
 class Estimator(_Strict):
@@ -429,7 +434,13 @@ class Schedule(_Strict):
 
 class Drift(_Strict):
     psi_threshold: float = Field(0.2, gt=0)
-    ks_pvalue: float = Field(0.01, gt=0, lt=1)
+    ks_pvalue: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="A feature drifts below this p-value: of the KS test for a numeric "
+        "feature, of the chi-squared test for a categorical one.",
+    )
     min_drifted_features: PositiveInt = 1
     degradation_margin: float = Field(0.05, ge=0, le=1)
 
@@ -451,7 +462,24 @@ class ModelSettings(_Strict):
     format: Literal["csv", "parquet"] = "csv"
     label: str
     features: list[str] | None = Field(
-        None, description="Default: all but the label and order column."
+        None,
+        description="Default: every column but the label, the order column and exclude_columns.",
+    )
+    categorical: list[str] = Field(
+        default_factory=list,
+        description="Features whose values are categories (strings, codes or pandas "
+        "categories), not quantities: encoded by category, drift-checked by PSI and "
+        "chi-squared over categories.",
+    )
+    exclude_columns: list[str] = Field(
+        default_factory=list,
+        description="Columns in the data that are neither features nor label nor order "
+        "column (ids, timestamps, other models' outputs): ignored.",
+    )
+    threads: PositiveInt | None = Field(
+        None,
+        description="OpenMP and BLAS threads of each step of this model's runs; default: the "
+        "CPUs available to the step's process.",
     )
     order_column: str
     training_window: TrainingWindow = TrainingWindow()
@@ -497,6 +525,34 @@ class ModelSettings(_Strict):
             if len(set(self.features)) != len(self.features):
                 raise ValueError("features: listed more than once")
         return self
+
+    @model_validator(mode="after")
+    def _column_lists(self) -> Self:
+        for field, names in (
+            ("categorical", self.categorical),
+            ("exclude_columns", self.exclude_columns),
+        ):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{field}: {_names(twice)} listed more than once")
+            reserved = [n for n in names if n in (self.label, self.order_column)]
+            if reserved:
+                raise ValueError(f"{field}: {_names(reserved)} is the label or order column")
+        both = [n for n in self.categorical if n in self.exclude_columns]
+        if both:
+            raise ValueError(f"categorical and exclude_columns both list {_names(both)}")
+        if self.features is not None:
+            excluded = [n for n in self.exclude_columns if n in self.features]
+            if excluded:
+                raise ValueError(f"exclude_columns: {_names(excluded)} is listed under features")
+            unknown = [n for n in self.categorical if n not in self.features]
+            if unknown:
+                raise ValueError(f"categorical: {_names(unknown)} is not listed under features")
+        return self
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
 
 
 class Settings(_Strict):

@@ -8,8 +8,10 @@ the train step stored in the champion's ``metadata.json``:
 * :func:`check_drift` compares each feature with its reference statistics
   (``metadata["reference"]["features"]``, see :mod:`components.train.reference`): the
   population stability index (PSI) over the stored decile bins, and a two-sample
-  Kolmogorov-Smirnov test against the stored sample. A feature drifts if its PSI is above
-  ``Drift.psi_threshold`` or its KS p-value is below ``Drift.ks_pvalue``; the object drifts
+  Kolmogorov-Smirnov test against the stored sample; a categorical feature, PSI over the
+  training categories (and one "other" share for the rest) and a chi-squared test of the
+  new counts against the training shares. A feature drifts if its PSI is above
+  ``Drift.psi_threshold`` or its test's p-value is below ``Drift.ks_pvalue``; the object drifts
   if at least ``Drift.min_drifted_features`` features drift. Nulls are left out.
 * :func:`check_degradation` scores the champion on the new rows, if they carry labels, and
   compares accuracy and ROC AUC with the champion's own evaluation figures.
@@ -53,11 +55,14 @@ class FeatureDrift:
     """One feature's comparison with its reference statistics."""
 
     psi: float
-    ks_statistic: float
-    ks_pvalue: float
+    statistic: float
+    pvalue: float
     drifted: bool
     rows: int
     """Non-null new values compared."""
+    test: str = "ks"
+    """``ks`` (two-sample Kolmogorov-Smirnov, numeric features) or ``chi2`` (chi-squared
+    goodness of fit over the training categories, categorical features)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,8 @@ class DriftReport:
             f"(min {self.min_drifted_features})"
         )
         details = ", ".join(
-            f"{name} psi {self.features[name].psi:.2f} ks p={self.features[name].ks_pvalue:.2g}"
+            f"{name} psi {self.features[name].psi:.2f} "
+            f"{self.features[name].test} p={self.features[name].pvalue:.2g}"
             for name in self.drifted_features
         )
         line = f"{head}: {details}" if details else head
@@ -138,10 +144,6 @@ def check_drift(frame: pd.DataFrame, metadata: dict[str, Any], policy: Drift) ->
 
     Raises ValueError if ``frame`` lacks any of the metadata's features, or has no rows.
     """
-    from scipy.stats import ks_2samp  # noqa: PLC0415 (lazy: see the module doc)
-
-    from components.train.reference import bin_proportions  # noqa: PLC0415 (pulls sklearn)
-
     features = [str(name) for name in metadata["features"]]
     missing = [name for name in features if name not in frame.columns]
     if missing:
@@ -155,25 +157,17 @@ def check_drift(frame: pd.DataFrame, metadata: dict[str, Any], policy: Drift) ->
     skipped: list[str] = []
     for name in features:
         reference = references.get(name, {})
-        values = pd.to_numeric(frame[name], errors="coerce").to_numpy(dtype=np.float64)
-        values = values[~np.isnan(values)]
-        if "bins" not in reference or "sample" not in reference or not values.size:
+        if reference.get("kind") == "categorical":
+            result = _categorical_drift(frame[name], reference, policy)
+        else:
+            result = _numeric_drift(frame[name], reference, policy)
+        if result is None:
             skipped.append(name)
-            continue
-        edges = reference["bins"]["edges"]
-        index = psi(reference["bins"]["proportions"], bin_proportions(values, edges))
-        ks = ks_2samp(values, np.asarray(reference["sample"], dtype=np.float64))
-        statistic, pvalue = float(ks.statistic), float(ks.pvalue)
-        compared[name] = FeatureDrift(
-            psi=index,
-            ks_statistic=statistic,
-            ks_pvalue=pvalue,
-            drifted=index > policy.psi_threshold or pvalue < policy.ks_pvalue,
-            rows=int(values.size),
-        )
+        else:
+            compared[name] = result
     drifted = sorted(
         (name for name, result in compared.items() if result.drifted),
-        key=lambda name: (-compared[name].psi, compared[name].ks_pvalue, name),
+        key=lambda name: (-compared[name].psi, compared[name].pvalue, name),
     )
     return DriftReport(
         drifted=len(drifted) >= policy.min_drifted_features,
@@ -182,6 +176,62 @@ def check_drift(frame: pd.DataFrame, metadata: dict[str, Any], policy: Drift) ->
         rows=len(frame),
         min_drifted_features=policy.min_drifted_features,
         skipped=skipped,
+    )
+
+
+def _numeric_drift(
+    column: pd.Series, reference: dict[str, Any], policy: Drift
+) -> FeatureDrift | None:
+    """PSI over the stored decile bins and a KS test against the stored sample."""
+    from scipy.stats import ks_2samp  # noqa: PLC0415 (lazy: see the module doc)
+
+    from components.train.reference import bin_proportions  # noqa: PLC0415 (pulls sklearn)
+
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if "bins" not in reference or "sample" not in reference or not values.size:
+        return None
+    edges = reference["bins"]["edges"]
+    index = psi(reference["bins"]["proportions"], bin_proportions(values, edges))
+    ks = ks_2samp(values, np.asarray(reference["sample"], dtype=np.float64))
+    statistic, pvalue = float(ks.statistic), float(ks.pvalue)
+    return FeatureDrift(
+        psi=index,
+        statistic=statistic,
+        pvalue=pvalue,
+        drifted=index > policy.psi_threshold or pvalue < policy.ks_pvalue,
+        rows=int(values.size),
+        test="ks",
+    )
+
+
+def _categorical_drift(
+    column: pd.Series, reference: dict[str, Any], policy: Drift
+) -> FeatureDrift | None:
+    """PSI over the stored categories (and "other"), and a chi-squared goodness-of-fit test
+    of the new counts against the training shares (empty training shares get ``EPSILON``)."""
+    from scipy.stats import chisquare  # noqa: PLC0415 (lazy: see the module doc)
+
+    from components.encoding import to_keys  # noqa: PLC0415
+    from components.train.reference import category_proportions  # noqa: PLC0415
+
+    keys = [k for k in to_keys(column.tolist()) if k is not None]
+    if not keys or "proportions" not in reference:
+        return None
+    expected = np.clip(np.asarray(reference["proportions"], dtype=np.float64), EPSILON, None)
+    expected = expected / expected.sum()
+    actual = np.asarray(category_proportions(keys, reference["categories"]), dtype=np.float64)
+    observed = actual * len(keys)
+    test = chisquare(observed, expected * len(keys))
+    statistic, pvalue = float(test.statistic), float(test.pvalue)
+    index = psi(reference["proportions"], actual)
+    return FeatureDrift(
+        psi=index,
+        statistic=statistic,
+        pvalue=pvalue,
+        drifted=index > policy.psi_threshold or pvalue < policy.ks_pvalue,
+        rows=len(keys),
+        test="chi2",
     )
 
 
@@ -224,8 +274,11 @@ def check_degradation(
         raise ValueError(
             f"column {label!r}: values {unknown} are not among the champion's classes {classes}"
         )
+    from components.encoding import as_fitted, model_input  # noqa: PLC0415
+
     try:
-        proba = estimator.predict_proba(rows[features])[:, 1]
+        x = model_input(rows, features, metadata.get("categories", {}))
+        proba = estimator.predict_proba(as_fitted(estimator, x))[:, 1]
     except ValueError as exc:
         raise ValueError(f"the champion cannot score the new data: {exc}") from exc
     truth = (rows[label] == classes[1]).to_numpy().astype(np.int64)

@@ -38,6 +38,7 @@ import numpy.typing as npt
 from sklearn.utils import get_tags
 
 from components.artifacts import METADATA_FILE, MODEL_FILE
+from components.encoding import category_key, codes
 from retrain.gatekeeper.registry import ModelRegistry, ModelVersion
 from retrain.messages import Decision, MessageError, decode
 
@@ -92,6 +93,8 @@ class LoadedModel:
     # True only if the estimator needs a DataFrame with the feature names (an estimator whose
     # names could not be dropped at load time); then the hot path pays for pandas.
     needs_frame: bool = False
+    # Position of each categorical feature -> {category key: code} (components.encoding).
+    lookups: dict[int, dict[str, float]] = field(default_factory=dict)
     index: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +112,7 @@ class LoadedModel:
         width = len(self.features)
         flat: list[float] = []
         append = flat.append
+        lookups = self.lookups
         for i, instance in enumerate(instances):
             if isinstance(instance, list):
                 if len(instance) != width:
@@ -116,29 +120,46 @@ class LoadedModel:
                         f"instances[{i}]: expected {width} feature values "
                         f"({', '.join(self.features)}), got {len(instance)}"
                     )
-                for j, value in enumerate(instance):
-                    append(self._number(value, i, self.features[j]))
+                values = instance
             elif isinstance(instance, dict):
-                unknown = [k for k in instance if k not in self.index]
-                if unknown:
-                    raise InstanceError(
-                        f"instances[{i}]: unknown feature {unknown[0]!r}; "
-                        f"the model's features are {', '.join(self.features)}"
-                    )
-                missing = [f for f in self.features if f not in instance]
-                if missing:
-                    raise InstanceError(
-                        f"instances[{i}]: missing feature {missing[0]!r}"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                    )
-                for name in self.features:
-                    append(self._number(instance[name], i, name))
+                values = self._by_name(instance, i)
             else:
                 raise InstanceError(
                     f"instances[{i}]: expected a list of {width} numbers in feature order or "
                     f"an object keyed by feature name, got {_kind(instance)}"
                 )
+            for j, value in enumerate(values):
+                if lookups and j in lookups:
+                    append(self._category(value, i, j))
+                else:
+                    append(self._number(value, i, self.features[j]))
         return np.array(flat, dtype=np.float64).reshape(len(instances), width)
+
+    def _by_name(self, instance: dict[str, Any], i: int) -> list[Any]:
+        unknown = [k for k in instance if k not in self.index]
+        if unknown:
+            raise InstanceError(
+                f"instances[{i}]: unknown feature {unknown[0]!r}; "
+                f"the model's features are {', '.join(self.features)}"
+            )
+        missing = [f for f in self.features if f not in instance]
+        if missing:
+            raise InstanceError(
+                f"instances[{i}]: missing feature {missing[0]!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        return [instance[name] for name in self.features]
+
+    def _category(self, value: Any, i: int, j: int) -> float:
+        if isinstance(value, list | dict):
+            raise InstanceError(
+                f"instances[{i}], feature {self.features[j]!r}: expected a category (a string "
+                f"or a number), got {_kind(value)}"
+            )
+        # A category never seen in training, or a missing one: NaN, which the model
+        # treats as a missing value (see components.encoding).
+        key = category_key(value)
+        return math.nan if key is None else self.lookups[j].get(key, math.nan)
 
     def _number(self, value: Any, i: int, feature: str) -> float:
         kind = type(value)
@@ -203,6 +224,7 @@ def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
         metadata = json.loads((directory / METADATA_FILE).read_text(encoding="utf-8"))
         features = tuple(str(f) for f in metadata["features"])
         label = str(metadata["label"])
+        known: dict[str, list[str]] = dict(metadata.get("categories") or {})
         estimator = joblib.load(directory / MODEL_FILE)
         classes = tuple(estimator.classes_.tolist())
     except FileNotFoundError as exc:
@@ -229,12 +251,16 @@ def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
         classes=classes,
         allow_nan=_allows_nan(estimator),
         loaded_at=datetime.now(UTC),
+        lookups={j: codes(known[name]) for j, name in enumerate(features) if name in known},
     )
     return _warm(model, where)
 
 
 def _allows_nan(estimator: Any) -> bool:
     """Whether the estimator accepts missing values (sklearn's tags; False if it has none)."""
+    steps = getattr(estimator, "steps", None)  # a pipeline: its classifier decides
+    if steps:
+        estimator = steps[-1][1]
     try:
         return bool(get_tags(estimator).input_tags.allow_nan)
     except AttributeError:
@@ -262,6 +288,7 @@ def _warm(model: LoadedModel, where: str) -> LoadedModel:
             allow_nan=model.allow_nan,
             loaded_at=model.loaded_at,
             needs_frame=True,
+            lookups=model.lookups,
         )
         model.predict(zeros)
     return model

@@ -25,6 +25,7 @@ from sklearn.metrics import (
 
 from components.artifacts import METADATA_FILE, MODEL_FILE, read_json
 from components.dataio import DataReadError, read_table
+from components.encoding import as_fitted, model_input
 from components.rules import RuleError
 
 __all__ = ["EvaluationError", "EvaluationResult", "ModelMetrics", "evaluate"]
@@ -102,6 +103,7 @@ class _Model:
     estimator: Any
     features: list[str]
     label: str
+    categories: dict[str, list[str]]
 
     def score(self, source: str, frame: pd.DataFrame) -> ModelMetrics:
         missing = [c for c in self.features if c not in frame.columns]
@@ -120,7 +122,8 @@ class _Model:
                 f"values {unknown} are not among the classes {classes} of {self.directory}",
             )
         try:
-            proba = self.estimator.predict_proba(frame[self.features])[:, 1]
+            x = model_input(frame, self.features, self.categories)
+            proba = self.estimator.predict_proba(as_fitted(self.estimator, x))[:, 1]
         except ValueError as exc:
             raise EvaluationError(
                 source, [], "unscorable", f"the model {self.directory} cannot score it: {exc}"
@@ -147,7 +150,13 @@ def _load(directory: Path) -> _Model:
         ) from exc
     except _LOAD_ERRORS as exc:
         raise EvaluationError(str(directory), [], "unreadable", f"cannot load: {exc}") from exc
-    return _Model(directory, estimator, list(metadata["features"]), str(metadata["label"]))
+    return _Model(
+        directory,
+        estimator,
+        list(metadata["features"]),
+        str(metadata["label"]),
+        dict(metadata.get("categories", {})),
+    )
 
 
 def _check_labels(source: str, frame: pd.DataFrame, label: str) -> None:

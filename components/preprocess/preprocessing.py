@@ -62,10 +62,12 @@ def preprocess(uris: Sequence[str], settings: ModelSettings, output_dir: Path) -
         result.summary_path,
         {
             "inputs": [{"uri": uri, "rows": rows} for uri, rows in inputs.rows],
-            "input_rows": len(ordered),
+            "input_rows": len(ordered) + inputs.unlabelled,
+            "unlabelled_rows_dropped": inputs.unlabelled,
             "label": settings.label,
             "order_column": order,
             "features": list(inputs.features),
+            "categorical": [c for c in inputs.features if c in settings.categorical],
             "dropped_features": list(inputs.dropped),
             "skipped": [
                 {"uri": e.obj, "rule": str(e.rule), "columns": list(e.columns), "error": str(e)}

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from components.dataio import DataReadError, read_table
+from components.encoding import to_keys
 from components.rules import RuleError
 from retrain.config import ModelSettings
 
@@ -56,13 +57,16 @@ class Inputs:
     """All input rows, in input order, with columns order column, features, label.
 
     ``skipped`` holds the error of each input object that broke a rule and was left out;
-    ``dropped`` the feature columns left out because not every object has them."""
+    ``dropped`` the feature columns left out because not every object has them. Numeric
+    features are float64; categorical ones hold category keys (see components.encoding)."""
 
     frame: pd.DataFrame
     features: tuple[str, ...]
     rows: tuple[tuple[str, int], ...]  # (uri, rows) per input object used
     skipped: tuple[ValidationError, ...] = ()
     dropped: tuple[str, ...] = ()
+    unlabelled: int = 0
+    """Rows left out because their label is null (``validation.unlabelled_rows: drop``)."""
 
 
 def read_object(uri: str, settings: ModelSettings, data: bytes | None = None) -> pd.DataFrame:
@@ -75,37 +79,48 @@ def read_object(uri: str, settings: ModelSettings, data: bytes | None = None) ->
     if frame.empty:
         header = "" if len(frame.columns) else " and no header"
         raise ValidationError(uri, [], Rule.EMPTY, f"the object has no rows{header}")
-    return frame
+    return _timestamps(frame, settings.order_column)
+
+
+def _timestamps(frame: pd.DataFrame, order: str) -> pd.DataFrame:
+    """An order column of ISO 8601 text (as CSV gives dates) as timestamps, in UTC if
+    any value names its offset; other text is left for the order column's rule."""
+    if order not in frame.columns or not pd.api.types.is_string_dtype(frame[order].dtype):
+        return frame
+    column = frame[order]
+    try:
+        parsed = pd.to_datetime(column, format="ISO8601")
+    except (ValueError, TypeError):
+        try:
+            parsed = pd.to_datetime(column, format="ISO8601", utc=True)
+        except (ValueError, TypeError):
+            return frame
+    return frame.assign(**{order: parsed})
 
 
 def check_object(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> tuple[str, ...]:
     """The rules each object must pass on its own, at arrival and in preprocess; return
-    its feature columns (``features`` if configured, else all but label and order column).
-    """
+    its feature columns (``features`` if configured, else all but label, order column and
+    ``exclude_columns``). A rule that several columns break names them all."""
     label, order = settings.label, settings.order_column
     reserved = (order, label)
+    ignored = set(settings.exclude_columns)
     _check_missing(uri, frame, settings, (*reserved, *(settings.features or ())))
     if settings.features is not None:
         features = tuple(settings.features)
-        extra = [str(c) for c in frame.columns if c not in (*reserved, *features)]
+        extra = [str(c) for c in frame.columns if c not in (*reserved, *features, *ignored)]
         if extra:
-            why = "not among features, label and order column; list it under features or drop it"
+            why = (
+                "not among features, label and order column; list it under features, "
+                "or under exclude_columns to ignore it"
+            )
             raise ValidationError(uri, extra, Rule.EXTRA_COLUMN, why)
     else:
-        features = tuple(str(c) for c in frame.columns if c not in reserved)
+        features = tuple(str(c) for c in frame.columns if c not in reserved and c not in ignored)
         if not features:
-            why = "no feature columns besides the label and order column"
+            why = "no feature columns besides the label, the order column and exclude_columns"
             raise ValidationError(uri, [], Rule.MISSING_COLUMN, why)
-    for column in (label, order):
-        nulls = int(frame[column].isna().sum())
-        if nulls:
-            raise ValidationError(
-                uri,
-                [column],
-                Rule.NULL_VALUES,
-                f"{nulls} of {len(frame)} rows are null; the label and the order column "
-                "must be set in every row",
-            )
+    _check_set(uri, frame, settings)
     classes = _values(frame[label].unique())
     if len(classes) > 2:
         raise ValidationError(
@@ -117,16 +132,47 @@ def check_object(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> tupl
     empty = [c for c in features if frame[c].isna().all()]
     if empty:
         raise ValidationError(uri, empty, Rule.ALL_NULL, "every value is null in this object")
-    for column in features:
-        if not _numeric(frame[column].dtype, allow_bool=True):
+    categorical = set(settings.categorical)
+    text = [
+        c
+        for c in features
+        if c not in categorical and not _numeric(frame[c].dtype, allow_bool=True)
+    ]
+    if text:
+        kinds = ", ".join(f"{c} is {frame[c].dtype}" for c in text)
+        raise ValidationError(
+            uri,
+            text,
+            Rule.NON_NUMERIC,
+            f"a feature must be numeric ({kinds}); list a feature of categories under "
+            "categorical, or a column that is not a feature under exclude_columns",
+        )
+    _check_order_dtype(uri, frame, order)
+    return features
+
+
+def _check_set(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> None:
+    """The order column, and the label unless unlabelled rows may be dropped, in every row."""
+    required = [settings.order_column]
+    if settings.validation.unlabelled_rows == "reject":
+        required.append(settings.label)
+    for column in required:
+        nulls = int(frame[column].isna().sum())
+        if nulls:
+            hint = (
+                "; set validation.unlabelled_rows: drop to train without them"
+                if column == settings.label
+                else ""
+            )
             raise ValidationError(
                 uri,
                 [column],
-                Rule.NON_NUMERIC,
-                f"a feature must be numeric, not {frame[column].dtype}",
+                Rule.NULL_VALUES,
+                f"{nulls} of {len(frame)} rows are null; the label and the order column "
+                f"must be set in every row{hint}",
             )
-    _check_order_dtype(uri, frame, order)
-    return features
+    if frame[settings.label].isna().all():
+        raise ValidationError(uri, [settings.label], Rule.ALL_NULL, "no row has a label")
 
 
 def check_size(uri: str, size: int, settings: ModelSettings) -> None:
@@ -162,8 +208,9 @@ def check_arrival(
 
 
 def read_inputs(uris: Sequence[str], settings: ModelSettings) -> Inputs:
-    """Read and check ``uris``, and concatenate the objects that pass; features are cast to
-    float64. An object that breaks a rule on its own is left out (``Inputs.skipped``): a
+    """Read and check ``uris``, and concatenate the objects that pass; numeric features are
+    cast to float64, and rows without a label left out if ``validation.unlabelled_rows`` is
+    drop. An object that breaks a rule on its own is left out (``Inputs.skipped``): a
     run is not failed by one bad object among good ones. Without configured features, the
     features are the columns that every object has (in the newest object's order)."""
     if not uris:
@@ -198,16 +245,33 @@ def read_inputs(uris: Sequence[str], settings: ModelSettings) -> Inputs:
         )
     label, order = settings.label, settings.order_column
     frames = [frame[[order, *features, label]] for _, frame, _ in used]
-    combined = pd.concat(frames, ignore_index=True)
+    combined = pd.concat([_categories_as_keys(f, settings) for f in frames], ignore_index=True)
+    labelled = combined[label].notna()
+    unlabelled = int((~labelled).sum())
+    combined = combined[labelled].reset_index(drop=True)
     _check_combined([uri for uri, _, _ in used], combined, settings, features)
-    combined[list(features)] = combined[list(features)].astype("float64")
+    numeric = [c for c in features if c not in settings.categorical]
+    combined[numeric] = combined[numeric].astype("float64")
     return Inputs(
         combined,
         features,
         tuple((uri, len(frame)) for uri, frame, _ in used),
         tuple(skipped),
         tuple(dropped),
+        unlabelled,
     )
+
+
+def _categories_as_keys(frame: pd.DataFrame, settings: ModelSettings) -> pd.DataFrame:
+    """Categorical features as their keys (strings, None for missing): one column type
+    across objects whatever each object's reader made of it (see components.encoding)."""
+    present = [c for c in settings.categorical if c in frame.columns]
+    if not present:
+        return frame
+    frame = frame.copy()
+    for column in present:
+        frame[column] = pd.Series(to_keys(frame[column].tolist()), index=frame.index, dtype=object)
+    return frame
 
 
 def check_split(
@@ -281,7 +345,7 @@ def _check_order_dtype(obj: str, frame: pd.DataFrame, order: str) -> None:
             obj,
             [order],
             Rule.NON_NUMERIC,
-            f"the order column must be numeric or a timestamp, not {dtype}",
+            f"the order column must be numeric or a timestamp (ISO 8601 text in CSV), not {dtype}",
         )
 
 

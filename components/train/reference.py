@@ -9,12 +9,20 @@ is open above: :func:`bin_proportions` applies the same rule to new data. For a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["QUANTILES", "SAMPLE_SIZE", "bin_proportions", "feature_reference"]
+__all__ = [
+    "QUANTILES",
+    "SAMPLE_SIZE",
+    "bin_proportions",
+    "category_proportions",
+    "category_reference",
+    "feature_reference",
+]
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 SAMPLE_SIZE = 1000
@@ -57,3 +65,29 @@ def bin_proportions(values: npt.ArrayLike, edges: npt.ArrayLike) -> list[float]:
     index = np.digitize(array, bounds[1:-1], right=False)
     counts = np.bincount(index, minlength=bins)
     return [float(share) for share in counts / array.size]
+
+
+def category_reference(keys: Sequence[str | None], known: Sequence[str]) -> dict[str, Any]:
+    """Statistics of one categorical feature's training values, as category keys (see
+    components.encoding): the share of each category in ``known``, then of all others
+    (rarer than the kept ones), for PSI and a chi-squared test; missing values are counted,
+    then left out."""
+    present = [k for k in keys if k is not None]
+    return {
+        "kind": "categorical",
+        "count": len(present),
+        "missing": len(keys) - len(present),
+        "categories": list(known),
+        "proportions": category_proportions(present, known),
+    }
+
+
+def category_proportions(keys: Sequence[str | None], known: Sequence[str]) -> list[float]:
+    """Share of non-null ``keys`` in each category of ``known``, then of all other keys."""
+    index = {key: i for i, key in enumerate(known)}
+    other = len(known)
+    positions = [index.get(k, other) for k in keys if k is not None]
+    if not positions:
+        return [0.0] * (other + 1)
+    counts = np.bincount(np.asarray(positions, dtype=np.int64), minlength=other + 1)
+    return [float(share) for share in counts / len(positions)]

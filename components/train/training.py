@@ -8,6 +8,7 @@ versions, the training data's lineage, and reference statistics for drift checks
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,20 +18,32 @@ import numpy as np
 import pandas as pd
 import sklearn
 from sklearn.base import ClassifierMixin
+from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import (
     GradientBoostingClassifier,
     HistGradientBoostingClassifier,
     RandomForestClassifier,
 )
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder
 from sklearn.utils import get_tags
 
 from components.artifacts import METADATA_FILE, MODEL_FILE, read_json, write_json
+from components.compute import thread_limit
 from components.dataio import read_table
-from components.train.reference import feature_reference
+from components.encoding import categories, model_input, to_keys
+from components.train.reference import category_reference, feature_reference
 from retrain.config import ModelSettings
 
-__all__ = ["ESTIMATORS", "TrainResult", "TrainingError", "build_estimator", "train"]
+__all__ = [
+    "ESTIMATORS",
+    "TrainResult",
+    "TrainingError",
+    "build_estimator",
+    "final_estimator",
+    "train",
+]
 
 ESTIMATORS: dict[str, type[ClassifierMixin]] = {
     "HistGradientBoostingClassifier": HistGradientBoostingClassifier,
@@ -56,8 +69,15 @@ class TrainResult:
     rows: int
 
 
-def build_estimator(name: str, params: dict[str, Any]) -> Any:
-    """An unfitted ``name`` with ``params``; ``random_state`` defaults to 0 where it exists."""
+def build_estimator(
+    name: str, params: dict[str, Any], categorical: Sequence[bool] | None = None
+) -> Any:
+    """An unfitted ``name`` with ``params``; ``random_state`` defaults to 0 where it exists.
+
+    ``categorical`` flags the input columns that hold category codes (see
+    :mod:`components.encoding`): HistGradientBoostingClassifier takes them natively
+    (``categorical_features``); the other estimators get them one-hot encoded, in a
+    pipeline whose first step is the encoder (unseen codes: all-zero columns)."""
     try:
         cls = ESTIMATORS[name]
     except KeyError as exc:
@@ -72,7 +92,26 @@ def build_estimator(name: str, params: dict[str, Any]) -> Any:
                 f"valid: {', '.join(sorted(valid))}"
             )
     defaults = {"random_state": _RANDOM_STATE} if "random_state" in valid else {}
-    return cls(**(defaults | params))
+    if not categorical or not any(categorical):
+        return cls(**(defaults | params))
+    if cls is HistGradientBoostingClassifier:
+        if "categorical_features" in params:
+            raise TrainingError(
+                "estimator.params: categorical_features: declare categorical features with "
+                "the model's `categorical` list instead"
+            )
+        return cls(**(defaults | params | {"categorical_features": list(categorical)}))
+    columns = [i for i, flag in enumerate(categorical) if flag]
+    encoder = ColumnTransformer(
+        [("categories", OneHotEncoder(handle_unknown="ignore"), columns)],
+        remainder="passthrough",
+    )
+    return Pipeline([("encode", encoder), ("estimator", cls(**(defaults | params)))])
+
+
+def final_estimator(model: Any) -> Any:
+    """The classifier itself: the last step of a pipeline, or ``model``."""
+    return model.steps[-1][1] if isinstance(model, Pipeline) else model
 
 
 def train(
@@ -88,7 +127,6 @@ def train(
     into the metadata as lineage.
     """
     name = settings.estimator.name
-    estimator = build_estimator(name, settings.estimator.params)
     frame = read_table(str(train_path), "parquet")
     label, order = settings.label, settings.order_column
     features = tuple(
@@ -99,15 +137,18 @@ def train(
     missing = [c for c in (*features, label) if c not in frame.columns]
     if missing:
         raise TrainingError(f"{train_path}: columns {missing} are missing from the training data")
-    x, y = frame[list(features)], frame[label]
+    keys = {c: to_keys(frame[c].tolist()) for c in features if c in settings.categorical}
+    known = {c: categories(values) for c, values in keys.items()}
+    estimator = build_estimator(name, settings.estimator.params, [c in known for c in features])
+    x, y = model_input(frame, features, known), frame[label]
     classes = y.dropna().unique().tolist()
     if len(classes) != 2 or y.isna().any():
         raise TrainingError(
             f"{train_path}: column {label!r}: the label needs exactly two classes and no nulls, "
             f"found classes {classes} and {int(y.isna().sum())} nulls"
         )
-    if not get_tags(estimator).input_tags.allow_nan:
-        nulls = [c for c in features if x[c].isna().any()]
+    if not get_tags(final_estimator(estimator)).input_tags.allow_nan:
+        nulls = [c for c in features if c not in known and x[c].isna().any()]
         if nulls:
             raise TrainingError(
                 f"{train_path}: columns {nulls}: {name} does not accept missing values; "
@@ -115,7 +156,8 @@ def train(
                 "RandomForestClassifier"
             )
     try:
-        estimator.fit(x, y)
+        with thread_limit(settings.threads):
+            estimator.fit(x.to_numpy() if known else x, y)
     except ValueError as exc:
         raise TrainingError(f"{train_path}: {name}.fit failed: {exc}") from exc
 
@@ -125,7 +167,14 @@ def train(
     write_json(
         result.metadata_path,
         _metadata(
-            estimator, settings=settings, x=x, y=y, train_path=train_path, summary_path=summary_path
+            estimator,
+            settings=settings,
+            x=x,
+            y=y,
+            keys=keys,
+            known=known,
+            train_path=train_path,
+            summary_path=summary_path,
         ),
     )
     return result
@@ -137,12 +186,14 @@ def _metadata(
     settings: ModelSettings,
     x: pd.DataFrame,
     y: pd.Series,
+    keys: dict[str, list[str | None]],
+    known: dict[str, list[str]],
     train_path: Path | str,
     summary_path: Path | None,
 ) -> dict[str, Any]:
     summary: dict[str, Any] = read_json(summary_path) if summary_path else {}
     params = dict(settings.estimator.params)
-    if "random_state" in estimator.get_params(deep=False):
+    if "random_state" in final_estimator(estimator).get_params(deep=False):
         params.setdefault("random_state", _RANDOM_STATE)
     counts = y.value_counts(normalize=True)
     classes = estimator.classes_.tolist()
@@ -150,6 +201,7 @@ def _metadata(
         "schema_version": METADATA_SCHEMA_VERSION,
         "estimator": {"name": settings.estimator.name, "params": params},
         "features": list(x.columns),
+        "categories": known,
         "label": settings.label,
         "classes": classes,
         "positive_class": classes[1],
@@ -169,6 +221,11 @@ def _metadata(
         },
         "reference": {
             "label": {"classes": classes, "proportions": [float(counts[c]) for c in classes]},
-            "features": {column: feature_reference(x[column].to_numpy()) for column in x.columns},
+            "features": {
+                column: category_reference(keys[column], known[column])
+                if column in known
+                else feature_reference(x[column].to_numpy())
+                for column in x.columns
+            },
         },
     }
