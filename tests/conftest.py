@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,18 +37,21 @@ RECORDER = ROOT / "tests" / "functions" / "recorder.py"
 # Ports for the tests' servers, from a range of this xdist worker's own, below the kernel's
 # ephemeral range and below what retrain's own free_ports picks (`retrain demo`), so that
 # no other worker's stack, nor any client socket, can take a port between the moment it is
-# chosen and the moment a slow JVM binds it.
+# chosen and the moment a slow JVM binds it. Each session starts at a random place in its
+# range, so that two test sessions on one machine (two checkouts) rarely meet.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
 _PORTS_PER_WORKER = 2500
 _FIRST_PORT = 10000 + _PORTS_PER_WORKER * _WORKER
-_NEXT_PORT = itertools.count(_FIRST_PORT)
+_START = random.randrange(_PORTS_PER_WORKER)  # noqa: S311 (a spread, not a secret)
+_NEXT_PORT = (_FIRST_PORT + (_START + i) % _PORTS_PER_WORKER for i in itertools.count())
+_HANDED_OUT = itertools.count()
 
 
 def free_ports(count: int) -> list[int]:
     """``count`` ports free now, never handed out before in this session."""
     found: list[int] = []
     for port in _NEXT_PORT:
-        if port >= _FIRST_PORT + _PORTS_PER_WORKER:
+        if next(_HANDED_OUT) >= _PORTS_PER_WORKER:
             raise RuntimeError(f"xdist worker {_WORKER} used its {_PORTS_PER_WORKER} ports")
         if not port_in_use("127.0.0.1", port):
             found.append(port)
