@@ -236,3 +236,48 @@ def test_each_step_limits_its_threads() -> None:
     with thread_limit(None) as limit:
         assert limit == available_cpus()
         assert openmp() == {available_cpus()}
+
+
+def test_codes_as_numbers_strings_and_pandas_categories_are_one_category(tmp_path: Path) -> None:
+    """Census-style codes: the same code stored as a number in one object and as a pandas
+    category of strings in another is one category, in training and in serving."""
+    rng = np.random.default_rng(0)
+    rows = 120
+    codes = rng.choice([16, 21, 24], size=rows)
+    frame = pd.DataFrame(
+        {
+            "id": np.arange(rows),
+            "SCHL": codes,
+            "AGEP": rng.integers(18, 90, size=rows),
+            "ESR": np.where(codes == 21, "employed", "not"),
+        }
+    )
+    as_numbers, as_text = tmp_path / "old.parquet", tmp_path / "new.parquet"
+    frame.iloc[:60].to_parquet(as_numbers, index=False)
+    newer = frame.iloc[60:].assign(SCHL=frame["SCHL"].iloc[60:].astype(str).astype("category"))
+    newer.to_parquet(as_text, index=False)
+    assert pd.read_parquet(as_text)["SCHL"].dtype == "category"
+    model = ModelSettings(
+        data_prefix="census/",
+        format="parquet",
+        label="ESR",
+        order_column="id",
+        categorical=["SCHL"],
+        evaluation={"fraction": 0.25, "min_rows": 20},
+        estimator={"name": "LogisticRegression", "params": {}},
+    )
+    prepared = preprocess([str(as_text), str(as_numbers)], model, tmp_path / "prepared")
+    assert set(pd.read_parquet(prepared.train_path)["SCHL"]) == {"16", "21", "24"}
+    train(prepared.train_path, model, tmp_path / "model")
+    assert read_json(tmp_path / "model" / METADATA_FILE)["categories"]["SCHL"] == [
+        "16",
+        "21",
+        "24",
+    ]
+    loaded = load_model(ModelVersion("census", "1", "x"), tmp_path / "model")
+    x = loaded.matrix([[21, 40], ["21", 40], [21.0, 40], [16, 40]])
+    assert x[:3, 0].tolist() == [1.0, 1.0, 1.0]
+    predictions = loaded.predict(x)
+    assert predictions[0] == predictions[1] == predictions[2]
+    assert predictions[0]["label"] == "employed"
+    assert predictions[3]["label"] == "not"
