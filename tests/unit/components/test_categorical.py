@@ -257,14 +257,16 @@ def test_codes_as_numbers_strings_and_pandas_categories_are_one_category(tmp_pat
     newer = frame.iloc[60:].assign(SCHL=frame["SCHL"].iloc[60:].astype(str).astype("category"))
     newer.to_parquet(as_text, index=False)
     assert pd.read_parquet(as_text)["SCHL"].dtype == "category"
-    model = ModelSettings(
-        data_prefix="census/",
-        format="parquet",
-        label="ESR",
-        order_column="id",
-        categorical=["SCHL"],
-        evaluation={"fraction": 0.25, "min_rows": 20},
-        estimator={"name": "LogisticRegression", "params": {}},
+    model = ModelSettings.model_validate(
+        {
+            "data_prefix": "census/",
+            "format": "parquet",
+            "label": "ESR",
+            "order_column": "id",
+            "categorical": ["SCHL"],
+            "evaluation": {"fraction": 0.25, "min_rows": 20},
+            "estimator": {"name": "LogisticRegression", "params": {}},
+        }
     )
     prepared = preprocess([str(as_text), str(as_numbers)], model, tmp_path / "prepared")
     assert set(pd.read_parquet(prepared.train_path)["SCHL"]) == {"16", "21", "24"}
