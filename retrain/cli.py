@@ -755,8 +755,8 @@ def runs(
 
     stack = _stack(config)
     models = [model] if model else sorted(stack.settings.models)
-    ledger = _Clients(stack).ledger()
-    registry = _writer(stack)
+    clients = _Clients(stack)
+    ledger, registry = clients.ledger(), _writer(stack, clients)
     found = [run for name in models for run in run_outcomes(ledger, registry, name)]
     if output == "json":
         _print_json([run.to_json() for run in found])
@@ -784,7 +784,8 @@ def runs(
     if details:
         _print_details([run for run in found if run.why])
     elif cut:
-        out.print("(outcomes cut to one line: `retrain runs --details` prints them whole)")
+        out.print("(outcomes cut to one line: `retrain runs --details` prints them whole)",
+                  markup=False)  # fmt: skip
 
 
 def _print_details(found: list[RunOutcome]) -> None:
@@ -866,11 +867,11 @@ def _bucket_and_name(uri: str | None) -> tuple[str, str]:
     return bucket, name
 
 
-def _writer(stack: Stack) -> FirestoreRegistry:
+def _writer(stack: Stack, clients: _Clients | None = None) -> FirestoreRegistry:
     """The registry that ``backend`` names (projected onto Vertex AI Model Registry, or not)."""
     from retrain.gatekeeper import registry_for  # noqa: PLC0415
 
-    clients = _Clients(stack)
+    clients = clients or _Clients(stack)
     return registry_for(stack.settings, clients.db, clients.storage)
 
 
@@ -919,13 +920,12 @@ def versions(
     from retrain.outcomes import one_line, run_outcomes  # noqa: PLC0415
 
     stack = _stack(config)
-    registry = _writer(stack)
+    clients = _Clients(stack)
+    registry = _writer(stack, clients)
     pointer = registry.champion_record(model)
     champion = pointer.get("champion") if pointer else None
     records = registry.records(model)
-    without = [
-        run for run in run_outcomes(_Clients(stack).ledger(), registry, model) if not run.version
-    ]
+    without = [run for run in run_outcomes(clients.ledger(), registry, model) if not run.version]
     if output == "json":
         _print_json({
             "model": model,
