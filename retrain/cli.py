@@ -7,20 +7,21 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 
-from retrain.config import ConfigError, Settings, load_settings
+from retrain.config import ConfigError, Gate, Settings, load_settings
 from retrain.localstack import PART_NAMES, Stack, StackError, StackRunning
-from retrain.options import ConfigOption
+from retrain.options import ConfigOption, OutputOption
 
 if TYPE_CHECKING:
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger
+    from retrain.outcomes import RunOutcome
 
 app = typer.Typer(
     help="Event-driven retraining on Kubeflow Pipelines, locally or on Google Cloud.",
@@ -36,8 +37,36 @@ schedule_app = typer.Typer(
 )
 app.add_typer(schedule_app, name="schedule")
 
-out = Console(highlight=False)
+# Piped or redirected, standard output is this wide: a table is as wide as its widest row
+# (rich never pads a line to the console's width), and no value is cut or wrapped.
+PIPED_WIDTH = 100_000
+# `retrain runs` and `retrain versions` show why a run ended in this many characters at
+# most, on one line; --details prints it whole.
+ONE_LINE = 120
+
+
+class _Stdout(Console):
+    """Standard output: on a terminal, lines fit its width; piped, they are whole."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(PIPED_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+out = _Stdout(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def _print_json(data: object) -> None:
+    """``data`` as JSON on standard output, plain (no colours, no wrapping)."""
+    import json  # noqa: PLC0415
+
+    typer.echo(json.dumps(data, indent=2, default=str))
 
 
 def _load(path: Path) -> Settings:
@@ -74,12 +103,6 @@ def config_check(
     )
     out.print("topics: " + ", ".join(settings.topics.names().values()))
     for name, model in settings.models.items():
-        gate = model.gate
-        bounds = ", ".join(
-            f"{metric}{' >= ' + str(b.min) if b.min is not None else ''}"
-            f"{' <= ' + str(b.max) if b.max is not None else ''}"
-            for metric, b in gate.thresholds.items()
-        )
         window = model.training_window.rows
         table = Table.grid(padding=(0, 2))
         for key, value in (
@@ -106,15 +129,41 @@ def config_check(
                 "schedule",
                 f"{model.schedule.cron} ({model.schedule.timezone})" if model.schedule else "none",
             ),
-            (
-                "gate",
-                f"primary {gate.primary_metric}; {bounds or 'no value thresholds'}; "
-                f"min {gate.min_eval_rows} eval rows",
-            ),
+            *_gate_rows(model.gate),
         ):
             table.add_row(f"  {key}", escape(value))
         out.print(f"model [bold]{escape(name)}[/]")
         out.print(table)
+
+
+def _gate_rows(gate: Gate) -> list[tuple[str, str]]:
+    """Every rule of ``gate``, under the names its keys have in retrain.yaml."""
+    bounds = ", ".join(
+        f"{metric}{' >= ' + str(b.min) if b.min is not None else ''}"
+        f"{' <= ' + str(b.max) if b.max is not None else ''}"
+        for metric, b in gate.thresholds.items()
+    )
+    primary, wanted = gate.primary_metric, gate.min_improvement
+    if wanted.relative is not None:
+        improvement = (
+            f"relative {wanted.relative:g}: {primary} at least {wanted.relative:.2%} "
+            "better than the champion's"
+        )
+    else:
+        absolute = wanted.absolute or 0.0
+        by = f"by at least {absolute:g}" if absolute else "strictly"
+        improvement = f"absolute {absolute:g}: {primary} {by} better than the champion's"
+    regression = "; ".join(
+        f"{metric} at most {drop:g} worse than the champion's"
+        for metric, drop in gate.max_regression.items()
+    )
+    return [
+        ("gate", f"primary {primary}; {bounds or 'no value thresholds'}; "
+                 f"min {gate.min_eval_rows} eval rows"),
+        ("min_improvement", improvement),
+        ("max_regression", regression or "none (other metrics may get worse)"),
+        ("on_schema_change", gate.on_schema_change),
+    ]  # fmt: skip
 
 
 def _stack(config: Path) -> Stack:
@@ -241,10 +290,18 @@ def restart(
 
 
 @app.command()
-def status(config: ConfigOption = Path("retrain.yaml")) -> None:
+def status(config: ConfigOption = Path("retrain.yaml"), output: OutputOption = "table") -> None:
     """Report each part of the local stack as healthy or not (exit 1 if any is not)."""
+    from dataclasses import asdict  # noqa: PLC0415
+
     stack = _stack(config)
     parts = stack.status()
+    if output == "json":
+        _print_json({"state_dir": str(stack.state_dir), "supervisor": stack.supervised(),
+                     "parts": [asdict(part) for part in parts]})  # fmt: skip
+        if not parts or not all(part.healthy for part in parts):
+            raise typer.Exit(code=1)
+        return
     if not parts:
         out.print(f"no local stack is running from {stack.state_dir}; start it with `retrain up`")
         raise typer.Exit(code=1)
@@ -419,6 +476,7 @@ def schedule_sync(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would change; change nothing.")
     ] = False,
+    output: OutputOption = "table",
 ) -> None:
     """Make the backend's schedules match each model's `schedule` with `via:
     pipeline_schedule`: Vertex AI PipelineJobSchedules (backend vertex) or KFP recurring
@@ -444,6 +502,12 @@ def schedule_sync(
     except ScheduleError as exc:
         err.print(f"[bold red]retrain schedule sync[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
+    if output == "json":
+        _print_json({"dry_run": dry_run, "changes": [
+            {"model": c.model, "action": c.action, "cron": c.cron, "detail": c.detail}
+            for c in changes
+        ]})  # fmt: skip
+        return
     table = Table("model", "action", "cron", "detail", box=None)
     for change in changes:
         table.add_row(change.model, change.action, change.cron, change.detail)
@@ -670,36 +734,70 @@ def republish(
         raise typer.Exit(code=2) from exc
 
 
+DetailsOption = Annotated[
+    bool,
+    typer.Option("--details", help="Print why each run ended in full (the table shows one line)."),
+]
+
+
 @app.command()
 def runs(
     model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    details: DetailsOption = False,
+    output: OutputOption = "table",
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
-    """List runs with reason, triggering event, state and duration."""
+    """List runs with reason, triggering event, state, duration and outcome: the step a
+    failed run failed in and its error, or the gate's verdict and the rules it broke."""
     from datetime import UTC, datetime  # noqa: PLC0415
+
+    from retrain.outcomes import one_line, run_outcomes  # noqa: PLC0415
 
     stack = _stack(config)
     models = [model] if model else sorted(stack.settings.models)
-    ledger = _Clients(stack).ledger()
+    clients = _Clients(stack)
+    ledger, registry = clients.ledger(), _writer(stack, clients)
+    found = [run for name in models for run in run_outcomes(ledger, registry, name)]
+    if output == "json":
+        _print_json([run.to_json() for run in found])
+        return
     table = Table(box=None, pad_edge=False)
     for column in ("model", "run", "reason", "trigger", "events", "state", "started", "took"):
-        table.add_column(column)
-    jobs = []
-    for name in models:
-        for record in ledger.runs(name):
-            started = record.started_at or record.created_at
-            took = f"{record.ended_at - started:.1f} s" if record.ended_at else "-"
-            trigger = record.events[0]["trigger_event_id"] if record.events else "-"
-            table.add_row(
-                name, record.run_id, record.reason or "-", escape(str(trigger)),
-                str(len(record.events)), record.state,
-                datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S"), took,
-            )  # fmt: skip
-            if record.launched_as:
-                jobs.append(f"{record.run_id}: {record.launched_as}")
-    out.print(table)
-    for job in jobs:  # the pipeline job each cloud run submitted
-        out.print(job, markup=False, soft_wrap=True)
+        table.add_column(column, no_wrap=True)
+    table.add_column("outcome", no_wrap=True, overflow="ellipsis")
+    cut = False
+    for run in found:
+        started = run.started_at or run.created_at
+        took = f"{run.seconds:.1f} s" if run.seconds is not None else "-"
+        outcome = one_line(run.why, ONE_LINE)
+        cut = cut or outcome != " ".join(run.why.split())
+        table.add_row(
+            run.model, run.run_id, run.reason or "-", escape(run.trigger or "-"),
+            str(run.events), run.state,
+            datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S"), took,
+            escape(outcome) or "-",
+        )  # fmt: skip
+    out.print(table if found else "no runs yet")
+    for run in found:  # the pipeline job each cloud run submitted
+        if run.launched_as:
+            out.print(f"{run.run_id}: {run.launched_as}", markup=False, soft_wrap=True)
+    if details:
+        _print_details([run for run in found if run.why])
+    elif cut:
+        out.print("(outcomes cut to one line: `retrain runs --details` prints them whole)",
+                  markup=False)  # fmt: skip
+
+
+def _print_details(found: list[RunOutcome]) -> None:
+    """Why each run in ``found`` ended, in full: every line of its error, every gate rule."""
+    for run in found:
+        out.print(f"{run.run_id} ({run.model}): {run.state}", markup=False, soft_wrap=True)
+        lines = run.why.splitlines()
+        if run.state == "succeeded" and run.verdict:  # every rule, passed or not
+            version = f" v{run.version}" if run.version else ""
+            lines = [f"{run.verdict}{version} by the gate:", *(f"- {r}" for r in run.reasons)]
+        for line in lines:
+            out.print(f"  {line}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -713,6 +811,7 @@ def quarantine(
     obj: Annotated[
         str | None, typer.Argument(metavar="OBJECT", help="gs://BUCKET/NAME to release.")
     ] = None,
+    output: OutputOption = "table",
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
     """List the quarantined data objects (the rule each broke); `retrain quarantine release
@@ -739,16 +838,23 @@ def quarantine(
         err.print(f"[bold red]retrain quarantine[/]: {escape(str(what))} is not a model in "
                   f"{config} (models: {known}), nor `release OBJECT`")  # fmt: skip
         raise typer.Exit(code=2)
+    held: list[dict[str, Any]] = [
+        {"model": name, "object": entry.get("object"), "rule": entry.get("rule"),
+         "columns": entry.get("columns") or [], "error": entry.get("error"),
+         "received_at": entry.get("received_at")}
+        for name in ([what] if what else sorted(settings.models))
+        for entry in ledger.quarantined(name)
+    ]  # fmt: skip
+    if output == "json":
+        _print_json(held)
+        return
     table = Table(box=None, pad_edge=False)
     for column in ("model", "object", "rule", "columns", "error"):
         table.add_column(column)
-    held = 0
-    for name in [what] if what else sorted(settings.models):
-        for entry in ledger.quarantined(name):
-            held += 1
-            table.add_row(name, escape(str(entry.get("object"))), str(entry.get("rule")),
-                          escape(", ".join(entry.get("columns") or [])) or "-",
-                          escape(str(entry.get("error"))))  # fmt: skip
+    for entry in held:
+        table.add_row(entry["model"], escape(str(entry["object"])), str(entry["rule"]),
+                      escape(", ".join(entry["columns"])) or "-",
+                      escape(str(entry["error"])))  # fmt: skip
     out.print(table if held else "nothing is quarantined")
 
 
@@ -761,11 +867,11 @@ def _bucket_and_name(uri: str | None) -> tuple[str, str]:
     return bucket, name
 
 
-def _writer(stack: Stack) -> FirestoreRegistry:
+def _writer(stack: Stack, clients: _Clients | None = None) -> FirestoreRegistry:
     """The registry that ``backend`` names (projected onto Vertex AI Model Registry, or not)."""
     from retrain.gatekeeper import registry_for  # noqa: PLC0415
 
-    clients = _Clients(stack)
+    clients = clients or _Clients(stack)
     return registry_for(stack.settings, clients.db, clients.storage)
 
 
@@ -776,20 +882,64 @@ def _operator() -> str:
     return os.environ.get("RETRAIN_OPERATOR") or getpass.getuser()
 
 
+def _rows(record: dict[str, Any]) -> dict[str, int | None]:
+    """The rows behind a version: read from its objects, in the window, trained on (the
+    window minus the evaluation rows), evaluated on. None: not recorded (older versions)."""
+    lineage = record.get("lineage", {})
+    evaluated = record.get("metrics", {}).get("rows")
+    return {
+        "read": sum(lineage.get("train_rows", {}).values()),
+        "window": lineage.get("window_rows"),
+        "trained": lineage.get("fit_rows"),
+        "evaluated": None if evaluated is None else int(evaluated),
+    }
+
+
+def _rows_text(record: dict[str, Any]) -> str:
+    rows = _rows(record)
+    objects = len(record.get("lineage", {}).get("train_data_uris", []))
+    read = f"read {rows['read']:,} rows from {objects} object(s)"
+    if rows["window"] is None or rows["trained"] is None:
+        return f"{read}; the rows trained on were not recorded for this version"
+    held_out = rows["window"] - rows["trained"]
+    return (
+        f"trained on {rows['trained']:,} of the window's {rows['window']:,} rows "
+        f"({held_out:,} held out for evaluation); {read}"
+    )
+
+
 @app.command()
 def versions(
     model: Annotated[str, typer.Argument(help="Model name in retrain.yaml.")],
+    details: DetailsOption = False,
+    output: OutputOption = "table",
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
-    """List each version with its metrics, verdict, reasons and lineage; mark the champion."""
+    """List each version with its metrics, verdict, reasons and lineage; mark the champion.
+    Then the runs that registered no version (failed, abandoned, in flight) and why."""
+    from retrain.outcomes import one_line, run_outcomes  # noqa: PLC0415
+
     stack = _stack(config)
-    registry = _writer(stack)
+    clients = _Clients(stack)
+    registry = _writer(stack, clients)
     pointer = registry.champion_record(model)
     champion = pointer.get("champion") if pointer else None
     records = registry.records(model)
-    if not records:
-        out.print(f"{model} has no versions yet")
+    without = [run for run in run_outcomes(clients.ledger(), registry, model) if not run.version]
+    if output == "json":
+        _print_json({
+            "model": model,
+            "champion": None if not pointer else {
+                "version": champion, "by": pointer.get("by"), "reason": pointer.get("reason"),
+                "history": pointer.get("history", []),
+            },
+            "versions": [{**record, "champion": record["version"] == champion,
+                          "rows": _rows(record)} for record in records],
+            "runs_without_version": [run.to_json() for run in without],
+        })  # fmt: skip
         return
+    if not records:
+        out.print(f"{model} has no versions yet", markup=False)
     primary = (
         stack.settings.models[model].gate.primary_metric
         if model in stack.settings.models
@@ -811,19 +961,31 @@ def versions(
         )
         for reason in record.get("reasons", []):
             out.print(f"  - {reason}", markup=False, soft_wrap=True)
-        lineage = record.get("lineage", {})
-        rows = sum(lineage.get("train_rows", {}).values())
-        out.print(
-            f"  trained on {len(lineage.get('train_data_uris', []))} object(s), {rows} rows; "
-            f"artifact {record.get('artifact_uri')}",
-            markup=False,
-            soft_wrap=True,
-        )
+        out.print(f"  {_rows_text(record)}; artifact {record.get('artifact_uri')}",
+                  markup=False, soft_wrap=True)  # fmt: skip
     if pointer:
         before = ", ".join("v" + v for v in pointer.get("history", [])) or "none"
         out.print(f"champion v{champion}: set by {pointer.get('by')} ({pointer.get('reason')}); "
                   f"earlier champions, newest first (what `rollback` walks back): {before}",
                   markup=False, soft_wrap=True)  # fmt: skip
+    if without:
+        out.print(f"runs of {model} that registered no version, oldest first:", markup=False)
+    for run in without:
+        why = run.why or f"{run.state}, since {_clock(run.started_at or run.created_at)}"
+        lines = why.splitlines() if details else [one_line(why, ONE_LINE)]
+        out.print(f"  {run.run_id} ({run.reason or '-'}): {lines[0]}",
+                  markup=False, soft_wrap=True)  # fmt: skip
+        for line in lines[1:]:
+            out.print(f"    {line}", markup=False, soft_wrap=True)
+    if not details and any(len(" ".join(run.why.split())) > ONE_LINE for run in without):
+        out.print(f"(cut to one line: `retrain versions {model} --details` prints them whole)",
+                  markup=False)  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    from datetime import UTC, datetime  # noqa: PLC0415
+
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _move(stack: Stack, model: str, version: str | None, reason: str, action: str) -> None:

@@ -105,6 +105,7 @@ class RunRecord:
     launched_as: str | None = None  # the pipeline job (Vertex AI) or run (KFP) it submitted
     finished_at: float | None = None  # when it reported (or gave up), even after a takeover
     worker: dict[str, float] | None = None  # the local worker process: pid, create_time
+    failed_step: str | None = None  # the step a failed run failed in, from its report
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> RunRecord:
@@ -457,26 +458,29 @@ class FirestoreLedger:
         retrying(attempt, f"record the job of {run_id}")
 
     def _ended(
-        self, run: Doc, model: str, run_id: str, state: RunState, error: str | None, now: float
-    ) -> dict[str, Any]:
+        self, run: Doc, model: str, run_id: str, state: RunState, error: str | None, now: float,
+        failed_step: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
         """The fields that end ``run`` (its first end stands; finished_at is set once)."""
         if not run.exists:
             return asdict(RunRecord(model, run_id, state, created_at=now, ended_at=now,
-                                    error=error, finished_at=now))  # fmt: skip
+                                    error=error, finished_at=now,
+                                    failed_step=failed_step))  # fmt: skip
         ended: dict[str, Any] = {}
         if run.get("ended_at") is None:
-            ended |= {"state": state, "ended_at": now, "error": error}
+            ended |= {"state": state, "ended_at": now, "error": error, "failed_step": failed_step}
         if run.get("finished_at") is None:
             ended["finished_at"] = now
         return ended or {"finished_at": run.get("finished_at")}
 
     def close(
         self, change: Change, model: str, run_id: str, state: RunState, error: str | None,
-        *, requeue: bool = False,
+        *, requeue: bool = False, failed_step: str | None = None,
     ) -> bool:  # fmt: skip
         """Add to ``change`` the writes that end ``run_id`` and release its lease if it holds
-        it; with ``requeue`` its events wait again. True if it held the lease. The
-        gatekeeper commits these with its decision, as one."""
+        it; with ``requeue`` its events wait again; ``failed_step``: where a failed run
+        failed. True if it held the lease. The gatekeeper commits these with its decision,
+        as one."""
         doc = self.db.read(self._model_doc(model))
         run = self.db.read(self._run_doc(model, run_id))
         held = _lease(doc.get("lease"))
@@ -488,7 +492,7 @@ class FirestoreLedger:
             update["requeued"] = [r for r in doc.get("requeued", []) if r != run_id] + [run_id]
         # Always written, so that a takeover or a collect in between fails this commit.
         change.put(doc, {**update, "closed_at": self.clock()})
-        change.put(run, self._ended(run, model, run_id, state, error, self.clock()))
+        change.put(run, self._ended(run, model, run_id, state, error, self.clock(), failed_step))
         return holds
 
     def finish(self, model: str, run_id: str, state: RunState, error: str | None = None) -> bool:

@@ -84,7 +84,15 @@ class MetricsReport(Message):
     champion: EvaluatedModel | None = None
     eval_data_uris: list[str] = Field(default_factory=list)
     train_data_uris: list[str] = Field(default_factory=list)
-    train_rows: dict[str, int] = Field(default_factory=dict)
+    train_rows: dict[str, int] = Field(
+        default_factory=dict, description="Rows read from each object, before the window."
+    )
+    window_rows: int | None = Field(
+        None, ge=0, description="Rows in the training window: fit_rows and the evaluation rows."
+    )
+    fit_rows: int | None = Field(
+        None, ge=0, description="Rows the candidate was fit on: the window minus the evaluation."
+    )
     time: datetime = Field(default_factory=_now)
 
     @model_validator(mode="after")

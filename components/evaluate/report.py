@@ -74,5 +74,7 @@ def evaluate_and_report(
         eval_data_uris=[eval_uri],
         train_data_uris=[str(i["uri"]) for i in inputs],
         train_rows={str(i["uri"]): int(i["rows"]) for i in inputs},
+        window_rows=summary.get("window", {}).get("rows"),
+        fit_rows=summary.get("train", {}).get("rows"),
     )
     return publish_report(settings, run, report, bus)

@@ -170,7 +170,8 @@ class Gatekeeper:
         self.registry.decide(change, model, run, head, kept, version, promote,
                              by="gatekeeper", reason=f"run {run_id}")  # fmt: skip
         state: RunState = "succeeded" if report.status == "succeeded" else "failed"
-        self.ledger.close(change, model, run_id, state, report.error, requeue=requeue)
+        self.ledger.close(change, model, run_id, state, report.error, requeue=requeue,
+                          failed_step=report.failed_step)  # fmt: skip
         self.ledger.db.commit(change)
         return decision
 
@@ -200,6 +201,8 @@ class Gatekeeper:
                 "candidate_uri": report.candidate.artifact_uri,
                 "train_data_uris": report.train_data_uris,
                 "train_rows": report.train_rows,
+                "window_rows": report.window_rows,
+                "fit_rows": report.fit_rows,
                 "eval_data_uris": report.eval_data_uris,
             },
             "registered_at": datetime.now(UTC).isoformat(),

@@ -230,6 +230,29 @@ def test_cli_schedule_sync_prints_each_change(
     assert len(vertex.received("POST", SCHEDULES)) == 2
 
 
+def test_cli_schedule_sync_prints_json(
+    config: tuple[Settings, str], vertex: FakeVertex, tmp_path: Path
+) -> None:
+    import json  # noqa: PLC0415
+
+    from typer.testing import CliRunner  # noqa: PLC0415
+
+    from retrain.cli import app  # noqa: PLC0415
+
+    dry = CliRunner().invoke(
+        app,
+        ["schedule", "sync", "--dry-run", "-o", "json", "--config", str(tmp_path / "retrain.yaml")],
+    )
+
+    assert dry.exit_code == 0, dry.output
+    listed = json.loads(dry.stdout)
+    assert listed["dry_run"] is True
+    assert {(c["model"], c["action"]) for c in listed["changes"]} == {
+        ("rainfall", "create"), ("churn", "create"), ("old", "delete")
+    }  # fmt: skip
+    assert vertex.writes() == []
+
+
 def test_cli_schedule_sync_refuses_the_local_backend(tmp_path: Path) -> None:
     from typer.testing import CliRunner  # noqa: PLC0415
 

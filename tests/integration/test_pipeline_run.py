@@ -125,6 +125,7 @@ def test_run_publishes_a_metrics_report_that_checks_out_field_by_field(
     assert report.eval_data_uris == [f"{prefix}/eval.parquet"]
     assert report.train_data_uris == [uri]
     assert report.train_rows == {uri: 3000}
+    assert (report.window_rows, report.fit_rows) == (3000, 2400)  # minus the newest 20 %
     artifacts = gcs.bucket(stack.settings.buckets.artifacts)
     stored = {b.name for b in artifacts.list_blobs(prefix=f"runs/{model}/{run_id}/")}
     assert stored == {
