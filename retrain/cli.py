@@ -14,6 +14,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 
+from components.compute import available_cpus
 from retrain.config import ConfigError, Gate, Settings, load_settings
 from retrain.localstack import PART_NAMES, Stack, StackError, StackRunning
 from retrain.options import ConfigOption, OutputOption
@@ -110,8 +111,14 @@ def config_check(
             ("label", model.label),
             (
                 "features",
-                ", ".join(model.features) if model.features else "all but label and order",
+                ", ".join(model.features)
+                if model.features
+                else "all but label, order column and excluded",
             ),
+            ("categorical", ", ".join(model.categorical) or "none"),
+            *([("excluded", ", ".join(model.exclude_columns))] if model.exclude_columns else []),
+            ("unlabelled", f"{model.validation.unlabelled_rows} rows without a label"),
+            ("threads", str(model.threads or f"the CPUs available ({available_cpus()} here)")),
             (
                 "window",
                 f"latest {window} rows by {model.order_column}"

@@ -13,6 +13,7 @@ from typer.testing import CliRunner, Result
 from retrain.cli import app
 from retrain.ledger import RunRecord
 from retrain.outcomes import RunOutcome, one_line
+from tests import penguins
 from tests.conftest import write_config
 
 pytestmark = pytest.mark.unit
@@ -53,6 +54,19 @@ def test_config_check_relative_improvement_and_no_regression_bound(tmp_path: Pat
         "min_improvement relative 0.01: roc_auc at least 1.00% better than the champion's" in lines
     )
     assert "max_regression none (other metrics may get worse)" in lines
+
+
+def test_config_check_shows_feature_types_excluded_columns_and_threads(tmp_path: Path) -> None:
+    path = write_config(tmp_path, models={"penguins": {**penguins.CONFIG, "threads": 1}})
+
+    checked = piped("config", "check", str(path))
+
+    assert checked.exit_code == 0, checked.output
+    lines = [" ".join(line.split()) for line in checked.stdout.splitlines()]
+    assert "categorical Species, Island, Clutch Completion" in lines
+    assert "excluded studyName, Sample Number, Region, Stage, Individual ID, Comments" in lines
+    assert "unlabelled drop rows without a label" in lines
+    assert "threads 1" in lines
 
 
 def test_piped_output_is_never_wrapped_or_cut() -> None:
