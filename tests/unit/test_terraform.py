@@ -312,10 +312,6 @@ PINNED: dict[str, tuple[str, Mirror]] = {
             and s["schedule"].get("via", "cloud_scheduler") == "cloud_scheduler"
         },
     ),
-    "data_prefixes": (
-        "${{for model, spec in local.models : model => spec.data_prefix}}",
-        lambda ev: {m: s["data_prefix"] for m, s in ev.local("models").items()},
-    ),
     # Arithmetic and a conditional, which the evaluator does not know: pinned likewise.
     "sweep_minutes": (
         "${max(1, ceil(local.sweep_seconds / 60))}",
@@ -373,7 +369,6 @@ def terraform_names(tf: Terraform, config: dict[str, Any]) -> dict[str, Any]:
         "function dead-letter topics": {e: dead_letters[f] for e, f in functions.items()},
         "delivery": {k: float(v) for k, v in ev.local("delivery").items()},
         "schedules": ev.local("schedules"),
-        "data prefixes": ev.local("data_prefixes"),
         "pipeline templates": {
             m: f"gs://{artifacts}/{name}" for m, name in ev.local("pipeline_objects").items()
         },
@@ -419,7 +414,6 @@ def code_names(settings: Settings) -> dict[str, Any]:
             for m, s in settings.models.items()
             if s.schedule is not None and m in scheduled and s.schedule.via == "cloud_scheduler"
         },
-        "data prefixes": {m: s.data_prefix for m, s in settings.models.items()},
         "pipeline templates": {m: settings.pipeline_template(m) for m in settings.models},
         "pipeline root": settings.pipeline_root,
         "component image": settings.component_image,
@@ -504,13 +498,16 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         # test_schedule_payload_is_accepted.
         "pubsub_target.data": '${base64encode(jsonencode({model = "*", reason = "sweep"}))}',
     },
+    # One notification for the whole bucket (a bucket takes at most 10 per event type);
+    # on_data_arrival routes by prefix: test_one_notification_routed_by_prefix.
     ("google_storage_notification", "data_arrival"): {
-        "for_each": "${local.data_prefixes}",
+        "for_each": None,
+        "count": None,
         "bucket": "${google_storage_bucket.data.name}",
         "topic": _TOPIC % "data_arrivals",
         "event_types": ["OBJECT_FINALIZE"],
         "payload_format": "JSON_API_V1",
-        "object_name_prefix": "${each.value}",
+        "object_name_prefix": None,
     },
     ("google_storage_bucket_object", "pipeline"): {
         "for_each": "${local.pipeline_objects}",
@@ -940,6 +937,23 @@ def test_publisher_roles_match_the_publishing_code(terraform: Terraform) -> None
         for match in re.findall(r'topic\["(\w+)"\]', str(body.get("topic")))
     }
     assert pipeline_side == published_topics(ROOT / "components") == {"model_metrics"}
+
+
+def test_one_notification_routed_by_prefix(terraform: Terraform, tmp_path: Path) -> None:
+    """Past 10 models too: one bucket-wide notification (WIRING pins it: no for_each, no
+    prefix), and on_data_arrival finds each object's model by its data_prefix."""
+    notifications = [k for k in terraform.resources if k[0] == "google_storage_notification"]
+    assert notifications == [("google_storage_notification", "data_arrival")]
+    raw = yaml.safe_load(_minimal_config(tmp_path).read_text(encoding="utf-8"))
+    spec = next(iter(raw["models"].values()))
+    raw["models"] = {f"m{i:02d}": {**spec, "data_prefix": f"feeds/m{i:02d}/"} for i in range(25)}
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    settings = load_settings(path)
+    for name, model in settings.models.items():
+        assert settings.model_for_object(settings.buckets.data, f"{model.data_prefix}x.csv") == name
+    assert settings.model_for_object(settings.buckets.data, "feeds/other/x.csv") is None
+    assert settings.model_for_object(settings.buckets.artifacts, "feeds/m01/x.csv") is None
 
 
 def test_schedule_payload_is_accepted() -> None:
