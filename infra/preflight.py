@@ -174,8 +174,12 @@ def online_problems(settings: Settings, api: GoogleApi) -> Iterator[str]:
         return  # everything below is about that project
     if found.body.get("lifecycleState", "ACTIVE") != "ACTIVE":
         yield f"project: {project!r} is {found.body['lifecycleState']}; restore it or pick another"
-    number = str(found.body.get("projectNumber", ""))
+    yield from _billing(project, api)
+    yield from _roles(project, api)
+    yield from _bucket_names(settings, str(found.body.get("projectNumber", "")), api)
 
+
+def _billing(project: str, api: GoogleApi) -> Iterator[str]:
     billing = api.call("billing", f"/v1/projects/{project}/billingInfo")
     if billing.status != 200:
         yield (
@@ -189,34 +193,41 @@ def online_problems(settings: Settings, api: GoogleApi) -> Iterator[str]:
             f"link {project} --billing-account=ACCOUNT_ID (`gcloud billing accounts list`)"
         )
 
+
+def _roles(project: str, api: GoogleApi) -> Iterator[str]:
+    """testIamPermissions counts every way a permission reaches the caller (groups, folder,
+    organisation), which reading the project's policy would not."""
     wanted = sorted(DEPLOYER_PERMISSIONS)
     tested = api.call(
         "resourcemanager", f"/v1/projects/{project}:testIamPermissions", {"permissions": wanted}
     )
     if tested.status != 200:
         yield f"roles: cannot test your permissions on {project!r} ({_error(tested)})"
-    else:
-        held = set(tested.body.get("permissions", []))
-        missing: dict[str, list[str]] = {}
-        for permission in wanted:
-            if permission not in held:
-                missing.setdefault(DEPLOYER_PERMISSIONS[permission], []).append(permission)
-        for role, permissions in missing.items():
-            yield (
-                f"roles: you lack {', '.join(permissions)} on {project!r}; have {role} granted "
-                f"to you there (or Owner): gcloud projects add-iam-policy-binding {project} "
-                f"--member=user:YOU --role={role}"
-            )
+        return
+    held = set(tested.body.get("permissions", []))
+    missing: dict[str, list[str]] = {}
+    for permission in wanted:
+        if permission not in held:
+            missing.setdefault(DEPLOYER_PERMISSIONS[permission], []).append(permission)
+    for role, permissions in missing.items():
+        yield (
+            f"roles: you lack {', '.join(permissions)} on {project!r}; have {role} granted "
+            f"to you there (or Owner): gcloud projects add-iam-policy-binding {project} "
+            f"--member=user:YOU --role={role}"
+        )
 
+
+def _bucket_names(settings: Settings, number: str, api: GoogleApi) -> Iterator[str]:
+    """Each name free (Terraform creates it) or already this project's (a second deploy)."""
     data_is_ours = False
     for key, name in _buckets(settings).items():
         bucket = api.call("storage", f"/storage/v1/b/{name}?fields=projectNumber")
         if bucket.status == 404:
-            continue  # free: Terraform creates it
+            continue
         owner = str(bucket.body.get("projectNumber", ""))
         if bucket.status == 200 and owner == number:
             data_is_ours = data_is_ours or name == settings.buckets.data
-            continue  # ours already (a second deploy, or made by hand)
+            continue
         whose = f"project number {owner}" if bucket.status == 200 else "another project"
         yield (
             f"{key}: the bucket name {name!r} is taken by {whose} (names are global); choose "
