@@ -1238,3 +1238,61 @@ def test_access_check_catches(
     problems = access_problems(broken)
     assert any(symptom in p for p in problems), problems
     assert access_problems(terraform) == []  # the deep copy left the real one alone
+
+
+# --- project-wide roles: each one justified in the docs (issue 13) ----------------------------
+
+DOCS = ROOT / "docs" / "deploy-gcp.md"
+_DOC_ROW = re.compile(
+    r"^\| `google_project_iam_member\.(\w+)` \| `(roles/[\w.]+)` \|", re.MULTILINE
+)
+
+
+def project_role_problems(tf: Terraform, docs: str) -> list[str]:
+    """A project-wide binding (on every resource of its kind in the project) must be one that
+    docs/deploy-gcp.md's "project-wide roles" table justifies, with the same role; and that
+    table must not justify bindings that are gone."""
+    justified = dict(_DOC_ROW.findall(docs))
+    problems = []
+    found = {}
+    for (rtype, name), body in sorted(tf.resources.items()):
+        if rtype in ("google_project_iam_binding", "google_project_iam_policy"):
+            problems.append(f"{rtype}.{name}: authoritative project IAM is never justified")
+        if rtype != "google_project_iam_member":
+            continue
+        found[name] = role = str(body.get("role"))
+        if name not in justified:
+            problems.append(
+                f"google_project_iam_member.{name} ({role}) is project-wide and not justified "
+                "in docs/deploy-gcp.md (Least privilege: the project-wide roles)"
+            )
+        elif justified[name] != role:
+            problems.append(
+                f"google_project_iam_member.{name}: {role} here, {justified[name]} there"
+            )
+    problems += [
+        f"docs/deploy-gcp.md justifies google_project_iam_member.{name}, which iam.tf lacks"
+        for name in sorted(justified.keys() - found.keys())
+    ]
+    return problems
+
+
+def test_project_wide_roles_are_justified_here(terraform: Terraform) -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    assert len(_DOC_ROW.findall(docs)) >= 1
+    assert project_role_problems(terraform, docs) == []
+
+
+def test_project_role_check_catches(terraform: Terraform) -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    broken = copy.deepcopy(terraform)
+    _binding(
+        broken, "google_project_iam_member", "pubsub_acks_dead_letters", project="${local.project}",
+        role="roles/pubsub.subscriber", member="${local.pubsub_service_agent}",
+    )  # fmt: skip
+    broken.resources["google_project_iam_member", "build_writes_logs"]["role"] = "roles/editor"
+    del broken.resources["google_project_iam_member", "pipelines_vertex"]
+    problems = project_role_problems(broken, docs)
+    assert any(p.startswith("google_project_iam_member.pubsub_acks_dead_letters") for p in problems)
+    assert any("build_writes_logs: roles/editor here" in p for p in problems)
+    assert any("justifies google_project_iam_member.pipelines_vertex" in p for p in problems)
