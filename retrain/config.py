@@ -75,6 +75,7 @@ def _fits_in_a_function(value: float, work: str) -> float:
         )
     return value
 
+
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
