@@ -56,6 +56,26 @@ FUNCTION_TOPICS: dict[str, str] = {
 
 MIB = 1024 * 1024
 
+# The longest an event-driven Cloud Function (2nd gen) may run, and what a call needs besides
+# the waits that the config sets: a cold start, Firestore commits, listing the data window and
+# submitting the run; or, in the gatekeeper, registering the version on Vertex AI (copy,
+# upload, aliases) before it waits for the endpoint deploy. A wait that leaves less than this
+# is refused (docs/deploy-gcp.md, "Timing settings").
+FUNCTION_TIMEOUT_SECONDS = 540
+FUNCTION_WORK_SECONDS = 120
+
+
+def _fits_in_a_function(value: float, work: str) -> float:
+    most = FUNCTION_TIMEOUT_SECONDS - FUNCTION_WORK_SECONDS
+    if value > most:
+        raise ValueError(
+            f"{value:g} s is waited out inside a Cloud Function, whose limit is "
+            f"{FUNCTION_TIMEOUT_SECONDS} s; with up to {FUNCTION_WORK_SECONDS} s to {work}, "
+            f"at most {most}"
+        )
+    return value
+
+
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 _PROJECT = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
@@ -226,9 +246,9 @@ class Endpoint(_Strict):
     deploy_wait_seconds: float = Field(
         360.0,
         ge=0,
-        le=480,
         description="How long the gatekeeper waits for a deploy before it lets the deploy go "
-        "on in Vertex AI (the next call finishes it); under the functions' 540 s timeout.",
+        "on in Vertex AI (the next call finishes it); at most 420, so that the registration "
+        "before it fits the functions' 540 s too.",
     )
     serving_image: str | None = Field(
         None,
@@ -236,6 +256,11 @@ class Endpoint(_Strict):
         "built next to the component image), whose scikit-learn is the one the models were "
         "trained with; Vertex AI's prebuilt scikit-learn images cannot load them.",
     )
+
+    @field_validator("deploy_wait_seconds")
+    @classmethod
+    def _deploy_wait(cls, value: float) -> float:
+        return _fits_in_a_function(value, "register the version before the wait")
 
     @model_validator(mode="after")
     def _replicas(self) -> Self:
@@ -493,7 +518,9 @@ class ModelSettings(_Strict):
     drift: Drift = Drift()
     validation: Validation = Validation()
     components: CustomComponents = CustomComponents()
-    coalesce_seconds: float = Field(30.0, ge=0, le=3600)
+    coalesce_seconds: float = Field(
+        30.0, ge=0, description="Waited out in the trigger function before it submits the run."
+    )
     lease_seconds: float = Field(3600.0, gt=0)
 
     @field_validator("data_prefix")
@@ -504,6 +531,11 @@ class ModelSettings(_Strict):
                 f"{value!r} must be a relative object prefix ending in '/', without '..'"
             )
         return value
+
+    @field_validator("coalesce_seconds")
+    @classmethod
+    def _coalesce(cls, value: float) -> float:
+        return _fits_in_a_function(value, "gather the events and submit the run")
 
     @field_validator("label", "order_column")
     @classmethod

@@ -50,11 +50,13 @@ if TYPE_CHECKING:
 __all__ = [
     "GATHER_SECONDS",
     "RECOVER_PER_SWEEP",
+    "SAMPLE_BYTES",
     "UNSETTLED_SECONDS",
     "Outcome",
     "RetrainService",
     "build_service",
     "gathering_lease",
+    "sample_object",
 ]
 
 Action = Literal[
@@ -69,6 +71,15 @@ UNSETTLED_SECONDS = 600.0
 
 # How long a run may take, past the coalescing window, to gather its events and launch.
 GATHER_SECONDS = 300.0
+
+# An arriving object bigger than this is checked on a sample of about this size: its first
+# rows (a CSV's first SAMPLE_BYTES, decompressed, cut at a line end; a Parquet file's first row
+# groups), not read whole. This bounds what the check holds in the function's memory
+# (docs/deploy-gcp.md, "Function memory"); validation.max_object_bytes still quarantines an
+# object too big to train on. Its rows are then estimated from the sample (exact for Parquet).
+SAMPLE_BYTES = 32 * 1024 * 1024
+_GZIP = b"\x1f\x8b"
+_CSV_SAMPLED = ("", ".csv", ".txt", ".gz")  # suffixes whose head can be read alone
 
 
 def gathering_lease(model: ModelSettings) -> float:
@@ -402,8 +413,10 @@ class RetrainService:
             self.ledger.record_arrival(request, "gone")
             return Outcome("ignored", request.model, detail=f"{event.uri}#{event.generation} "
                            "no longer exists")  # fmt: skip
-        frame, features, size = checked
-        fields = {"rows": len(frame), "bytes": size, "features": list(features)}
+        frame, features, size, rows = checked
+        fields = {"rows": rows, "bytes": size, "features": list(features)}
+        if rows != len(frame):  # checked on a sample; rows is an estimate
+            fields["sampled_rows"] = len(frame)
         every = model.arrival_policy == "every_arrival"
         champion = None if every else self.registry.champion(request.model)
         if champion is None:  # every arrival runs; or the first model needs this data
@@ -425,9 +438,11 @@ class RetrainService:
         return self._alert(request, event, kind, reasons, details, champion.version)
 
     def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
-        """(frame, features, bytes) of the object's generation if it passes the rules;
-        None if it no longer exists. :class:`ValidationError` names a broken rule; any
-        other error (the store did not answer) propagates, and the arrival is retried."""
+        """(frame, features, bytes, rows) of the object's generation if it passes the rules;
+        None if it no longer exists. An object over :data:`SAMPLE_BYTES` is checked on a
+        sample (:func:`sample_object`), and its rows estimated. :class:`ValidationError` names
+        a broken rule; any other error (the store did not answer) propagates, and the arrival
+        is retried."""
         from google.api_core.exceptions import NotFound  # noqa: PLC0415
 
         from components.preprocess.validation import check_arrival, check_size  # noqa: PLC0415
@@ -438,12 +453,17 @@ class RetrainService:
             return None
         size = int(blob.size or 0)
         check_size(event.uri, size, model)
+        sample = None
         try:
-            data = blob.download_as_bytes()
+            if size > SAMPLE_BYTES:
+                with blob.open("rb") as reader:
+                    sample = sample_object(reader, event.uri, model.format, SAMPLE_BYTES)
+            data = blob.download_as_bytes() if sample is None else sample[0]
         except NotFound:
             return None
         frame, features = check_arrival(event.uri, data, model)
-        return frame, features, size
+        rows = len(frame) if sample is None else max(len(frame), round(sample[1] * len(frame)))
+        return frame, features, size, rows
 
     def _quarantine(self, request: RetrainRequest, error: Any, size: int | None = None) -> Outcome:
         """Keep the object out of every data window until released; one ERROR line says why
@@ -572,6 +592,52 @@ class RetrainService:
 
             self._storage = storage.Client()
         return self._storage
+
+
+def sample_object(reader: Any, uri: str, fmt: str, limit: int) -> tuple[bytes, float] | None:
+    """A readable sample of about ``limit`` bytes from the start of an object, and the ratio
+    of the object's rows to the sample's (exact for Parquet, by bytes for CSV); None where the
+    format cannot be sampled (a CSV compressed other than with gzip: read it whole).
+
+    ``reader`` is a seekable binary file (``Blob.open("rb")``, which downloads only what is
+    read). A CSV's head is decompressed if gzip, and cut after its last full line; a field
+    that spans lines across that cut makes the sample unreadable (the object is then
+    quarantined as such, and can be released)."""
+    import gzip  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        parquet = pq.ParquetFile(reader)
+        groups, taken = [], 0
+        for index in range(parquet.num_row_groups):
+            groups.append(index)
+            taken += parquet.metadata.row_group(index).total_byte_size
+            if taken >= limit:
+                break
+        table = parquet.read_row_groups(groups)
+        out = io.BytesIO()
+        pq.write_table(table, out)
+        return out.getvalue(), parquet.metadata.num_rows / max(1, table.num_rows)
+    suffix = Path(uri).suffix.lower()
+    if suffix not in _CSV_SAMPLED:
+        return None
+    total = reader.seek(0, io.SEEK_END)
+    reader.seek(0)
+    gzipped = reader.read(2) == _GZIP
+    if gzipped:  # gzip's trailer holds the uncompressed size (modulo 4 GiB)
+        reader.seek(total - 4)
+        total = int.from_bytes(reader.read(4), "little")
+    reader.seek(0)
+    head = (gzip.GzipFile(fileobj=reader) if gzipped else reader).read(limit)
+    cut = head.rfind(b"\n") + 1
+    if cut == 0 or len(head) < limit:
+        return head, 1.0  # no line end (unreadable), or the whole object after all
+    while total < len(head):  # over 4 GiB uncompressed: the trailer wrapped
+        total += 1 << 32
+    # Rows in proportion to the (uncompressed) bytes of the object that the sample holds.
+    return head[:cut], total / cut
 
 
 def build_service(settings: Settings, config_path: Path) -> RetrainService:

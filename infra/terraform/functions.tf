@@ -36,7 +36,7 @@ resource "google_cloudfunctions2_function" "fn" {
     # Only Google-internal callers (Eventarc's Pub/Sub push); no allUsers invoker anywhere.
     ingress_settings                 = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision   = true
-    available_memory                 = var.function_memory
+    available_memory                 = var.function_memory[each.key]
     available_cpu                    = var.function_cpu
     timeout_seconds                  = var.function_timeout_seconds
     min_instance_count               = 0
@@ -45,6 +45,10 @@ resource "google_cloudfunctions2_function" "fn" {
     environment_variables = {
       RETRAIN_CONFIG = "retrain.yaml" # packed at the root of the source zip
     }
+    # backend kfp with a private host (var.functions_vpc_connector): private ranges through
+    # the connector, everything else (Google APIs) as before.
+    vpc_connector                 = var.functions_vpc_connector
+    vpc_connector_egress_settings = var.functions_vpc_connector == null ? null : "PRIVATE_RANGES_ONLY"
   }
 
   event_trigger {
@@ -63,8 +67,11 @@ resource "google_cloudfunctions2_function" "fn" {
     }
   }
 
+  # The Eventarc service agent validates the trigger when the function is created: it must
+  # exist first (main.tf); the build account's roles must be there for the build.
   depends_on = [
     google_project_service.enabled,
+    google_project_service_identity.agent,
     google_project_iam_member.build_writes_logs,
     google_artifact_registry_repository_iam_member.build_pushes_images,
     google_storage_bucket_iam_member.build_reads_sources,

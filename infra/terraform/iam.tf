@@ -15,6 +15,8 @@ resource "google_service_account" "functions" {
   account_id   = local.account_ids.functions
   display_name = "retrain Cloud Functions (runtime)"
   description  = "Runs on_data_arrival, on_drift, on_schedule and gatekeeper."
+
+  depends_on = [google_project_service.enabled] # iam.googleapis.com is off in a new project
 }
 
 resource "google_service_account" "trigger" {
@@ -22,6 +24,8 @@ resource "google_service_account" "trigger" {
   account_id   = local.account_ids.trigger
   display_name = "retrain Eventarc triggers"
   description  = "Identity of the functions' Eventarc triggers: it may only invoke the functions."
+
+  depends_on = [google_project_service.enabled] # iam.googleapis.com is off in a new project
 }
 
 resource "google_service_account" "build" {
@@ -29,6 +33,8 @@ resource "google_service_account" "build" {
   account_id   = local.account_ids.build
   display_name = "retrain builds"
   description  = "Builds the functions' images and the component image (infra/cloudbuild.yaml)."
+
+  depends_on = [google_project_service.enabled] # iam.googleapis.com is off in a new project
 }
 
 # The pipeline runner: gcp.pipeline_service_account, or retrain-pipelines@<project> by default
@@ -45,6 +51,8 @@ resource "google_service_account" "pipelines" {
       error_message = "gcp.pipeline_service_account must be an account of project ${local.project}: Terraform creates it and grants its roles."
     }
   }
+
+  depends_on = [google_project_service.enabled] # iam.googleapis.com is off in a new project
 }
 
 # --- the functions' runtime account -------------------------------------------------------
@@ -115,7 +123,9 @@ resource "google_project_iam_member" "functions_use_state" {
 resource "google_project_iam_member" "functions_vertex" {
   # Why: the functions submit Vertex AI pipeline jobs, register model versions (aliases,
   # default version) and deploy them to endpoints; those resources are created at run time,
-  # so only a project-level grant can cover them.
+  # so only a project-level grant can cover them. backend vertex only: with kfp the functions
+  # call the KFP API server and never Vertex AI.
+  count   = local.backend == "vertex" ? 1 : 0
   project = local.project
   role    = "roles/aiplatform.user"
   member  = google_service_account.functions.member
@@ -187,8 +197,12 @@ resource "google_artifact_registry_repository_iam_member" "pipelines_pull_images
 }
 
 resource "google_project_iam_member" "pipelines_vertex" {
-  # Why: a pipeline run records its artifacts and executions in Vertex ML Metadata under the
-  # runner's identity (Vertex AI Pipelines' documented role for a custom runner account).
+  # Why: Vertex AI Pipelines runs the job as this account: creating the job's metadata
+  # store entries, contexts, executions and artifacts (Vertex ML Metadata) and the steps'
+  # CustomJobs is done with its permissions, and those resources are created at run time, so
+  # only a project-level grant covers them (Vertex AI Pipelines' documented role for a runner
+  # account). The steps' own code never calls Vertex AI. backend vertex only.
+  count   = local.backend == "vertex" ? 1 : 0
   project = local.project
   role    = "roles/aiplatform.user"
   member  = google_service_account.pipelines.member
@@ -239,7 +253,7 @@ resource "google_service_account_iam_member" "pubsub_signs_for_trigger" {
   role               = "roles/iam.serviceAccountTokenCreator"
   member             = local.pubsub_service_agent
 
-  depends_on = [google_pubsub_topic.topic]
+  depends_on = [google_project_service_identity.agent]
 }
 
 resource "google_pubsub_topic_iam_member" "pubsub_dead_letters" {
@@ -250,18 +264,15 @@ resource "google_pubsub_topic_iam_member" "pubsub_dead_letters" {
   topic    = google_pubsub_topic.dead_letter[each.value].name
   role     = "roles/pubsub.publisher"
   member   = local.pubsub_service_agent
+
+  depends_on = [google_project_service_identity.agent]
 }
 
-resource "google_project_iam_member" "pubsub_acks_dead_letters" {
-  # Why: forwarding to a dead-letter topic also acks the message on its source subscription.
-  # Those are the functions' Eventarc subscriptions, whose names are output-only and unknown
-  # at plan time (see outputs.tf dead_letter_commands), so this cannot be granted on them.
-  project = local.project
-  role    = "roles/pubsub.subscriber"
-  member  = local.pubsub_service_agent
-
-  depends_on = [google_pubsub_topic.topic]
-}
+# Forwarding to a dead-letter topic also acks the message on its source subscription, so
+# the Pub/Sub service agent needs roles/pubsub.subscriber there. Those are the functions'
+# Eventarc subscriptions, whose names are output-only and unknown at plan time: the grant is
+# made on each of them, and on nothing else, by the dead-letter commands that scripts/deploy
+# runs after the apply (outputs.tf dead_letter_commands), not project-wide.
 
 # --- the build account ----------------------------------------------------------------------
 
@@ -307,4 +318,16 @@ resource "google_project_iam_member" "build_reads_gcf_sources" {
     title      = "gcf-v2-sources-only"
     expression = "resource.name.startsWith(\"projects/_/buckets/gcf-v2-sources-${data.google_project.this.number}-\")"
   }
+}
+
+# --- backend kfp on GKE ---------------------------------------------------------------------
+
+resource "google_service_account_iam_member" "kfp_runs_as_pipelines" {
+  # Why: backend kfp on GKE: the pipeline pods run as the Kubernetes service account
+  # var.kfp_workload_identity; Workload Identity lets it act as the pipelines' account, and
+  # so have exactly that account's grants above (docs/deploy-gcp.md "backend: kfp").
+  count              = var.kfp_workload_identity == null ? 0 : 1
+  service_account_id = google_service_account.pipelines.name
+  role               = "roles/iam.workloadIdentityUser"
+  member             = "serviceAccount:${local.project}.svc.id.goog[${coalesce(var.kfp_workload_identity, "-/-")}]"
 }

@@ -7,10 +7,10 @@ locals {
 
   project          = local.config.project
   region           = try(local.config.region, "us-central1") # Settings.region
-  data_bucket      = local.config.buckets.data                # Buckets.data (required)
-  artifacts_bucket = local.config.buckets.artifacts           # Buckets.artifacts (required)
-  models           = local.config.models                      # Settings.models (required)
-  backend          = try(local.config.backend, "local")       # Settings.backend
+  data_bucket      = local.config.buckets.data               # Buckets.data (required)
+  artifacts_bucket = local.config.buckets.artifacts          # Buckets.artifacts (required)
+  models           = local.config.models                     # Settings.models (required)
+  backend          = try(local.config.backend, "local")      # Settings.backend
 
   # Buckets.models: buckets.registry, or "<artifacts>-registry". The registered models live
   # there; only the gatekeeper (the functions' account) writes it (iam.tf).
@@ -84,9 +84,12 @@ locals {
     try(local.config.gcp.pipeline_service_account, null),
     "retrain-pipelines@${local.project}.iam.gserviceaccount.com",
   )
-  pipeline_root   = "gs://${local.artifacts_bucket}/pipeline-root"                                          # Settings.pipeline_root
-  component_image = "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/components:${local.image_tag}" # Settings.component_image
-  serving_image   = coalesce(try(local.config.gcp.endpoint.serving_image, null), "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/serving:${local.image_tag}") # Settings.serving_image
+  # Settings.pipeline_root
+  pipeline_root = "gs://${local.artifacts_bucket}/pipeline-root"
+  # Settings.component_image
+  component_image = "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/components:${local.image_tag}"
+  # Settings.serving_image
+  serving_image = coalesce(try(local.config.gcp.endpoint.serving_image, null), "${local.region}-docker.pkg.dev/${local.project}/${local.repository}/serving:${local.image_tag}")
   # Settings.pipeline_template(model) is gs://<artifacts>/<this object>.
   pipeline_objects = { for model, spec in local.models : model => "pipelines/${model}.yaml" }
 
@@ -98,8 +101,6 @@ locals {
       time_zone = try(spec.schedule.timezone, "UTC")
     } if try(spec.schedule, null) != null && try(spec.schedule.via, "cloud_scheduler") == "cloud_scheduler"
   }
-  # ModelSettings.data_prefix (required): one storage notification per model.
-  data_prefixes = { for model, spec in local.models : model => spec.data_prefix }
 
   # Service accounts that only Terraform names (the pipeline runner's comes from the file).
   account_ids = {
@@ -111,14 +112,27 @@ locals {
   # Gcp.labels go on every resource too, with our own two.
   labels = merge(try(local.config.gcp.labels, {}), { app = "retrain", "managed-by" = "terraform" })
 
+  # Google's service agents that this topology relies on, created explicitly (below) rather
+  # than on first use: Eventarc's validates the functions' triggers, Pub/Sub's mints the push
+  # tokens and forwards dead letters. Their emails are fixed by the project number.
+  service_agents = {
+    eventarc = "eventarc.googleapis.com"
+    pubsub   = "pubsub.googleapis.com"
+  }
   pubsub_service_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
 }
 
+# Read once the Cloud Resource Manager API is on (a new project has it off): the project
+# number names the service agents.
 data "google_project" "this" {
   project_id = local.project
+  depends_on = [google_project_service.enabled]
 }
 
-# The APIs this topology uses. Left enabled on destroy: other workloads may rely on them.
+# The APIs this topology uses, enabled before anything else: every resource below depends on
+# them (scripts/deploy applies them first, alone). iam and cloudresourcemanager are off in a
+# new project and the provider does not retry "API not enabled": they are listed here too.
+# Left enabled on destroy: other workloads may rely on them.
 resource "google_project_service" "enabled" {
   for_each = toset([
     "aiplatform.googleapis.com",
@@ -138,4 +152,21 @@ resource "google_project_service" "enabled" {
   project            = local.project
   service            = each.value
   disable_on_destroy = false
+}
+
+# The Eventarc and Pub/Sub service agents, created now instead of lazily on first use. A new
+# project's first function with an Eventarc trigger otherwise fails with "Permission denied
+# while using the Eventarc Service Agent" (hashicorp/terraform-provider-google#25294), and
+# the Pub/Sub agent's role bindings (iam.tf) with "does not exist". Google grants each agent
+# its own service-agent role when it is created; that grant can still take a minute to
+# propagate, which scripts/deploy retries (a bounded number of times). Only the beta provider
+# has this resource (it calls services.generateServiceIdentity).
+resource "google_project_service_identity" "agent" {
+  provider = google-beta
+  for_each = local.service_agents
+
+  project = local.project
+  service = each.value
+
+  depends_on = [google_project_service.enabled]
 }

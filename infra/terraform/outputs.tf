@@ -27,15 +27,19 @@ output "eventarc_triggers" {
 # (Eventarc transport.pubsub.subscription) and neither google_cloudfunctions2_function nor
 # google_eventarc_trigger accepts a dead-letter or retry policy for it (provider issues
 # hashicorp/terraform-provider-google#17697 and #25069). So `make deploy` runs these commands
-# after `terraform apply`: they look the subscription up from the trigger and give it the
-# dead-letter topic and retry backoff of retrain.yaml's `delivery`, and an ack deadline longer
-# than the functions' timeout (delivery.ack_deadline_seconds is for the local stack). The Pub/Sub service
-# agent's roles for dead-lettering are granted in iam.tf.
+# after `terraform apply`: they look the subscription up from the trigger, let the Pub/Sub
+# service agent ack on it (roles/pubsub.subscriber on that subscription alone: forwarding a
+# dead letter acks the original; iam.tf grants it the publisher role on the dead-letter
+# topic), and give it the dead-letter topic and retry backoff of retrain.yaml's `delivery`,
+# and an ack deadline longer than the functions' timeout (delivery.ack_deadline_seconds is
+# for the local stack).
 output "dead_letter_commands" {
   description = "Entry point -> shell command that puts delivery's dead-letter and retry policy on the function's Eventarc subscription."
   value = {
     for entry_point, fn in google_cloudfunctions2_function.fn : entry_point => join(" ", [
       "SUB=\"$(gcloud eventarc triggers describe '${fn.event_trigger[0].trigger}' --format='value(transport.pubsub.subscription)')\" &&",
+      "gcloud pubsub subscriptions add-iam-policy-binding \"$SUB\"",
+      "--member='${local.pubsub_service_agent}' --role=roles/pubsub.subscriber --format=none &&",
       "gcloud pubsub subscriptions update \"$SUB\"",
       "--dead-letter-topic='${google_pubsub_topic.dead_letter[local.function_topics[entry_point]].id}'",
       "--max-delivery-attempts=${local.delivery.max_delivery_attempts}",

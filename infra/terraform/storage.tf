@@ -32,9 +32,12 @@ resource "google_storage_bucket" "data" {
     }
   }
 
-  logging {
-    log_bucket        = google_storage_bucket.access_logs.name
-    log_object_prefix = "data/"
+  dynamic "logging" {
+    for_each = var.usage_logs ? ["data/"] : []
+    content {
+      log_bucket        = google_storage_bucket.access_logs.name
+      log_object_prefix = logging.value
+    }
   }
 
   depends_on = [google_project_service.enabled]
@@ -63,9 +66,12 @@ resource "google_storage_bucket" "artifacts" {
     }
   }
 
-  logging {
-    log_bucket        = google_storage_bucket.access_logs.name
-    log_object_prefix = "artifacts/"
+  dynamic "logging" {
+    for_each = var.usage_logs ? ["artifacts/"] : []
+    content {
+      log_bucket        = google_storage_bucket.access_logs.name
+      log_object_prefix = logging.value
+    }
   }
 
   depends_on = [google_project_service.enabled]
@@ -99,9 +105,12 @@ resource "google_storage_bucket" "registry" {
     }
   }
 
-  logging {
-    log_bucket        = google_storage_bucket.access_logs.name
-    log_object_prefix = "registry/"
+  dynamic "logging" {
+    for_each = var.usage_logs ? ["registry/"] : []
+    content {
+      log_bucket        = google_storage_bucket.access_logs.name
+      log_object_prefix = logging.value
+    }
   }
 
   lifecycle {
@@ -151,24 +160,26 @@ resource "google_storage_bucket" "access_logs" {
 
 resource "google_storage_bucket_iam_member" "analytics_writes_logs" {
   # Why: Cloud Storage writes usage logs as this Google group, which needs to create objects
-  # in the log bucket (with uniform bucket-level access there are no ACLs to do it).
+  # in the log bucket (with uniform bucket-level access there are no ACLs to do it). Off with
+  # var.usage_logs = false, where domain-restricted sharing refuses a google.com group.
+  count  = var.usage_logs ? 1 : 0
   bucket = google_storage_bucket.access_logs.name
   role   = "roles/storage.objectCreator"
   member = "group:cloud-storage-analytics@google.com"
 }
 
-# New data: one OBJECT_FINALIZE notification per model, filtered to its data_prefix (prefixes
-# never overlap: retrain/config.py refuses that), so temporary and unrelated objects
-# never wake a function. The payload is the object resource (JSON_API_V1), as on_data_arrival
-# expects; its attributes carry bucketId, objectId and objectGeneration (the dedupe key).
+# New data: one OBJECT_FINALIZE notification for the whole data bucket. on_data_arrival routes
+# each object to the model whose data_prefix holds it (Settings.model_for_object; prefixes
+# never overlap: retrain/config.py refuses that) and ignores the rest in one log line. One per
+# bucket, not one per model: a bucket takes at most 10 notification configurations for one
+# event type, so per-model notifications would stop at 10 models. The payload is the object
+# resource (JSON_API_V1), as on_data_arrival expects; its attributes carry bucketId, objectId
+# and objectGeneration (the dedupe key).
 resource "google_storage_notification" "data_arrival" {
-  for_each = local.data_prefixes
-
-  bucket             = google_storage_bucket.data.name
-  payload_format     = "JSON_API_V1"
-  topic              = google_pubsub_topic.topic["data_arrivals"].id
-  event_types        = ["OBJECT_FINALIZE"]
-  object_name_prefix = each.value
+  bucket         = google_storage_bucket.data.name
+  payload_format = "JSON_API_V1"
+  topic          = google_pubsub_topic.topic["data_arrivals"].id
+  event_types    = ["OBJECT_FINALIZE"]
 
   depends_on = [google_pubsub_topic_iam_member.gcs_publishes_data_arrivals]
 }

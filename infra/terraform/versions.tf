@@ -9,10 +9,21 @@ terraform {
       # default_labels and Artifact Registry cleanup policies are all in every 6.x release.
       version = "~> 6.14"
     }
+    # Only for google_project_service_identity (main.tf): the service agents, created up front.
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = "~> 6.14"
+    }
   }
 }
 
 provider "google" {
+  project        = local.project
+  region         = local.region
+  default_labels = local.labels
+}
+
+provider "google-beta" {
   project        = local.project
   region         = local.region
   default_labels = local.labels

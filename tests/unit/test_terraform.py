@@ -312,10 +312,6 @@ PINNED: dict[str, tuple[str, Mirror]] = {
             and s["schedule"].get("via", "cloud_scheduler") == "cloud_scheduler"
         },
     ),
-    "data_prefixes": (
-        "${{for model, spec in local.models : model => spec.data_prefix}}",
-        lambda ev: {m: s["data_prefix"] for m, s in ev.local("models").items()},
-    ),
     # Arithmetic and a conditional, which the evaluator does not know: pinned likewise.
     "sweep_minutes": (
         "${max(1, ceil(local.sweep_seconds / 60))}",
@@ -373,7 +369,6 @@ def terraform_names(tf: Terraform, config: dict[str, Any]) -> dict[str, Any]:
         "function dead-letter topics": {e: dead_letters[f] for e, f in functions.items()},
         "delivery": {k: float(v) for k, v in ev.local("delivery").items()},
         "schedules": ev.local("schedules"),
-        "data prefixes": ev.local("data_prefixes"),
         "pipeline templates": {
             m: f"gs://{artifacts}/{name}" for m, name in ev.local("pipeline_objects").items()
         },
@@ -419,7 +414,6 @@ def code_names(settings: Settings) -> dict[str, Any]:
             for m, s in settings.models.items()
             if s.schedule is not None and m in scheduled and s.schedule.via == "cloud_scheduler"
         },
-        "data prefixes": {m: s.data_prefix for m, s in settings.models.items()},
         "pipeline templates": {m: settings.pipeline_template(m) for m in settings.models},
         "pipeline root": settings.pipeline_root,
         "component image": settings.component_image,
@@ -504,13 +498,16 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         # test_schedule_payload_is_accepted.
         "pubsub_target.data": '${base64encode(jsonencode({model = "*", reason = "sweep"}))}',
     },
+    # One notification for the whole bucket (a bucket takes at most 10 per event type);
+    # on_data_arrival routes by prefix: test_one_notification_routed_by_prefix.
     ("google_storage_notification", "data_arrival"): {
-        "for_each": "${local.data_prefixes}",
+        "for_each": None,
+        "count": None,
         "bucket": "${google_storage_bucket.data.name}",
         "topic": _TOPIC % "data_arrivals",
         "event_types": ["OBJECT_FINALIZE"],
         "payload_format": "JSON_API_V1",
-        "object_name_prefix": "${each.value}",
+        "object_name_prefix": None,
     },
     ("google_storage_bucket_object", "pipeline"): {
         "for_each": "${local.pipeline_objects}",
@@ -942,6 +939,23 @@ def test_publisher_roles_match_the_publishing_code(terraform: Terraform) -> None
     assert pipeline_side == published_topics(ROOT / "components") == {"model_metrics"}
 
 
+def test_one_notification_routed_by_prefix(terraform: Terraform, tmp_path: Path) -> None:
+    """Past 10 models too: one bucket-wide notification (WIRING pins it: no for_each, no
+    prefix), and on_data_arrival finds each object's model by its data_prefix."""
+    notifications = [k for k in terraform.resources if k[0] == "google_storage_notification"]
+    assert notifications == [("google_storage_notification", "data_arrival")]
+    raw = yaml.safe_load(_minimal_config(tmp_path).read_text(encoding="utf-8"))
+    spec = next(iter(raw["models"].values()))
+    raw["models"] = {f"m{i:02d}": {**spec, "data_prefix": f"feeds/m{i:02d}/"} for i in range(25)}
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    settings = load_settings(path)
+    for name, model in settings.models.items():
+        assert settings.model_for_object(settings.buckets.data, f"{model.data_prefix}x.csv") == name
+    assert settings.model_for_object(settings.buckets.data, "feeds/other/x.csv") is None
+    assert settings.model_for_object(settings.buckets.artifacts, "feeds/m01/x.csv") is None
+
+
 def test_schedule_payload_is_accepted() -> None:
     # The job's data is base64encode(jsonencode({model = each.key})) (WIRING pins it).
     for model in load_settings(CONFIG).models:
@@ -1224,3 +1238,61 @@ def test_access_check_catches(
     problems = access_problems(broken)
     assert any(symptom in p for p in problems), problems
     assert access_problems(terraform) == []  # the deep copy left the real one alone
+
+
+# --- project-wide roles: each one justified in the docs (issue 13) ----------------------------
+
+DOCS = ROOT / "docs" / "deploy-gcp.md"
+_DOC_ROW = re.compile(
+    r"^\| `google_project_iam_member\.(\w+)` \| `(roles/[\w.]+)` \|", re.MULTILINE
+)
+
+
+def project_role_problems(tf: Terraform, docs: str) -> list[str]:
+    """A project-wide binding (on every resource of its kind in the project) must be one that
+    docs/deploy-gcp.md's "project-wide roles" table justifies, with the same role; and that
+    table must not justify bindings that are gone."""
+    justified = dict(_DOC_ROW.findall(docs))
+    problems = []
+    found = {}
+    for (rtype, name), body in sorted(tf.resources.items()):
+        if rtype in ("google_project_iam_binding", "google_project_iam_policy"):
+            problems.append(f"{rtype}.{name}: authoritative project IAM is never justified")
+        if rtype != "google_project_iam_member":
+            continue
+        found[name] = role = str(body.get("role"))
+        if name not in justified:
+            problems.append(
+                f"google_project_iam_member.{name} ({role}) is project-wide and not justified "
+                "in docs/deploy-gcp.md (Least privilege: the project-wide roles)"
+            )
+        elif justified[name] != role:
+            problems.append(
+                f"google_project_iam_member.{name}: {role} here, {justified[name]} there"
+            )
+    problems += [
+        f"docs/deploy-gcp.md justifies google_project_iam_member.{name}, which iam.tf lacks"
+        for name in sorted(justified.keys() - found.keys())
+    ]
+    return problems
+
+
+def test_project_wide_roles_are_justified_here(terraform: Terraform) -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    assert len(_DOC_ROW.findall(docs)) >= 1
+    assert project_role_problems(terraform, docs) == []
+
+
+def test_project_role_check_catches(terraform: Terraform) -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    broken = copy.deepcopy(terraform)
+    _binding(
+        broken, "google_project_iam_member", "pubsub_acks_dead_letters", project="${local.project}",
+        role="roles/pubsub.subscriber", member="${local.pubsub_service_agent}",
+    )  # fmt: skip
+    broken.resources["google_project_iam_member", "build_writes_logs"]["role"] = "roles/editor"
+    del broken.resources["google_project_iam_member", "pipelines_vertex"]
+    problems = project_role_problems(broken, docs)
+    assert any(p.startswith("google_project_iam_member.pubsub_acks_dead_letters") for p in problems)
+    assert any("build_writes_logs: roles/editor here" in p for p in problems)
+    assert any("justifies google_project_iam_member.pipelines_vertex" in p for p in problems)
