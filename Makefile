@@ -63,8 +63,9 @@ status: install ## health of each part of the local stack
 package: install ## build/functions.zip and build/pipelines/<model>.yaml, what deploy uploads
 	$(BIN)/retrain package --out build
 
-deploy: package ## deploy to Google Cloud (docs/deploy-gcp.md): image, Terraform, dead letters
-	scripts/deploy
+deploy: install ## deploy to Google Cloud (docs/deploy-gcp.md); DRY_RUN=1 prints every step, runs none
+	@if [ -z "$(DRY_RUN)" ] || [ "$(DRY_RUN)" = 0 ]; then $(MAKE) --no-print-directory package; fi
+	DRY_RUN="$(DRY_RUN)" scripts/deploy
 
 clean: ## remove the local stack state and caches (not .venv)
 	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info .venv-checkov

@@ -113,6 +113,21 @@ def test_dry_run_prints_the_stages_in_order(tmp_path: Path, terraform: Terraform
     assert "ok offline" in done.stdout
 
 
+def test_make_deploy_dry_run_goes_straight_to_the_plan(tmp_path: Path) -> None:
+    """`make deploy DRY_RUN=1`, as the docs give it: no `retrain package` (which builds,
+    and refuses the shipped backend: local) before the script prints its plan."""
+    config = _config(tmp_path)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-o", "install", "deploy", "DRY_RUN=1",
+         f"CONFIG={config}", f"PYTHON={sys.executable}"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "retrain package" not in done.stdout + done.stderr
+    assert "== 0/6 preflight" in done.stdout
+    assert "== 5/6 everything else" in done.stdout
+
+
 def test_dry_run_of_an_undeployable_config_says_what_to_change(tmp_path: Path) -> None:
     done = _dry_run(_config(tmp_path, backend="local", region="us-central"))
     assert done.returncode == 1
