@@ -1,7 +1,6 @@
-"""What a step's thread limit (the model's ``threads``) and OpenMP's wait policy (spinning,
-OpenMP's default, or sleeping, the steps' default: components/compute.py) do to the train
-step's fit, on an idle machine and on a busy one (one busy-loop process per CPU, started
-and stopped here, by pid).
+"""What a step's thread limit (the model's ``threads``) does to the train step's fit, on an
+idle machine and on a busy one (one busy-loop process per CPU, started and stopped here,
+by pid).
 
 Run with ``make bench``. Each figure is the median of a few fits of the shipped estimator
 (HistGradientBoosting, 200 iterations) on the shipped window (3,000 rainfall rows), in a
@@ -10,7 +9,6 @@ fresh process per limit; prints the figures, asserts only that every fit finishe
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from components.compute import STEP_ENVIRONMENT, available_cpus
+from components.compute import available_cpus
 
 pytestmark = pytest.mark.bench
 
@@ -56,12 +54,11 @@ def busy(processes: int) -> Iterator[None]:
             loop.wait(timeout=10)
 
 
-def fits(threads: int, wait_policy: str) -> list[float]:
-    env = {**os.environ, "OMP_WAIT_POLICY": wait_policy}
+def fits(threads: int) -> list[float]:
     done = subprocess.run(
         [sys.executable, "-c", FIT, str(ROOT / "data" / "rainfall.csv.gz"), str(threads),
          str(ROUNDS)],
-        capture_output=True, text=True, timeout=600, check=True, cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=600, check=True, cwd=ROOT,
     )  # fmt: skip
     return [float(line) for line in done.stdout.split()]
 
@@ -73,16 +70,12 @@ def test_thread_limit_of_the_train_step() -> None:
     rows = []
     for machine, load in (("idle", 0), ("busy", cpus)):
         with busy(load):
-            for policy in ("ACTIVE", STEP_ENVIRONMENT["OMP_WAIT_POLICY"]):
-                for threads in limits:
-                    times = fits(threads, policy)
-                    assert len(times) == ROUNDS
-                    row = (machine, policy.lower(), threads, statistics.median(times))
-                    rows.append((*row, min(times), max(times)))
+            for threads in limits:
+                times = fits(threads)
+                assert len(times) == ROUNDS
+                rows.append((machine, threads, statistics.median(times), min(times), max(times)))
     print(f"\nHistGradientBoosting fit, 3,000 rows, 200 iterations; {cpus} CPU(s) available")
-    print("machine  OpenMP wait  threads  median s  [min..max]")
-    for machine, policy, threads, median, low, high in rows:
-        ours = " (the steps' default)" if threads == cpus and policy == "passive" else ""
-        print(
-            f"{machine:7}  {policy:11}  {threads:7}  {median:8.2f}  [{low:.2f}..{high:.2f}]{ours}"
-        )
+    print("machine  threads  median s  [min..max]")
+    for machine, threads, median, low, high in rows:
+        default = " (default)" if threads == cpus else ""
+        print(f"{machine:7}  {threads:7}  {median:8.2f}  [{low:.2f}..{high:.2f}]{default}")

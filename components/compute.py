@@ -6,13 +6,6 @@ that this process may run on (its affinity mask, not the machine's core count): 
 machine it shares, or in a container given fewer CPUs than the host has, does not start a
 thread per host core. Oversubscribed OpenMP threads spin against each other: on a busy
 machine that made one fit many times slower (see ``make bench``).
-
-OpenMP threads also *spin* while they wait for work by default; on a machine with other
-work, spinning threads take the cores from the ones with work. :data:`STEP_ENVIRONMENT`
-makes them sleep instead (``OMP_WAIT_POLICY=PASSIVE``): the local worker starts its tasks
-with it, and the component image sets it. It only acts if set before OpenMP loads, so it
-is an environment variable of the step's process, not a call here; a value already in
-the environment is kept.
 """
 
 from __future__ import annotations
@@ -21,16 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["STEP_ENVIRONMENT", "available_cpus", "step_environment", "thread_limit"]
-
-STEP_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def step_environment() -> None:
-    """Set :data:`STEP_ENVIRONMENT` in this process's environment (for the step processes
-    it starts), keeping any value already set."""
-    for name, value in STEP_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
+__all__ = ["available_cpus", "thread_limit"]
 
 
 def available_cpus() -> int:

@@ -86,12 +86,10 @@ def run_locally(
     """Run the pipeline to its end under kfp.local and read back the report it published."""
     from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
 
-    from components.compute import step_environment  # noqa: PLC0415
     from components.runs import RunContext, read_failure, read_report, report_uri  # noqa: PLC0415
     from pipelines.byo import pipeline_for  # noqa: PLC0415
 
     run = RunContext.parse(model, run_id, request_id, reason)
-    step_environment()  # the tasks inherit it: sleeping OpenMP threads (components.compute)
     pipeline = pipeline_for(settings, model, image, local_run=True)
     outputs = workdir / "outputs"
     local.init(

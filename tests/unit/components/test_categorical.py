@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from pydantic import ValidationError as SettingsError
 from threadpoolctl import threadpool_info
 
 from components.artifacts import METADATA_FILE, MODEL_FILE, read_json
-from components.compute import available_cpus, step_environment, thread_limit
+from components.compute import available_cpus, thread_limit
 from components.encoding import (
     MAX_CATEGORIES,
     as_fitted,
@@ -284,12 +283,3 @@ def test_codes_as_numbers_strings_and_pandas_categories_are_one_category(tmp_pat
     assert predictions[0] == predictions[1] == predictions[2]
     assert predictions[0]["label"] == "employed"
     assert predictions[3]["label"] == "not"
-
-
-def test_steps_start_with_sleeping_openmp_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    step_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice is kept
-    step_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
