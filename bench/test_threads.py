@@ -1,6 +1,7 @@
 """What a step's thread limit (the model's ``threads``) does to the train step's fit, on an
 idle machine and on a busy one (one busy-loop process per CPU, started and stopped here,
-by pid).
+by pid), with OpenMP's threads spinning while they wait (its default, ``active``) or
+sleeping (``OMP_WAIT_POLICY=PASSIVE``).
 
 Run with ``make bench``. Each figure is the median of a few fits of the shipped estimator
 (HistGradientBoosting, 200 iterations) on the shipped window (3,000 rainfall rows), in a
@@ -9,6 +10,7 @@ fresh process per limit; prints the figures, asserts only that every fit finishe
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -54,11 +56,12 @@ def busy(processes: int) -> Iterator[None]:
             loop.wait(timeout=10)
 
 
-def fits(threads: int) -> list[float]:
+def fits(threads: int, wait_policy: str) -> list[float]:
+    env = {**os.environ, "OMP_WAIT_POLICY": wait_policy}
     done = subprocess.run(
         [sys.executable, "-c", FIT, str(ROOT / "data" / "rainfall.csv.gz"), str(threads),
          str(ROUNDS)],
-        capture_output=True, text=True, timeout=600, check=True, cwd=ROOT,
+        capture_output=True, text=True, timeout=600, check=True, cwd=ROOT, env=env,
     )  # fmt: skip
     return [float(line) for line in done.stdout.split()]
 
@@ -70,12 +73,15 @@ def test_thread_limit_of_the_train_step() -> None:
     rows = []
     for machine, load in (("idle", 0), ("busy", cpus)):
         with busy(load):
-            for threads in limits:
-                times = fits(threads)
-                assert len(times) == ROUNDS
-                rows.append((machine, threads, statistics.median(times), min(times), max(times)))
+            for policy in ("ACTIVE", "PASSIVE"):
+                for threads in limits:
+                    times = fits(threads, policy)
+                    assert len(times) == ROUNDS
+                    row = (machine, policy.lower(), threads, statistics.median(times))
+                    rows.append((*row, min(times), max(times)))
     print(f"\nHistGradientBoosting fit, 3,000 rows, 200 iterations; {cpus} CPU(s) available")
-    print("machine  threads  median s  [min..max]")
-    for machine, threads, median, low, high in rows:
-        default = " (default)" if threads == cpus else ""
-        print(f"{machine:7}  {threads:7}  {median:8.2f}  [{low:.2f}..{high:.2f}]{default}")
+    print("machine  OpenMP wait  threads  median s  [min..max]")
+    for machine, policy, threads, median, low, high in rows:
+        default = " (default)" if threads == cpus and policy == "active" else ""
+        spread = f"[{low:.2f}..{high:.2f}]"
+        print(f"{machine:7}  {policy:11}  {threads:7}  {median:8.2f}  {spread}{default}")
