@@ -33,6 +33,23 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDER = ROOT / "tests" / "functions" / "recorder.py"
 
 
+def _one_openmp_thread_in_children() -> None:
+    """Every process the suite starts (stacks, pipeline runs, CLIs) uses one OpenMP thread.
+
+    The suite runs many processes side by side on few cores; an OpenMP team per process spins
+    while it waits for cores the others hold: a HistGradientBoosting fit of a test run took
+    10-14 s so instead of 0.6 s on a busy 2-core machine. This process keeps OpenMP's default:
+    libgomp reads the variable once, when it loads, and it is loaded here first, so that the
+    tests of the product's own thread limits (the prediction servers') still fail without
+    them. A value set by the caller is kept."""
+    from sklearn.utils import _openmp_helpers  # noqa: F401, PLC0415 (loads libgomp)
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_one_openmp_thread_in_children()
+
+
 # Ports for the tests' servers, from a range of this xdist worker's own, below the kernel's
 # ephemeral range and below what retrain's own free_ports picks (`retrain demo`), so that
 # no other worker's stack, nor any client socket, can take a port between the moment it is
