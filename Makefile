@@ -17,6 +17,8 @@ help: ## list the targets
 prereqs: ## check for gcloud with the pubsub-emulator component, and Java
 	@scripts/check-prereqs
 
+# pip compiles every module (50 of the 75 s): kept, because where PYTHONDONTWRITEBYTECODE is
+# set (as here) the suite's hundreds of processes would each compile what they import.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
@@ -42,7 +44,10 @@ browser: ## Debian's chromium for the dashboard's browser test (installed when r
 	    echo "NOTE: the dashboard's browser test needs Chromium: sudo apt-get install chromium"; \
 	  fi; }
 
-test: install prereqs browser lint checkov ## run every test tier but benchmarks (the tests start the emulators)
+# The steps before the tests run two at a time: the two venvs install side by side, and
+# checkov runs beside lint (each is one process: the two cores are used).
+test: ## run every test tier but benchmarks (the tests start the emulators)
+	@$(MAKE) --no-print-directory --jobs=2 --output-sync=target install prereqs browser lint checkov
 	$(BIN)/python -m pytest -m "not bench" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 demo: install prereqs ## the main job on the local stack

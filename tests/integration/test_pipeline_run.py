@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sklearn.datasets import load_breast_cancer
 
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
-from retrain.localstack import Stack
+from retrain.localstack import Stack, emulators
 from retrain.messages import MetricsReport, decode
 from tests.conftest import ROOT, unique
 
@@ -31,17 +32,22 @@ RAINFALL = pd.read_csv(ROOT / "data" / "rainfall.csv.gz", nrows=4000).rename(
 METRICS = {"roc_auc", "accuracy", "log_loss", "precision", "recall", "rows"}
 
 
+def model_config(
+    stack: Stack, directory: Path, base: str = "rainfall", **changes: Any
+) -> tuple[Path, str]:
+    """A config for the running stack plus one uuid-named model, so registry state is its own."""
+    raw = yaml.safe_load(stack.config_path.read_text(encoding="utf-8"))
+    name = unique(base)
+    raw["models"] = {name: {**raw["models"]["rainfall"], "data_prefix": f"{name}/", **changes}}
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path, name
+
+
 @pytest.fixture
 def config_with(stack: Stack, tmp_path: Path) -> Callable[..., tuple[Path, str]]:
-    """A config for the running stack plus one uuid-named model, so registry state is its own."""
-
     def make(base: str = "rainfall", **changes: Any) -> tuple[Path, str]:
-        raw = yaml.safe_load(stack.config_path.read_text(encoding="utf-8"))
-        name = unique(base)
-        raw["models"] = {name: {**raw["models"]["rainfall"], "data_prefix": f"{name}/", **changes}}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-        return path, name
+        return model_config(stack, tmp_path, base, **changes)
 
     return make
 
@@ -88,23 +94,55 @@ def upload(gcs: Any, stack: Stack, name: str, frame: pd.DataFrame) -> str:
     return f"gs://{bucket}/{name}"
 
 
-def test_run_publishes_a_metrics_report_that_checks_out_field_by_field(
-    stack: Stack,
-    gcs: Any,
-    subscriber: pubsub_v1.SubscriberClient,
-    metrics_subscription: str,
-    config_with: Callable[..., tuple[Path, str]],
-) -> None:
-    config, model = config_with()
-    uri = upload(gcs, stack, f"{model}/rows-0-2999.csv", RAINFALL.iloc[:3000])
-    run_id = unique("run")
+@dataclass(frozen=True)
+class FirstRun:
+    """`retrain run` of a new model on the first 3,000 rows, and the report it published."""
 
-    result = retrain_run(config, model, "--data", uri, "--run-id", run_id)
+    config: Path
+    model: str
+    frame: pd.DataFrame
+    uri: str
+    run_id: str
+    result: subprocess.CompletedProcess[str]
+    report: MetricsReport
+    attributes: dict[str, str]
+    message_id: str
+
+
+@pytest.fixture(scope="module")
+def first_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FirstRun]:
+    """One run that three tests read (its report; its artifacts against the component CLIs';
+    its candidate as the champion of a second run): a run takes 20-40 s."""
+    subscriber = emulators.subscriber(stack.pubsub_host)
+    gcs = emulators.storage_client(stack.gcs_url, stack.settings.project)
+    project = stack.settings.project
+    subscription = subscriber.subscription_path(project, unique("metrics"))
+    subscriber.create_subscription(
+        name=subscription, topic=f"projects/{project}/topics/{stack.settings.topics.model_metrics}"
+    )
+    try:
+        config, model = model_config(stack, tmp_path_factory.mktemp("first-run"))
+        frame = RAINFALL.iloc[:3000]
+        uri = upload(gcs, stack, f"{model}/rows-0-2999.csv", frame)
+        run_id = unique("run")
+        result = retrain_run(config, model, "--data", uri, "--run-id", run_id)
+        assert result.returncode == 0, result.stderr
+        report, attributes, message_id = pull_report(subscriber, subscription, run_id)
+        yield FirstRun(config, model, frame, uri, run_id, result, report, attributes, message_id)
+    finally:
+        subscriber.delete_subscription(subscription=subscription)
+        subscriber.close()
+
+
+def test_run_publishes_a_metrics_report_that_checks_out_field_by_field(
+    stack: Stack, gcs: Any, first_run: FirstRun
+) -> None:
+    model, uri, run_id, result = first_run.model, first_run.uri, first_run.run_id, first_run.result
+    report, attributes, message_id = first_run.report, first_run.attributes, first_run.message_id
 
     assert result.returncode == 0, result.stderr
     for step in ("preprocess-data", "train-model", "evaluate-model"):
         assert f"{step}: ok" in result.stderr
-    report, attributes, message_id = pull_report(subscriber, metrics_subscription, run_id)
     assert f"message {message_id}" in result.stdout
     assert attributes == {"model": model, "schema_version": "1"}
     assert report.model == model
@@ -178,17 +216,14 @@ def test_failed_step_publishes_a_failure_report_and_exits_non_zero(
 
 def test_champion_is_scored_on_the_same_rows(
     stack: Stack,
-    gcs: Any,
     registry: FirestoreRegistry,
     ledger: FirestoreLedger,
     subscriber: pubsub_v1.SubscriberClient,
     metrics_subscription: str,
-    config_with: Callable[..., tuple[Path, str]],
+    first_run: FirstRun,
 ) -> None:
-    config, model = config_with()
-    uri = upload(gcs, stack, f"{model}/rows.csv", RAINFALL.iloc[:3000])
-    first = unique("run")
-    assert retrain_run(config, model, "--data", uri, "--run-id", first).returncode == 0
+    config, model, uri, first = first_run.config, first_run.model, first_run.uri, first_run.run_id
+    assert first_run.report.champion is None
     # Make the first candidate the champion, as the gatekeeper does: copied into the
     # registry bucket, registered, and the pointer moved (its generation to 1).
     candidate = f"{stack.settings.run_prefix(model, first)}/model"
@@ -248,16 +283,10 @@ def test_another_dataset_works_by_configuration_alone(
 
 
 def test_component_clis_give_the_same_artifacts_as_the_pipeline(
-    stack: Stack,
-    gcs: Any,
-    tmp_path: Path,
-    config_with: Callable[..., tuple[Path, str]],
+    stack: Stack, gcs: Any, tmp_path: Path, first_run: FirstRun
 ) -> None:
-    config, model = config_with()
-    frame = RAINFALL.iloc[:3000]
-    uri = upload(gcs, stack, f"{model}/rows.csv", frame)
-    run_id = unique("run")
-    assert retrain_run(config, model, "--data", uri, "--run-id", run_id).returncode == 0
+    config, model, frame = first_run.config, first_run.model, first_run.frame
+    uri, run_id = first_run.uri, first_run.run_id
     outputs = stack.state_dir / "runs" / run_id / "outputs"
     local_copy = tmp_path / "rows.csv"
     frame.to_csv(local_copy, index=False)
