@@ -37,6 +37,8 @@ from retrain.gatekeeper.registry import ModelVersion
 from serving.models import load_model
 from tests import penguins
 
+pytestmark = pytest.mark.unit
+
 CATEGORICAL = ("Species", "Island", "Clutch Completion")
 GENTOO = "Gentoo penguin (Pygoscelis papua)"
 
