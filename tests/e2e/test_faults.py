@@ -101,6 +101,13 @@ def test_no_event_is_lost_or_run_twice_while_parts_die(stack: Stack, record_prop
     land(3)
     assert wait_until(lambda: healed(stack, "on_data_arrival", function),
                       timeout=RECOVERY_DEADLINE)  # fmt: skip
+    # Wait for the object's event itself, not for a count of runs: on a busy machine the
+    # worker's takeover may have made the fifth run before this object's redelivery (or the
+    # sweep) records it, and `settled` then saw nothing pending yet.
+    last = f"{bucket.name}/{uploaded[3].name}#{uploaded[3].generation}"
+    assert wait_until(lambda: ledger.event(MODEL, last) is not None, timeout=240), (
+        f"{uploaded[3].name}: its event was lost"
+    )
     runs = settled(ledger, MODEL, runs=5, timeout=240)
 
     decided: dict[str, str] = {}  # event -> the decided run that covers it
