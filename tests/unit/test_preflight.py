@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from retrain.config import Settings, load_settings
+from tests.unit.test_deploy_dry_run import _config as deploy_config
 
 pytestmark = pytest.mark.unit
 
@@ -108,16 +109,7 @@ def google() -> Iterator[tuple[FakeGoogle, Any]]:
 
 
 def _settings(tmp_path: Path, **changes: Any) -> Settings:
-    raw = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
-    raw.update(
-        backend="vertex",
-        project="acme-ml-test",
-        buckets={"data": "acme-data", "artifacts": "acme-artifacts"},
-    )
-    raw.update(changes)
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return load_settings(path)
+    return load_settings(deploy_config(tmp_path, **changes))
 
 
 def _problems(settings: Settings, api: Any) -> list[str]:
