@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
-.PHONY: help prereqs install browser lint checkov test demo bench up down status package deploy clean
+.PHONY: help prereqs install browser lint checkov test demo bench bench-peers up down status package deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -53,8 +53,11 @@ test: ## run every test tier but benchmarks (the tests start the emulators)
 demo: install prereqs ## the main job on the local stack
 	$(BIN)/retrain demo
 
-bench: install prereqs ## benchmarks: print the figures (not part of make test)
+bench: install prereqs bench-peers ## benchmarks: print the figures (not part of make test)
 	$(BIN)/python -m pytest -m bench -s -p no:cacheprovider bench $(PYTEST_ARGS)
+
+bench-peers: ## the peers' venv for make bench (.venv-peers: MLServer, mlserver-sklearn)
+	scripts/bench-peers
 
 up: install prereqs ## start the local stack in the background
 	$(BIN)/retrain up --detach
@@ -73,4 +76,4 @@ deploy: install ## deploy to Google Cloud (docs/deploy-gcp.md); DRY_RUN=1 prints
 	DRY_RUN="$(DRY_RUN)" scripts/deploy
 
 clean: ## remove the local stack state and caches (not .venv)
-	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info .venv-checkov
+	rm -rf .retrain .pytest_cache .mypy_cache .ruff_cache build *.egg-info .venv-checkov .venv-peers
