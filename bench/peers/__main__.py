@@ -99,6 +99,13 @@ def main(
             "(default: use_venv=False, the installed packages)."
         ),
     ] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="After the rounds, profile the servers with py-spy (1 row at concurrency 8; "
+            "10,000-row requests) and keep the samples in this folder."
+        ),
+    ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the raw figures to this file.")
     ] = None,
@@ -109,7 +116,7 @@ def main(
     plan = dataclasses.replace(
         plan, workers=workers, load=load, with_mlserver=with_mlserver,
         with_pipelines=with_pipelines, with_serving=serving, kfp_venv=kfp_venv,
-        seconds=seconds or plan.seconds,
+        seconds=seconds or plan.seconds, profile_dir=profile,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         workdir = Path(tmp)

@@ -66,6 +66,7 @@ class Plan:
     with_pipelines: bool = True
     with_serving: bool = True
     kfp_venv: bool = False  # the peer pipeline under SubprocessRunner(use_venv=True)
+    profile_dir: Path | None = None  # py-spy profiles of the servers, after the rounds
     scenarios: tuple[Scenario, ...] = SCENARIOS
 
     @classmethod
@@ -241,7 +242,29 @@ def compare(
             if job is not None and plan.with_pipelines:
                 _pipelines_round(job, workdir / f"round-{round_ + 1}", round_, report, out,
                                  plan.kfp_venv)  # fmt: skip
+        if plan.profile_dir is not None:
+            _profiles(servers, matrices, plan, tool, out)
     return report
+
+
+def _profiles(servers: Sequence[Server], matrices: dict[int, npt.NDArray[np.float64]],
+              plan: Plan, tool: str, out: Print) -> None:  # fmt: skip
+    """py-spy on ours at 1 row x concurrency 8, and on ours and MLServer at 10,000-row
+    requests (values to 6 decimals: a full-precision body is over our limit today)."""
+    from bench.peers.profiles import profile_load  # noqa: PLC0415
+
+    assert plan.profile_dir is not None
+    big = np.round(matrices[max(matrices)], 6)
+    cases = [(s, f"{s.name}-1row-c8", matrices[1], 8) for s in servers if s.name == "ours"]
+    cases += [(s, f"{s.name}-{len(big)}rows-c1", big, 1) for s in servers
+              if s.name in ("ours", "MLServer")]  # fmt: skip
+    for server, name, x, concurrency in cases:
+        target = Target(server.port, server.path, server.body(x))
+        found = profile_load(server.pid, target, concurrency, max(plan.seconds, 5),
+                             plan.profile_dir / name.replace(" ", "").lower(), tool)  # fmt: skip
+        out(f"  profile {name} (py-spy, {plan.profile_dir}):")
+        for line in found.top():
+            out(line)
 
 
 def _matrix(served: Served, rows: int) -> npt.NDArray[np.float64]:
@@ -300,6 +323,8 @@ def _ratios(report: Report, scenario: str, figure: Callable[[LoadResult], float]
 def tables(report: Report, plan: Plan) -> Iterator[str]:
     """Markdown tables of the report: each server's figures, ratios and floors, pipelines."""
     rounds = f"medians of {plan.rounds} round{'s' * (plan.rounds > 1)} [min..max]"
+    yield f"Load average (1, 5, 15 min) as each round started: {'; '.join(report.loads)}"
+    yield ""
     if plan.with_serving:
         yield from _serving_tables(report, plan, rounds)
     if report.pipelines:

@@ -51,6 +51,7 @@ class Server:
     path: str
     body: Callable[[npt.NDArray[np.float64]], bytes]
     probabilities: Callable[[bytes], list[float]]  # P(positive class) from a 200 answer
+    pid: int
 
 
 def vertex_body(x: npt.NDArray[np.float64]) -> bytes:
@@ -118,9 +119,11 @@ def our_server(
     if workers > 1:
         argv += ["--workers", str(workers)]
     ready = f"http://127.0.0.1:{port}/healthz"
-    with _started("ours", argv, env, workdir, ready, lambda s, b: s == 200 and model.encode() in b):
+    with _started(
+        "ours", argv, env, workdir, ready, lambda s, b: s == 200 and model.encode() in b
+    ) as record:
         yield Server("ours", port, f"{endpoint}/endpoints/{model}:predict", vertex_body,
-                     _ours_probabilities)  # fmt: skip
+                     _ours_probabilities, record.pid)  # fmt: skip
 
 
 @contextmanager
@@ -147,9 +150,9 @@ def mlserver(model_file: Path, workdir: Path, venv: Path = PEERS_VENV) -> Iterat
     # MLServer's workers find the runtime by the venv's PATH, as `mlserver start` does there.
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin"}
     argv = [str(executable), "start", str(folder)]
-    with _started("mlserver", argv, env, workdir, ready, lambda s, _: s == 200):
+    with _started("mlserver", argv, env, workdir, ready, lambda s, _: s == 200) as record:
         yield Server("MLServer", http, f"/v2/models/{MLSERVER_MODEL}/infer", v2_body,
-                     _v2_probabilities)  # fmt: skip
+                     _v2_probabilities, record.pid)  # fmt: skip
 
 
 @contextmanager
@@ -158,5 +161,5 @@ def floor_server(workdir: Path) -> Iterator[Server]:
     (port,) = free_ports(1)
     argv = [sys.executable, "-m", "bench.peers.floor", "--port", str(port)]
     with _started("floor", argv, {"PYTHONPATH": str(ROOT)}, workdir,
-                  f"http://127.0.0.1:{port}/healthz"):  # fmt: skip
-        yield Server("HTTP floor", port, "/predict", vertex_body, _no_probabilities)
+                  f"http://127.0.0.1:{port}/healthz") as record:  # fmt: skip
+        yield Server("HTTP floor", port, "/predict", vertex_body, _no_probabilities, record.pid)
