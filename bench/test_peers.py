@@ -19,6 +19,7 @@ pytestmark = pytest.mark.bench
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(3600)  # 3 rounds take about 10 minutes on a quiet 2-core machine
 def test_ours_against_the_peers() -> None:
     argv = [sys.executable, "-m", "bench.peers", "--rounds", "3",
             *shlex.split(os.environ.get("BENCH_PEERS_ARGS", ""))]  # fmt: skip
