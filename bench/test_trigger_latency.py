@@ -31,7 +31,11 @@ pytestmark = pytest.mark.bench
 UPLOADS = 200
 DUPLICATES = 1000
 ROUNDS = 4  # ours and the no-op alternate, the order rotated each round
-PER_ROUND = 150
+PER_ROUND = 100
+# One upload every 100 ms: a steady stream that one function instance keeps up with, so that
+# the figures are each event's latency, not a queue's (at one every 20 ms, as above, ours
+# falls behind on this shared 2-core machine, and the queue's growth is what is measured).
+VERSUS_INTERVAL = 0.1
 NOOP = Path(__file__).with_name("noop_function.py")
 
 
@@ -98,16 +102,16 @@ def _percentiles(values: list[float]) -> str:
 
 def _stream(
     stack: Stack, bucket: Any, prefix: str, first: str, rest: str,
-    count: int = UPLOADS, log: str = "on_data_arrival.log",
+    count: int = UPLOADS, log: str = "on_data_arrival.log", interval: float = 0.02,
 ) -> dict[str, float]:  # fmt: skip
-    """Upload ``count`` objects under ``prefix``, one every ~20 ms; when each was uploaded
-    (once each is in ``log``)."""
+    """Upload ``count`` objects under ``prefix``, one every ``interval`` s; when each was
+    uploaded (once each is in ``log``)."""
     uploaded: dict[str, float] = {}
     for i in range(count):
         name = f"{prefix}/part-{i:03d}.csv"
         bucket.blob(name).upload_from_string(first if i == 0 else rest)
         uploaded[f"gs://{bucket.name}/{name}"] = time.time()
-        time.sleep(0.02)  # a steady stream, not a burst: ~40 uploads a second
+        time.sleep(interval)  # a steady stream, not a burst (~40 uploads a second)
     assert wait_until(lambda: set(uploaded) <= set(_handled(stack, log)), timeout=120)
     return uploaded
 
@@ -143,14 +147,15 @@ def test_upload_to_handled_against_a_noop_function(stack: Stack, noop: Path) -> 
     noop_figures: list[tuple[float, float]] = []
     print()
     print(f"{ROUNDS} rounds of {PER_ROUND} uploads (100-row CSVs) for each function, one every "
-          "~20 ms, alternating; upload -> handled")  # fmt: skip
+          f"{VERSUS_INTERVAL * 1000:.0f} ms, alternating; upload -> handled")  # fmt: skip
     for r in range(ROUNDS):
         load = _load()
         phases = ["ours", "noop"] if r % 2 == 0 else ["noop", "ours"]
         figures: dict[str, tuple[float, float, float]] = {}
         for phase in phases:
             if phase == "ours":
-                sent = _stream(stack, bucket, f"versus/r{r}", csv, csv, PER_ROUND)
+                sent = _stream(stack, bucket, f"versus/r{r}", csv, csv, PER_ROUND,
+                               interval=VERSUS_INTERVAL)  # fmt: skip
                 handled = _handled(stack)
                 actions = {handled[uri]["action"] for uri in sent}
                 assert actions == {"queued"}, actions  # the whole path, every time
@@ -158,7 +163,7 @@ def test_upload_to_handled_against_a_noop_function(stack: Stack, noop: Path) -> 
                 own = statistics.median(handled[uri]["ms"] for uri in sent)
             else:
                 sent = _stream(stack, bucket, f"elsewhere/r{r}", csv, csv, PER_ROUND,
-                               log=noop.name)  # fmt: skip
+                               log=noop.name, interval=VERSUS_INTERVAL)  # fmt: skip
                 latency = _latency(stack, sent, noop.name)
                 own = statistics.median(_handled(stack, noop.name)[uri]["ms"] for uri in sent)
             array = np.asarray(latency)
