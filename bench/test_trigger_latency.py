@@ -148,6 +148,9 @@ def test_upload_to_handled_against_a_noop_function(stack: Stack, noop: Path) -> 
     print()
     print(f"{ROUNDS} rounds of {PER_ROUND} uploads (100-row CSVs) for each function, one every "
           f"{VERSUS_INTERVAL * 1000:.0f} ms, alternating; upload -> handled")  # fmt: skip
+    # Not measured: both functions' first requests (connections, the emulators' warm-up).
+    _stream(stack, bucket, "versus/warm", csv, csv, 20, interval=VERSUS_INTERVAL)
+    _stream(stack, bucket, "elsewhere/warm", csv, csv, 20, log=noop.name, interval=VERSUS_INTERVAL)
     for r in range(ROUNDS):
         load = _load()
         phases = ["ours", "noop"] if r % 2 == 0 else ["noop", "ours"]
