@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from retrain.bus import Bus
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger, RunRecord
+    from retrain.statedb import Doc
     from serving.vertex_endpoint import Serving
 
 __all__ = [
@@ -132,7 +133,16 @@ class RetrainService:
     def _claim(self, request: RetrainRequest) -> tuple[Claim, Outcome]:
         model = self._model(request.model)
         check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
-        claim = self.ledger.claim(request)
+        return self._claimed(request, model, self.ledger.claim(request))
+
+    def _claimed(
+        self, request: RetrainRequest, model: ModelSettings, claim: Claim
+    ) -> tuple[Claim, Outcome]:
+        """What follows the claim of ``request``: a run is started if none holds the lease.
+        The lease is looked at only after the claim committed: a run that collects after
+        that sees the event; one that collected before still holds the lease, and this
+        event waits for its trailing run (read before the claim, a lease could be released
+        in between, and the event wait with no run to come)."""
         if claim == "done":
             done = Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
             return claim, done
@@ -420,22 +430,24 @@ class RetrainService:
         every = model.arrival_policy == "every_arrival"
         champion = None if every else self.registry.champion(request.model)
         if champion is None:  # every arrival runs; or the first model needs this data
-            self.ledger.record_arrival(request, **fields)
-            return self._settled(
-                request, "accepted" if every else "first_model", self.request(request)
-            )
+            check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
+            recorded, claim = self.ledger.claim_arrival(request, **fields)  # one commit
+            result = self._claimed(request, model, claim)[1]
+            self.ledger.settle_arrival(request, "accepted" if every else "first_model",
+                                       recorded, run_id=result.run_id)  # fmt: skip
+            return result
         try:
             kind, reasons, details = self._drift(request.model, model, champion, frame, features)
         except ValueError as exc:  # e.g. labels the champion does not know
             return self._quarantine(
                 request, ValidationError(event.uri, [], "unscorable", str(exc)), size
             )
-        self.ledger.record_arrival(request, **fields)
+        recorded = self.ledger.record_arrival(request, **fields)
         if not reasons:
             summary = details["drift"].summary()
-            self.ledger.settle_arrival(request, "no_drift", summary=summary)
+            self.ledger.settle_arrival(request, "no_drift", recorded, summary=summary)
             return Outcome("checked", request.model, detail=f"no drift: {summary}")
-        return self._alert(request, event, kind, reasons, details, champion.version)
+        return self._alert(request, event, kind, reasons, details, champion.version, recorded)
 
     def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
         """(frame, features, bytes, rows) of the object's generation if it passes the rules;
@@ -472,10 +484,6 @@ class RetrainService:
         self.ledger.record_arrival(request, "quarantined", bytes=size, **fields)
         extra = {"rule": fields["rule"], "columns": fields["columns"]}
         return Outcome("quarantined", request.model, detail=str(error), extra=extra)
-
-    def _settled(self, request: RetrainRequest, outcome: str, result: Outcome) -> Outcome:
-        self.ledger.settle_arrival(request, outcome, run_id=result.run_id)
-        return result
 
     def _drift(
         self,
@@ -522,6 +530,7 @@ class RetrainService:
         reasons: list[str],
         details: dict[str, Any],
         version: str,
+        recorded: Doc | None,
     ) -> Outcome:
         """Claim the drift's run, then publish the alert for whoever watches drift-alerts
         (on_drift finds it claimed). Keyed by the arrival, not by this publish: a second
@@ -553,7 +562,7 @@ class RetrainService:
                 **{DEDUPE_ATTRIBUTE: alert_key},
             )  # fmt: skip
         self.ledger.settle_arrival(
-            request, kind, alert_message_id=message_id, alert_key=alert_key,
+            request, kind, recorded, alert_message_id=message_id, alert_key=alert_key,
             summary=alert.summary, run_id=run.run_id,
         )  # fmt: skip
         return Outcome(
