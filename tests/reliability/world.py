@@ -252,8 +252,10 @@ class World:
 
         bucket = self.settings.buckets.data
         blob = self.gcs.bucket(bucket).blob(f"{self.model}/obj-{i}.csv")
-        blob.upload_from_string(rainfall(100 * i).iloc[-100:].to_csv(index=False))
-        event = ObjectEvent(f"e-{i}", "OBJECT_FINALIZE", bucket, blob.name, str(blob.generation))
+        data = rainfall(100 * i).iloc[-100:].to_csv(index=False).encode()
+        blob.upload_from_string(data)
+        event = ObjectEvent(f"e-{i}", "OBJECT_FINALIZE", bucket, blob.name, str(blob.generation),
+                            size=len(data))  # as GCS notifies it  # fmt: skip
         self.events.append(RetrainRequest(
             model=self.model, reason="data", data_uris=[event.uri],
             dedupe_key=event.dedupe_key, trigger_event_id=event.event_id,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from functions_framework import create_app
 
-from retrain.events import PUBLISHED, EventError, decode_pubsub
+from retrain.events import FINALIZED, PUBLISHED, EventError, decode_pubsub, object_event
 
 pytestmark = pytest.mark.unit
 
@@ -35,6 +35,24 @@ def test_decodes_gcs_notification_wrapped_in_pubsub() -> None:
     assert message.delivery_attempt == 2
     assert message.attributes["objectId"] == "rainfall/chunk-0001.csv"
     assert json.loads(message.data)["generation"] == "1795608159085644"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("8", 8), (8, 8), ("0", 0), (None, None), ("-1", None), ("8.5", None), (True, None),
+     ("9" * 25, None)],
+)  # fmt: skip
+def test_the_notified_size_is_kept_when_it_is_a_size(size: Any, expected: int | None) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    payload = {"bucket": "retrain-data", "name": "rainfall/chunk-0001.csv", "generation": "1"}
+    if size is not None:
+        payload["size"] = size
+    event["data"]["message"]["data"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    decoded = object_event(event["type"], event["source"], event["id"], event["data"])
+    assert decoded.size == expected
+    direct = object_event(FINALIZED, "src", "e-1", payload)
+    assert direct.size == expected
+    assert decoded.dedupe_key == "retrain-data/rainfall/chunk-0001.csv#1795608159085644"
 
 
 @pytest.mark.parametrize(
