@@ -163,21 +163,20 @@ class FirestoreLedger:
         run; ``done``: a run covers it. One create-only write: the hot path of every function.
         """
         ref = self._event_doc(request.model, request.dedupe_key)
-        claim = Doc(ref, None)
         change = Change()
-        change.put(
-            claim,
-            {
-                "request": json.loads(request.model_dump_json()),
-                "received_at": self.clock(),
-                "run_id": None,
-            },
-        )
+        change.put(Doc(ref, None), self._claim_record(request))
         try:
             self.db.commit(change)
         except Conflict:
             return "pending" if self._waits(request.model, self.db.read(ref)) else "done"
         return "new"
+
+    def _claim_record(self, request: RetrainRequest) -> dict[str, Any]:
+        return {
+            "request": json.loads(request.model_dump_json()),
+            "received_at": self.clock(),
+            "run_id": None,
+        }
 
     def _waits(self, model: str, event: Doc) -> bool:
         run_id = event.get("run_id")
@@ -204,37 +203,66 @@ class FirestoreLedger:
 
     # -- arrivals that a drift policy checks -----------------------------------------
 
+    def _arrival_record(
+        self, request: RetrainRequest, outcome: str | None, checked: dict[str, Any]
+    ) -> tuple[Doc, dict[str, Any]]:
+        return Doc(self._arrival_doc(request.model, request.dedupe_key), None), {
+            **checked,
+            "request": json.loads(request.model_dump_json()),
+            "object": request.data_uris[0] if request.data_uris else None,
+            "received_at": self.clock(),
+            "outcome": outcome,
+        }
+
     def record_arrival(
         self, request: RetrainRequest, outcome: str | None = None, **checked: Any
-    ) -> bool:
+    ) -> Doc | None:
         """An arrival and what its check found (``checked``: rows, bytes and features, or a
         broken rule); ``outcome`` is final at once (``quarantined``) or comes with
-        :meth:`settle_arrival`. True the first time only: a redelivery that checked again
-        found the same."""
+        :meth:`settle_arrival`. The record as written the first time (truthy); None when a
+        redelivery that checked again found it recorded."""
+        doc, record = self._arrival_record(request, outcome, checked)
         change = Change()
-        change.put(
-            Doc(self._arrival_doc(request.model, request.dedupe_key), None),
-            {
-                **checked,
-                "request": json.loads(request.model_dump_json()),
-                "object": request.data_uris[0] if request.data_uris else None,
-                "received_at": self.clock(),
-                "outcome": outcome,
-            },
-        )
+        change.put(doc, record)
         try:
-            self.db.commit(change)
+            (written,) = self.db.commit(change)
         except Conflict:
-            return False
-        return True
+            return None
+        return Database.written(doc, record, written)
 
-    def settle_arrival(self, request: RetrainRequest, outcome: str, **extra: Any) -> bool:
+    def claim_arrival(self, request: RetrainRequest, **checked: Any) -> tuple[Doc | None, Claim]:
+        """:meth:`record_arrival` (outcome to come) and :meth:`claim`, in one commit when
+        both are new (a first delivery); else each on its own, as a redelivery finds them.
+        The two create-only writes commit together or not at all, so no state arises that
+        the two commits one after the other could not leave (a crash between them leaves
+        the record without the claim; the redelivery claims it)."""
+        arrival, record = self._arrival_record(request, None, checked)
+        claim = Doc(self._event_doc(request.model, request.dedupe_key), None)
+        change = Change()
+        change.put(arrival, record)
+        change.put(claim, self._claim_record(request))
+        try:
+            written, _ = self.db.commit(change)
+        except Conflict:  # one of them exists: a redelivery, or a delivery racing this one
+            return self.record_arrival(request, **checked), self.claim(request)
+        return Database.written(arrival, record, written), "new"
+
+    def settle_arrival(
+        self, request: RetrainRequest, outcome: str, recorded: Doc | None = None, **extra: Any
+    ) -> bool:
         """What the check of an arrival decided (``no_drift``, ``drift``, ``first_model``...);
-        the first settlement stands. False if another delivery settled it first."""
+        the first settlement stands. False if another delivery settled it first.
+
+        ``recorded``: the record as this caller wrote it (:meth:`record_arrival`), with
+        the time of that write. The first attempt is guarded by that time instead of a
+        read: it commits only if the record is still exactly as written, unsettled (written
+        with no outcome); any other write in between fails it, and it reads and decides
+        again, as without ``recorded``."""
         ref = self._arrival_doc(request.model, request.dedupe_key)
+        known = [recorded] if recorded is not None and recorded.update_time is not None else []
 
         def attempt() -> bool:
-            found = self.db.read(ref)
+            found = known.pop() if known else self.db.read(ref)
             if found.get("outcome") is not None:
                 return False
             change = Change()

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from retrain.bus import Bus
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger, RunRecord
+    from retrain.statedb import Doc
     from serving.vertex_endpoint import Serving
 
 __all__ = [
@@ -132,7 +133,16 @@ class RetrainService:
     def _claim(self, request: RetrainRequest) -> tuple[Claim, Outcome]:
         model = self._model(request.model)
         check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
-        claim = self.ledger.claim(request)
+        return self._claimed(request, model, self.ledger.claim(request))
+
+    def _claimed(
+        self, request: RetrainRequest, model: ModelSettings, claim: Claim
+    ) -> tuple[Claim, Outcome]:
+        """What follows the claim of ``request``: a run is started if none holds the lease.
+        The lease is looked at only after the claim committed: a run that collects after
+        that sees the event; one that collected before still holds the lease, and this
+        event waits for its trailing run (read before the claim, a lease could be released
+        in between, and the event wait with no run to come)."""
         if claim == "done":
             done = Outcome("duplicate", request.model, detail=f"{request.dedupe_key} already run")
             return claim, done
@@ -420,22 +430,24 @@ class RetrainService:
         every = model.arrival_policy == "every_arrival"
         champion = None if every else self.registry.champion(request.model)
         if champion is None:  # every arrival runs; or the first model needs this data
-            self.ledger.record_arrival(request, **fields)
-            return self._settled(
-                request, "accepted" if every else "first_model", self.request(request)
-            )
+            check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
+            recorded, claim = self.ledger.claim_arrival(request, **fields)  # one commit
+            result = self._claimed(request, model, claim)[1]
+            self.ledger.settle_arrival(request, "accepted" if every else "first_model",
+                                       recorded, run_id=result.run_id)  # fmt: skip
+            return result
         try:
             kind, reasons, details = self._drift(request.model, model, champion, frame, features)
         except ValueError as exc:  # e.g. labels the champion does not know
             return self._quarantine(
                 request, ValidationError(event.uri, [], "unscorable", str(exc)), size
             )
-        self.ledger.record_arrival(request, **fields)
+        recorded = self.ledger.record_arrival(request, **fields)
         if not reasons:
             summary = details["drift"].summary()
-            self.ledger.settle_arrival(request, "no_drift", summary=summary)
+            self.ledger.settle_arrival(request, "no_drift", recorded, summary=summary)
             return Outcome("checked", request.model, detail=f"no drift: {summary}")
-        return self._alert(request, event, kind, reasons, details, champion.version)
+        return self._alert(request, event, kind, reasons, details, champion.version, recorded)
 
     def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
         """(frame, features, bytes, rows) of the object's generation if it passes the rules;
@@ -448,6 +460,13 @@ class RetrainService:
         from components.preprocess.validation import check_arrival, check_size  # noqa: PLC0415
 
         generation = int(event.generation) if event.generation.isdigit() else None
+        try:
+            data = self._as_notified(event, generation, model)
+        except NotFound:
+            return None
+        if data is not None:
+            frame, features = check_arrival(event.uri, data, model)
+            return frame, features, len(data), len(frame)
         blob = self.storage.bucket(event.bucket).get_blob(event.name, generation=generation)
         if blob is None:
             return None
@@ -465,6 +484,30 @@ class RetrainService:
         rows = len(frame) if sample is None else max(len(frame), round(sample[1] * len(frame)))
         return frame, features, size, rows
 
+    def _as_notified(
+        self, event: ObjectEvent, generation: int | None, model: ModelSettings
+    ) -> bytes | None:
+        """The object's bytes in one request, where its notification gave its size (GCS's
+        JSON_API_V1 payload does) and the object is read whole (not over SAMPLE_BYTES, and
+        within the size rule): the generation is pinned, so the notified size is that of
+        these very bytes, and no metadata request is needed to bound the read. At most one
+        byte more than notified is asked for, so a notification that understated the size
+        costs no more than that. None where this does not apply, or the bytes are not as
+        many as notified: the caller then asks the store for the object's metadata, as
+        without a size. NotFound: this generation is gone."""
+        from components.preprocess.validation import ValidationError, check_size  # noqa: PLC0415
+
+        size = event.size
+        if size is None or generation is None or not 0 < size <= SAMPLE_BYTES:
+            return None
+        try:
+            check_size(event.uri, size, model)
+        except ValidationError:
+            return None  # quarantined on the store's own word, not the notification's
+        blob = self.storage.bucket(event.bucket).blob(event.name, generation=generation)
+        data = bytes(blob.download_as_bytes(start=0, end=size))  # bytes 0..size, inclusive
+        return data if len(data) == size else None
+
     def _quarantine(self, request: RetrainRequest, error: Any, size: int | None = None) -> Outcome:
         """Keep the object out of every data window until released; one ERROR line says why
         (``retrain quarantine`` lists them)."""
@@ -472,10 +515,6 @@ class RetrainService:
         self.ledger.record_arrival(request, "quarantined", bytes=size, **fields)
         extra = {"rule": fields["rule"], "columns": fields["columns"]}
         return Outcome("quarantined", request.model, detail=str(error), extra=extra)
-
-    def _settled(self, request: RetrainRequest, outcome: str, result: Outcome) -> Outcome:
-        self.ledger.settle_arrival(request, outcome, run_id=result.run_id)
-        return result
 
     def _drift(
         self,
@@ -522,6 +561,7 @@ class RetrainService:
         reasons: list[str],
         details: dict[str, Any],
         version: str,
+        recorded: Doc | None,
     ) -> Outcome:
         """Claim the drift's run, then publish the alert for whoever watches drift-alerts
         (on_drift finds it claimed). Keyed by the arrival, not by this publish: a second
@@ -553,7 +593,7 @@ class RetrainService:
                 **{DEDUPE_ATTRIBUTE: alert_key},
             )  # fmt: skip
         self.ledger.settle_arrival(
-            request, kind, alert_message_id=message_id, alert_key=alert_key,
+            request, kind, recorded, alert_message_id=message_id, alert_key=alert_key,
             summary=alert.summary, run_id=run.run_id,
         )  # fmt: skip
         return Outcome(

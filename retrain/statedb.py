@@ -123,14 +123,18 @@ class Database:
     def all(self, collection: Any) -> list[Doc]:
         return [Doc(s.reference, s.to_dict() or {}, s.update_time) for s in collection.stream()]
 
-    def commit(self, change: Change) -> None:
+    def commit(self, change: Change) -> list[Any]:
         """Apply every write of ``change`` or none; :class:`Conflict` if a precondition
         failed. Never retried here: a retry of a commit whose answer was lost would fail
-        its own preconditions, so callers read again and recognise their own write."""
+        its own preconditions, so callers read again and recognise their own write.
+
+        Returns the ``update_time`` of each write, in order (None for a delete): a document
+        written here is, as of that time, exactly what was written, so a later change may be
+        guarded by it without reading the document again (:meth:`written`)."""
         from google.api_core import exceptions  # noqa: PLC0415
 
         if not change:
-            return
+            return []
         batch = self.client.batch()
         for kind, doc, data in change.writes:
             if kind == "delete":
@@ -144,7 +148,7 @@ class Database:
                 assert data is not None  # noqa: S101
                 batch.create(doc.ref, data)
         try:
-            batch.commit(retry=None)
+            results = batch.commit(retry=None)
         except (
             exceptions.FailedPrecondition,  # update_time moved: someone wrote first
             exceptions.Conflict,  # create of a document that exists (AlreadyExists)
@@ -152,6 +156,13 @@ class Database:
             exceptions.Aborted,
         ) as exc:
             raise Conflict(str(exc)) from exc
+        return [getattr(result, "update_time", None) for result in results]
+
+    @staticmethod
+    def written(doc: Doc, data: dict[str, Any], update_time: Any) -> Doc:
+        """``doc`` as a commit that returned ``update_time`` left it: created with ``data``
+        if it was absent, else updated with it (the fields not in ``data`` are as read)."""
+        return Doc(doc.ref, {**(doc.data or {}), **data}, update_time)
 
 
 def _escape(data: dict[str, Any]) -> dict[str, Any]:

@@ -8,10 +8,7 @@ delivery attempts, dead-letters it.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 import functions_framework
 from cloudevents.http.event import CloudEvent
 
+from retrain import jsonlog
 from retrain.config import load_settings
 from retrain.events import EventError, decode_pubsub, object_event
 from retrain.messages import MessageError, MetricsReport, decode
@@ -29,16 +27,10 @@ _CONFIG = Path(os.environ.get("RETRAIN_CONFIG", "retrain.yaml"))
 _SERVICE = build_service(load_settings(_CONFIG), _CONFIG)
 
 
-_LOG_LOCK = threading.Lock()
-
-
 def _log(severity: str, function: str, **fields: Any) -> None:
-    # Cloud Functions turns one JSON line on stdout into one structured log entry. print()
-    # writes the text and its newline apart: concurrent requests' lines would be joined.
-    line = json.dumps({"severity": severity, "function": function, **fields}) + "\n"
-    with _LOG_LOCK:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+    # Cloud Functions turns one JSON line on stdout into one structured log entry: each is
+    # one write of the whole line (retrain.jsonlog), so concurrent requests' lines stay apart.
+    jsonlog.write_line({"severity": severity, "function": function, **fields})
 
 
 def _handle(function: str, event: CloudEvent, handler: Callable[[], Outcome]) -> None:

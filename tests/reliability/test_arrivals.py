@@ -5,8 +5,10 @@ whose notification was lost."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -188,3 +190,47 @@ def test_the_sweep_finishes_a_check_whose_deliveries_gave_up(
     arrival = world.ledger.arrival(world.model, event.dedupe_key)
     assert arrival is not None
     assert arrival["outcome"] == "accepted"
+
+
+def test_an_arrival_notified_with_its_size_is_read_in_one_request(
+    make_world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GCS's notification gives the object's size: the check reads the pinned generation
+    at once, without asking for its metadata first; a notified size that is wrong goes the
+    way of an unsized one, and a generation that is gone is ignored either way."""
+    from google.cloud.storage.bucket import Bucket  # noqa: PLC0415
+
+    world = make_world(arrival_policy="every_arrival")
+    asked: list[str] = []
+    get_blob = Bucket.get_blob
+
+    def counted(bucket: Bucket, name: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(name)
+        return get_blob(bucket, name, *args, **kwargs)
+
+    monkeypatch.setattr(Bucket, "get_blob", counted)
+    rows = RAINFALL.iloc[:600]
+    sized = put(world, "sized.csv", rows)
+    size = len(rows.to_csv(index=False).encode())
+
+    outcome = world.service.data_arrival(dataclasses.replace(sized, size=size))
+
+    assert outcome.action == "launched", outcome
+    assert asked == [], "the metadata was asked for"
+    arrival = world.ledger.arrival(world.model, sized.dedupe_key)
+    assert arrival is not None
+    assert (arrival["rows"], arrival["bytes"], arrival["outcome"]) == (600, size, "accepted")
+
+    for i, wrong in enumerate((size - 10, size + 10, 1)):  # understated, overstated, tiny
+        other = put(world, f"wrong-{i}.csv", rows)
+        world.service.data_arrival(dataclasses.replace(other, size=wrong))
+        arrival = world.ledger.arrival(world.model, other.dedupe_key)
+        assert arrival is not None
+        assert (arrival["rows"], arrival["bytes"]) == (600, size), wrong
+    assert asked == [f"{world.model}/wrong-{i}.csv" for i in range(3)]
+
+    gone = put(world, "gone.csv", rows)
+    world.gcs.bucket(gone.bucket).blob(gone.name).delete()
+    outcome = world.service.data_arrival(dataclasses.replace(gone, size=size))
+    assert outcome.action == "ignored", outcome
+    assert "no longer exists" in outcome.detail

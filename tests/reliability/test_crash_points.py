@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,16 @@ def event_to_decision(world: World) -> None:
     world.step()  # the first event: claim, lease, gather, launch
     world.event(2)
     world.event(3)
+    world.settle()
+
+
+def arrivals(world: World) -> None:
+    """Three objects land, each checked on arrival (record, claim, lease, settle): the
+    first starts a run; two arrive while it runs and share the trailing run."""
+    world.arrival(1)
+    world.step()
+    world.arrival(2)
+    world.arrival(3)
     world.settle()
 
 
@@ -117,6 +128,7 @@ def nothing(world: World) -> None:
 # name: (prelude, run without a crash; the scenario, crashed at each of its writes)
 SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
     "event_to_decision": (nothing, event_to_decision),
+    "arrivals": (nothing, arrivals),
     "takeover": (nothing, takeover),
     "failed_launch": (nothing, failed_launch),
     "lost_report": (nothing, lost_report),
@@ -126,13 +138,20 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
 }
 
 
+# The settings of a scenario's world, where not the shipped model's.
+WORLDS: dict[str, dict[str, Any]] = {"arrivals": {"arrival_policy": "every_arrival"}}
+# Writes a scenario must make (so that it is crashed right after each): a first delivery
+# records the arrival and claims its event in one commit.
+MUST_WRITE: dict[str, tuple[str, ...]] = {"arrivals": ("commit arrivals, events",)}
+
+
 def run_scenario(
     make_world: Callable[..., World], name: str, crash_at: int | None
 ) -> tuple[World, int]:
     """The scenario in a fresh world, dying after the ``crash_at``-th write of its body;
     the world and the number of writes its prelude made."""
     prelude, body = SCENARIOS[name]
-    world = make_world(Faults(), Plan())
+    world = make_world(Faults(), Plan(), **WORLDS.get(name, {}))
     prelude(world)
     before = world.faults.writes
     world.faults.crash_at = None if crash_at is None else before + crash_at
@@ -150,6 +169,8 @@ def test_every_crash_point_keeps_the_invariants(
     check(clean)
     writes = clean.faults.writes - before
     assert writes > 5, f"{name}: only {writes} writes; the scenario did not run"
+    for write in MUST_WRITE.get(name, ()):
+        assert write in clean.faults.log, f"{name}: no {write!r} to crash after"
 
     def crash(k: int) -> str | None:
         world, _ = run_scenario(make_world, name, k)

@@ -28,6 +28,7 @@ from components.runs import RunContext, failure_report, publish_report
 from pipelines.launch import JobState, gather_or_end, hold_for_run, record_launch
 from retrain import blobstore
 from retrain.config import Settings
+from retrain.events import ObjectEvent
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger, RunRecord
 from retrain.messages import EvaluatedModel, Message, MetricsReport, RetrainRequest
@@ -75,18 +76,18 @@ class CrashingDatabase(Database):
         super().__init__(client)
         self.faults = faults
 
-    def commit(self, change: Change) -> None:
+    def commit(self, change: Change) -> list[Any]:
         if not change:
-            return
+            return []
         what = "commit " + ", ".join(
             sorted({d.ref.path.split("/")[-2] for _, d, _ in change.writes})
         )
-        self.faults.write(what, lambda: Database.commit(self, change))
+        return self.faults.write(what, lambda: Database.commit(self, change))
 
 
 @dataclass
 class Delivery:
-    kind: Literal["event", "report"]
+    kind: Literal["event", "arrival", "report"]
     payload: Any
     attempts: int = 0
 
@@ -228,6 +229,7 @@ class World:
             self.settings, self.ledger, self.launcher, self.inbox, self.registry, storage=gcs
         )
         self.events: list[RetrainRequest] = []
+        self.arrivals: list[ObjectEvent] = []  # objects that landed (``arrival``)
         self.submitted: list[str] = []  # run ids, in the order their jobs were created
 
     # -- what happens in the world -------------------------------------------------
@@ -243,10 +245,31 @@ class World:
         self.inbox.queue.append(Delivery("event", request))
         return request
 
+    def arrival(self, i: int) -> ObjectEvent:
+        """Data object number ``i`` lands in the data bucket (100 real rows): its GCS
+        notification is queued for delivery to the arrival check (``data_arrival``)."""
+        from tests.conftest import rainfall  # noqa: PLC0415 (pandas, for these worlds only)
+
+        bucket = self.settings.buckets.data
+        blob = self.gcs.bucket(bucket).blob(f"{self.model}/obj-{i}.csv")
+        data = rainfall(100 * i).iloc[-100:].to_csv(index=False).encode()
+        blob.upload_from_string(data)
+        event = ObjectEvent(f"e-{i}", "OBJECT_FINALIZE", bucket, blob.name, str(blob.generation),
+                            size=len(data))  # as GCS notifies it  # fmt: skip
+        self.events.append(RetrainRequest(
+            model=self.model, reason="data", data_uris=[event.uri],
+            dedupe_key=event.dedupe_key, trigger_event_id=event.event_id,
+        ))  # fmt: skip
+        self.arrivals.append(event)
+        self.inbox.queue.append(Delivery("arrival", event))
+        return event
+
     def deliver(self, delivery: Delivery) -> None:
         delivery.attempts += 1
         if delivery.kind == "event":
             self.service.request(delivery.payload)
+        elif delivery.kind == "arrival":
+            self.service.data_arrival(delivery.payload)
         else:
             self.service.report(delivery.payload)
 
@@ -418,6 +441,11 @@ def check(world: World, *, quiet: bool = True) -> None:
             (r.run_id, r.state) for r in runs.values() if r.ended_at is None
         ]
         assert all(j.state == "ended" for j in world.launcher.jobs.values())
+        # every arrival checked once and settled, as an accepted one (its run covers it)
+        for event in world.arrivals:
+            arrival = ledger.arrival(model, event.dedupe_key)
+            assert arrival is not None, f"{event.uri}: its arrival was never recorded"
+            assert arrival.get("outcome") == "accepted", (event.uri, arrival.get("outcome"))
 
 
 def replay(world: World) -> None:
@@ -431,6 +459,8 @@ def replay(world: World) -> None:
     )
     for request in world.events:
         assert world.service.request(request).action == "duplicate", request.dedupe_key
+    for event in world.arrivals:
+        assert world.service.data_arrival(event).action == "duplicate", event.uri
     for topic, message in list(world.inbox.published):
         if isinstance(message, MetricsReport):
             world.service.report(message)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from functions_framework import create_app
 
-from retrain.events import PUBLISHED, EventError, decode_pubsub
+from retrain.events import FINALIZED, PUBLISHED, EventError, decode_pubsub, object_event
 
 pytestmark = pytest.mark.unit
 
@@ -35,6 +35,24 @@ def test_decodes_gcs_notification_wrapped_in_pubsub() -> None:
     assert message.delivery_attempt == 2
     assert message.attributes["objectId"] == "rainfall/chunk-0001.csv"
     assert json.loads(message.data)["generation"] == "1795608159085644"
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [("8", 8), (8, 8), ("0", 0), (None, None), ("-1", None), ("8.5", None), (True, None),
+     ("9" * 25, None)],
+)  # fmt: skip
+def test_the_notified_size_is_kept_when_it_is_a_size(size: Any, expected: int | None) -> None:
+    event = event_fixture("gcs_finalize_pubsub.json")
+    payload = {"bucket": "retrain-data", "name": "rainfall/chunk-0001.csv", "generation": "1"}
+    if size is not None:
+        payload["size"] = size
+    event["data"]["message"]["data"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    decoded = object_event(event["type"], event["source"], event["id"], event["data"])
+    assert decoded.size == expected
+    direct = object_event(FINALIZED, "src", "e-1", payload)
+    assert direct.size == expected
+    assert decoded.dedupe_key == "retrain-data/rainfall/chunk-0001.csv#1795608159085644"
 
 
 @pytest.mark.parametrize(
@@ -82,8 +100,8 @@ def post(client: Any, event: dict[str, Any]) -> Any:
     return client.post("/", json=event, headers={"Content-Type": "application/cloudevents+json"})
 
 
-def logged(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
-    (line,) = capsys.readouterr().out.strip().splitlines()
+def logged(capfd: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    (line,) = capfd.readouterr().out.strip().splitlines()
     value: dict[str, Any] = json.loads(line)
     return value
 
@@ -99,13 +117,13 @@ def logged(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     ],
 )
 def test_objects_that_start_no_run_are_ignored_with_one_line(
-    client: Any, capsys: pytest.CaptureFixture[str], attributes: dict[str, str], why: str
+    client: Any, capfd: pytest.CaptureFixture[str], attributes: dict[str, str], why: str
 ) -> None:
     event = event_fixture("gcs_finalize_pubsub.json")
     event["data"]["message"]["attributes"].update(attributes)
     event["data"]["message"]["data"] = ""
     assert post(client("on_data_arrival"), event).status_code == 200
-    line = logged(capsys)
+    line = logged(capfd)
     assert line["action"] == "ignored"
     assert why in line["detail"]
 
@@ -133,7 +151,7 @@ def test_objects_that_start_no_run_are_ignored_with_one_line(
 )  # fmt: skip
 def test_bad_input_is_logged_once_and_acked(
     client: Any,
-    capsys: pytest.CaptureFixture[str],
+    capfd: pytest.CaptureFixture[str],
     function: str,
     change: dict[str, Any],
     problem: str,
@@ -142,46 +160,51 @@ def test_bad_input_is_logged_once_and_acked(
     event["data"]["message"].update(change)
     response = post(client(function), event)
     assert response.status_code == 200  # acked: redelivery would never succeed
-    line = logged(capsys)
+    line = logged(capfd)
     assert line["severity"] == "ERROR"
     assert problem in line["error"]
 
 
 def test_a_report_that_fails_its_schema_is_not_acked(
-    client: Any, capsys: pytest.CaptureFixture[str]
+    client: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     event = event_fixture("gcs_finalize_pubsub.json")
     event["data"]["message"]["data"] = base64.b64encode(b'{"model": "rainfall"}').decode()
     response = post(client("gatekeeper"), event)
     assert response.status_code == 500  # retried, then dead-lettered; the champion untouched
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    line = json.loads(capfd.readouterr().out.strip().splitlines()[0])
     assert line["severity"] == "ERROR"
     assert "MetricsReport: run_id: Field required" in line["error"]
 
 
 def test_a_closed_monitoring_incident_starts_nothing(
-    client: Any, capsys: pytest.CaptureFixture[str]
+    client: Any, capfd: pytest.CaptureFixture[str]
 ) -> None:
     event = event_fixture("gcs_finalize_pubsub.json")
     incident = {"incident": {"incident_id": "i-1", "state": "closed",
                              "policy_user_labels": {"retrain_model": "rainfall"}}}  # fmt: skip
     event["data"]["message"]["data"] = base64.b64encode(json.dumps(incident).encode()).decode()
     assert post(client("on_drift"), event).status_code == 200
-    line = logged(capsys)
+    line = logged(capfd)
     assert line["action"] == "ignored"
     assert "incident i-1 closed" in line["detail"]
 
 
 def test_log_lines_of_concurrent_handlers_are_never_joined() -> None:
     """Cloud Logging parses one JSON object per line: lines written by threads at once must
-    come out whole (print() writes the text and its newline separately)."""
+    come out whole (print() writes the text and its newline separately), also while
+    functions-framework swaps sys.stdout per request (LOG_EXECUTION_ID: its wrapper wrote a
+    line and its newline apart, and lines came out joined)."""
     code = """
-import sys, threading
+import contextlib, sys, threading
 sys.path.insert(0, sys.argv[1])
+from functions_framework import execution_id
 from triggers import main
 def burst(n):
     for i in range(400):
-        main._log("INFO", "on_data_arrival", object=f"gs://b/{n}/{i}.csv", detail="x" * 200)
+        execution_id._set_current_context(execution_id.ExecutionContext(f"x-{n}", "s"))
+        with contextlib.redirect_stdout(execution_id.LoggingHandlerAddExecutionId(sys.stdout)):
+            main._log("INFO", "on_data_arrival", object=f"gs://b/{n}/{i}.csv", detail="x" * 200)
 threads = [threading.Thread(target=burst, args=(n,)) for n in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
