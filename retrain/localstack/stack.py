@@ -490,7 +490,7 @@ class Stack:
     def down(self, export: bool = True) -> list[str]:
         """Stop the supervisor first (so that it restarts nothing), then the processes
         recorded by ``up``, newest first, then the task zygote that local runs started
-        (:mod:`pipelines.warm_tasks`); return what was stopped. The ledger and the
+        (:mod:`pipelines.warm_tasks`); return the parts that were stopped. The ledger and the
         registry (the Firestore emulator's data) are exported first (unless ``export`` is
         False), and the next ``up`` imports them."""
         from pipelines import warm_tasks  # noqa: PLC0415
@@ -500,8 +500,7 @@ class Stack:
         if export and "firestore" in state:
             self.export_firestore()
         stopped += self._stop_recorded(state)
-        if warm_tasks.stop(self.state_dir):  # the local runs' task zygote, by its pid
-            stopped.append("task-zygote")
+        warm_tasks.stop(self.state_dir)  # the local runs' task zygote, by its pid
         self.state_file.unlink(missing_ok=True)
         return stopped
 

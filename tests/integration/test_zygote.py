@@ -26,7 +26,10 @@ from kfp.local import subprocess_task_handler
 from pipelines import warm_tasks
 from pipelines.local_run import parse_progress
 from pipelines.zygote import read_message, send_message
+from retrain.config import load_settings
+from retrain.localstack import Stack
 from retrain.localstack.processes import ProcessRecord, wait_until
+from tests.conftest import write_config
 
 pytestmark = pytest.mark.integration
 
@@ -402,3 +405,16 @@ def _gone(proc: psutil.Process) -> bool:
         return bool(proc.status() == psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return True
+
+
+def test_stack_down_stops_the_zygote_of_its_state_folder(tmp_path: Path) -> None:
+    """`retrain down` (Stack.down), and so every test fixture's stack, ends the zygote that
+    local runs started, by its recorded pid."""
+    path = write_config(tmp_path)
+    stack = Stack(load_settings(path), path)
+    record = _started(stack.state_dir)
+
+    assert stack.down(export=False) == [], "the zygote is not one of the stack's parts"
+
+    assert not _alive(record)
+    assert not (stack.state_dir / warm_tasks.RECORD).exists()
