@@ -101,6 +101,9 @@ def ensure(
     wanted = fingerprint(env)
     for started in _STARTED.values():
         started.poll()  # reaps the ones that exited by themselves
+    record = _read(state_dir)  # (written whole by a rename: no lock needed to read it)
+    if record is not None and record["fingerprint"] == wanted and _process(record).alive():
+        return record
     with _locked(state_dir):
         record = _read(state_dir)
         if record is not None:

@@ -475,6 +475,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 (any: a task run cold then says what it is)
         zygote.say(f"cannot load: {type(exc).__name__}: {exc}; not serving")
         sys.exit(EXIT_NOT_WARM)
+    import gc  # noqa: PLC0415
+
+    gc.collect()
+    gc.freeze()  # a child's collections skip what it inherits: no copy-on-write of all of it
     if _threads() != 1 or not hasattr(os, "pidfd_open"):
         zygote.say(f"cannot fork safely here ({_threads()} threads after loading); not serving")
         sys.exit(EXIT_NOT_WARM)
