@@ -399,13 +399,30 @@ def _fresh_process(env: Mapping[str, str]) -> None:
     random.seed()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # the zygote's seed is every child's otherwise
-    if "threadpoolctl" in sys.modules:  # the BLAS threads a new process would have
+    if _BLAS:  # the BLAS threads a new process would have
         blas = env.get("OPENBLAS_NUM_THREADS")
         threads = int(blas) if blas and blas.isdigit() else len(os.sched_getaffinity(0))
-        with contextlib.suppress(Exception):
-            sys.modules["threadpoolctl"].ThreadpoolController().limit(
-                limits=threads, user_api="blas"
-            )
+        for library in _BLAS:
+            with contextlib.suppress(Exception):
+                library.set_num_threads(threads)
+
+
+# The BLAS libraries the zygote loaded (threadpoolctl's controllers of them, found once:
+# finding them takes 0.1 s or more per process).
+_BLAS: list[Any] = []
+
+
+def _find_blas() -> None:
+    """Find the thread pools once, here: the children inherit what was found (the steps'
+    thread limits use the same controller, components.compute.threadpools)."""
+    compute = sys.modules.get("components.compute")
+    if compute is not None:
+        controller = compute.threadpools()
+    elif "threadpoolctl" in sys.modules:
+        controller = sys.modules["threadpoolctl"].ThreadpoolController()
+    else:
+        return
+    _BLAS[:] = [lib for lib in controller.lib_controllers if lib.user_api == "blas"]
 
 
 def _run_task(argv: list[str]) -> int:
@@ -475,6 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 (any: a task run cold then says what it is)
         zygote.say(f"cannot load: {type(exc).__name__}: {exc}; not serving")
         sys.exit(EXIT_NOT_WARM)
+    _find_blas()
     import gc  # noqa: PLC0415
 
     gc.collect()
