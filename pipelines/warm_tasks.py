@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.zygote import EXIT_NOT_WARM, fingerprint, read_message, send_message
-from retrain.localstack.processes import ProcessRecord
-from retrain.localstack.processes import stop as stop_process
 
 __all__ = ["LOG", "RECORD", "ensure", "install", "run_task", "stop", "wait_ready"]
 
@@ -72,8 +70,50 @@ def _read(state_dir: Path) -> dict[str, Any] | None:
     return record
 
 
-def _process(record: Mapping[str, Any]) -> ProcessRecord:
-    return ProcessRecord(int(record["pid"]), float(record["create_time"]))
+class _Zygote:
+    """The zygote process of a record; ``create_time`` guards against a recycled pid.
+    (psutil directly, not retrain.localstack: the cloud functions' source holds this
+    module, through the launchers, and no local-stack code.)"""
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self.pid, self.create_time = int(record["pid"]), float(record["create_time"])
+
+    def process(self) -> Any:
+        import psutil  # noqa: PLC0415
+
+        try:
+            proc = psutil.Process(self.pid)
+            if abs(proc.create_time() - self.create_time) > 0.5:
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            return None
+        return proc
+
+    def alive(self) -> bool:
+        return self.process() is not None
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM, then SIGKILL after ``timeout``; True if it was running."""
+        import psutil  # noqa: PLC0415
+
+        proc = self.process()
+        if proc is None:
+            return False
+        for signal_it in (proc.terminate, proc.kill):
+            with contextlib.suppress(psutil.Error):
+                signal_it()
+            deadline = time.monotonic() + timeout
+            while self.alive() and time.monotonic() < deadline:  # (a zombie counts as gone)
+                time.sleep(0.02)
+            if not self.alive():
+                break
+        return True
+
+
+def _process(record: Mapping[str, Any]) -> _Zygote:
+    return _Zygote(record)
 
 
 def _ask(path: Path, message: Mapping[str, Any], timeout: float = 10.0) -> Any:
@@ -191,7 +231,7 @@ def stop(state_dir: Path) -> bool:
         (state_dir / RECORD).unlink(missing_ok=True)
     if record is None:
         return False
-    stopped = bool(stop_process(_process(record), descendants=False))
+    stopped = _process(record).stop()
     popen = _STARTED.pop(int(record["pid"]), None)
     if popen is not None:
         popen.wait(timeout=10)
