@@ -11,10 +11,14 @@ machine that made one fit many times slower (see ``make bench``).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["available_cpus", "thread_limit"]
+__all__ = ["available_cpus", "thread_limit", "threadpools"]
+
+_FOUND: list[tuple[int, Any]] = []  # (len(sys.modules) when found, the controller)
 
 
 def available_cpus() -> int:
@@ -29,8 +33,21 @@ def available_cpus() -> int:
 def thread_limit(threads: int | None) -> Iterator[int]:
     """OpenMP and BLAS pools limited to ``threads`` (default :func:`available_cpus`) inside;
     yields the limit."""
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415 (loads the native libraries)
-
     limit = threads or available_cpus()
-    with threadpool_limits(limits=limit):
+    with threadpools().limit(limits=limit):
         yield limit
+
+
+def threadpools() -> Any:
+    """threadpoolctl's ``ThreadpoolController`` of the OpenMP and BLAS libraries loaded now.
+
+    Finding them scans every loaded library (0.1 s and more in a process that has loaded
+    scikit-learn, pyarrow and the Google clients, more on a busy machine), so the controller
+    is kept and found again only once modules were imported since (a native library comes
+    with an import). The task zygote finds it before it forks (pipelines.zygote)."""
+    from threadpoolctl import ThreadpoolController  # noqa: PLC0415 (loads the native libraries)
+
+    if not _FOUND or _FOUND[0][0] != len(sys.modules):
+        controller = ThreadpoolController()
+        _FOUND[:] = [(len(sys.modules), controller)]
+    return _FOUND[0][1]

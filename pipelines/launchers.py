@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipelines import warm_tasks
 from pipelines.byo import ComponentMismatch, ContainerComponentLocally, pipeline_for
 from pipelines.launch import JobState, PipelineLauncher
 from pipelines.local_run import (
@@ -69,14 +70,23 @@ class LocalLauncher:
     commit that extends its lease: :meth:`state` looks at that process.
     """
 
-    def __init__(self, config_path: Path, state_dir: Path, image: str = DEFAULT_IMAGE) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        state_dir: Path,
+        image: str = DEFAULT_IMAGE,
+        zygote_idle_seconds: float = 0.0,
+    ) -> None:
         self.config_path = config_path
         self.state_dir = state_dir
         self.image = image
+        self.zygote_idle_seconds = zygote_idle_seconds
         self._workers: list[subprocess.Popen[bytes]] = []
 
     def submit(self, model: str, run_id: str) -> None:
         self._workers = [w for w in self._workers if w.poll() is None]  # reap the finished
+        # The task zygote starts importing now, while the worker waits out the coalescing.
+        warm_tasks.ensure(self.state_dir, os.environ, self.zygote_idle_seconds)
         workdir = self.state_dir / "runs" / run_id
         workdir.mkdir(parents=True, exist_ok=True)
         argv = _worker(self.config_path, model, run_id, workdir, self.image, "--from-ledger")
@@ -122,7 +132,10 @@ def launcher_for(
         from pipelines.kfp_launcher import KfpLauncher  # noqa: PLC0415
 
         return KfpLauncher(settings, config_path.read_text(encoding="utf-8"), ledger)
-    return LocalLauncher(config_path, settings.local.state_dir)
+    local = settings.local
+    return LocalLauncher(
+        config_path, local.state_dir, zygote_idle_seconds=local.task_zygote_idle_seconds
+    )
 
 
 def local_environment(stack: Stack) -> dict[str, str]:
@@ -173,6 +186,9 @@ def run_and_follow(
         argv += ["--data", uri]
     if hold_lease:
         argv.append("--hold-lease")
+    # The task zygote imports the steps' libraries while the worker starts.
+    idle = stack.settings.local.task_zygote_idle_seconds
+    warm_tasks.ensure(stack.state_dir, env, idle)
     log = workdir / LOG_FILE
     with log.open("wb") as out:
         worker = subprocess.Popen(

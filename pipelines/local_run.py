@@ -87,11 +87,14 @@ def run_locally(
     from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
 
     from components.runs import RunContext, read_failure, read_report, report_uri  # noqa: PLC0415
+    from pipelines import warm_tasks  # noqa: PLC0415
     from pipelines.byo import pipeline_for  # noqa: PLC0415
 
     run = RunContext.parse(model, run_id, request_id, reason)
     pipeline = pipeline_for(settings, model, image, local_run=True)
     outputs = workdir / "outputs"
+    # The tasks fork from the task zygote (started now if none runs), else run cold.
+    warm_tasks.install(settings.local.state_dir, settings.local.task_zygote_idle_seconds)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(outputs),

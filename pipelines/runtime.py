@@ -24,7 +24,10 @@ def load(config_yaml: str) -> Settings:
 
 def model_settings(config_yaml: str, model: str) -> ModelSettings:
     """The settings of ``model`` in ``config_yaml``, with a clear error for an unknown name."""
-    settings = load(config_yaml)
+    return _model(load(config_yaml), model)
+
+
+def _model(settings: Settings, model: str) -> ModelSettings:
     try:
         return settings.models[model]
     except KeyError as exc:
@@ -38,7 +41,7 @@ def step(name: str, config_yaml: str, run: RunContext) -> Iterator[tuple[Setting
     ``threads``; if it fails, leave its error for the exit handler to report."""
     settings = load(config_yaml)
     try:
-        model = model_settings(config_yaml, run.model)
+        model = _model(settings, run.model)  # (the config is validated once: ~30 ms)
         with thread_limit(model.threads):
             yield settings, model
     except Exception as exc:

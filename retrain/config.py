@@ -193,6 +193,13 @@ class LocalStack(_Strict):
     host: str = "127.0.0.1"
     state_dir: Path = Field(Path(".retrain"), description="Relative to the config file.")
     ports: Ports = Ports()
+    task_zygote_idle_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="Local pipeline tasks fork from a warm interpreter that has imported "
+        "the steps' libraries (pipelines.zygote); it exits after this long without a task. "
+        "0: each task starts a new Python process, as kfp.local does.",
+    )
 
     @field_validator("host")
     @classmethod

@@ -71,6 +71,8 @@ def report_failure(
     status: dsl.PipelineTaskFinalStatus,
 ) -> str:
     """Exit handler: publish ``status: failed`` when the run did not succeed; return the id."""
+    if status.state == "SUCCEEDED":
+        return ""  # the evaluate step published (and nothing is validated or read again)
 
     from components.runs import RunContext, failure_report
     from pipelines.runtime import load

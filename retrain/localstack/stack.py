@@ -489,14 +489,18 @@ class Stack:
 
     def down(self, export: bool = True) -> list[str]:
         """Stop the supervisor first (so that it restarts nothing), then the processes
-        recorded by ``up``, newest first; return what was stopped. The ledger and the
+        recorded by ``up``, newest first, then the task zygote that local runs started
+        (:mod:`pipelines.warm_tasks`); return the parts that were stopped. The ledger and the
         registry (the Firestore emulator's data) are exported first (unless ``export`` is
         False), and the next ``up`` imports them."""
+        from pipelines import warm_tasks  # noqa: PLC0415
+
         stopped = self._stop_supervisor()
         state = self._read_state()  # read after: a restart in flight may have recorded more
         if export and "firestore" in state:
             self.export_firestore()
         stopped += self._stop_recorded(state)
+        warm_tasks.stop(self.state_dir)  # the local runs' task zygote, by its pid
         self.state_file.unlink(missing_ok=True)
         return stopped
 

@@ -100,21 +100,51 @@ def test_the_check_finds_a_circle() -> None:
     assert _circles(graph) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize(
-    "module", ["pipelines.retrain_pipeline", "pipelines.local_run", "retrain.cli"]
-)
-def test_building_and_launching_a_pipeline_imports_no_training_stack(module: str) -> None:
-    """The CLI and the local worker build the pipeline from the components' KFP wrappers;
-    only the tasks need scikit-learn, scipy and pandas (seconds of imports per process)."""
+def _training_stack_after(code: str) -> list[str]:
+    """Which of scikit-learn, scipy and pandas a new interpreter has imported after ``code``."""
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     probe = (
-        f"import sys, {module}; "
+        f"{code}\nimport sys\n"
         "print(' '.join(m for m in ('sklearn', 'scipy', 'pandas') if m in sys.modules))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
         check=True,
     )  # fmt: skip
-    assert done.stdout.split() == []
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "pipelines.retrain_pipeline",
+        "pipelines.local_run",
+        "pipelines.launchers",
+        "pipelines.warm_tasks",
+        "pipelines.zygote",
+        "retrain.cli",
+    ],
+)
+def test_building_and_launching_a_pipeline_imports_no_training_stack(module: str) -> None:
+    """The CLI and the local worker build the pipeline from the components' KFP wrappers;
+    only the tasks need scikit-learn, scipy and pandas (seconds of imports per process)."""
+    assert _training_stack_after(f"import {module}") == []
+
+
+def test_the_worker_imports_no_training_stack_for_its_run() -> None:
+    """What ``run_locally`` imports inside: kfp.local, the run's report reader, the
+    pipeline it builds, and the hook that sends its tasks to the task zygote."""
+    code = """
+from pathlib import Path
+import kfp.local
+from components.runs import RunContext, read_failure, read_report, report_uri
+from pipelines import warm_tasks
+from pipelines.byo import pipeline_for
+from retrain.config import load_settings
+settings = load_settings(Path("retrain.yaml"))
+pipeline_for(settings, "rainfall", "image", local_run=True)
+warm_tasks.install(settings.local.state_dir, 0)
+"""
+    assert _training_stack_after(code) == []
