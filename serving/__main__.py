@@ -18,6 +18,10 @@ from serving.app import create_app
 from serving.dashboard import status
 from serving.models import ChampionWatcher, ModelStore
 
+# 10,000 instances of 8 full-precision floats are about 1.7 MB of JSON as lists and 2.5 MB as
+# objects; 8 MiB leaves room for longer feature names. (Vertex AI's own limit is 1.5 MB.)
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
 
 def main(
     config: ConfigOption = Path("retrain.yaml"),
@@ -55,6 +59,27 @@ def main(
             "Default: <local.state_dir>/serving-cache.",
         ),
     ] = None,
+    max_body_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="SERVING_MAX_BODY_BYTES",
+            show_envvar=True,
+            min=1,
+            help="Refuse request bodies over this size (400). The default fits 10,000 "
+            "instances of 8 full-precision numbers; Vertex AI's own limit is 1.5 MB.",
+        ),
+    ] = DEFAULT_MAX_BODY_BYTES,
+    batch_window_ms: Annotated[
+        float,
+        typer.Option(
+            envvar="SERVING_BATCH_WINDOW_MS",
+            show_envvar=True,
+            min=0.0,
+            help="When busy, wait up to this long to gather concurrent requests for one "
+            "version into one predict call (an idle server predicts at once); 0: predict "
+            "what is queued without waiting.",
+        ),
+    ] = 1.0,
 ) -> None:
     """Serve each model's champion over the Vertex AI prediction REST shape.
 
@@ -79,7 +104,12 @@ def main(
     )
     ledger = FirestoreLedger(db)
     app = create_app(
-        settings, store, watcher=watcher, status=lambda: status(settings, registry, ledger)
+        settings,
+        store,
+        watcher=watcher,
+        status=lambda: status(settings, registry, ledger),
+        max_body_bytes=max_body_bytes,
+        batch_window=batch_window_ms / 1000,
     )
     # One OpenMP thread per predict: requests are small, and an idle OpenMP team that spins
     # between requests takes the cores that the event loop and the clients need.
