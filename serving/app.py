@@ -348,7 +348,7 @@ def create_app(
         return JSONResponse(await run_in_threadpool(status))
 
     prefix = "/v1/projects/{project}/locations/{location}"
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/api/status", status_json, methods=["GET"]),
@@ -362,3 +362,5 @@ def create_app(
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=lifespan,
     )
+    app.state.batchers = api.batchers  # each version's batcher, for figures and tests
+    return app

@@ -28,6 +28,7 @@ import contextlib
 import functools
 import os
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,6 +78,11 @@ class Batcher:
         self._draining: asyncio.Task[None] | None = None
         self.batches = 0  # predict_proba calls made, for tests and figures
         self.largest = 0  # the most requests one call served
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the next batch."""
+        return len(self._queue)
 
     async def probabilities(
         self, loaded: LoadedModel, x: npt.NDArray[np.float64]
@@ -161,6 +167,10 @@ class Batchers:
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
+
+    def __iter__(self) -> Iterator[Batcher]:
+        """The batchers of the versions still in memory."""
+        return iter(list(self._batchers.values()))
 
     def __call__(self, loaded: LoadedModel) -> Batcher:
         """``loaded``'s batcher (made on first use)."""
