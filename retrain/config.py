@@ -193,6 +193,13 @@ class LocalStack(_Strict):
     host: str = "127.0.0.1"
     state_dir: Path = Field(Path(".retrain"), description="Relative to the config file.")
     ports: Ports = Ports()
+    serving_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes of the prediction server (`python -m serving "
+        "--workers`); each loads every champion and swaps it on its own.",
+    )
 
     @field_validator("host")
     @classmethod

@@ -1,12 +1,31 @@
-"""``python -m serving``: run the prediction service."""
+"""``python -m serving``: run the prediction service, in one process or several.
+
+With ``--workers N`` (N > 1), uvicorn starts N worker processes on one listening socket; each
+builds its own app from :func:`worker_app` (uvicorn needs an import string to start workers):
+its own :class:`~serving.models.ModelStore`, its own
+:class:`~serving.models.ChampionWatcher`, and so its own atomic champion swap.
+
+A decision must reach every worker, but a Pub/Sub subscription hands each message to one
+subscriber only. So each worker claims a slot, the lowest number free, by locking
+``<cache dir>/.workers/<slot>.lock`` (the lock goes with the process, whatever ends it), and
+listens on its own subscription ``<subscription>-<slot>``, made on the decisions topic if
+missing. Slot numbers stay small and are reused by a worker that uvicorn restarts, so the
+subscriptions do not pile up, and a restarted worker finds in its slot's subscription the
+decisions published while it was down. With one worker the subscription is used as named.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated, Any
 
 import typer
 import uvicorn
+from starlette.applications import Starlette
 from threadpoolctl import threadpool_limits
 
 from retrain import blobstore, jsonlog, statedb
@@ -21,6 +40,74 @@ from serving.models import ChampionWatcher, ModelStore
 # 10,000 instances of 8 full-precision floats are about 1.7 MB of JSON as lists and 2.5 MB as
 # objects; 8 MiB leaves room for longer feature names. (Vertex AI's own limit is 1.5 MB.)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+# The resolved options, from `python -m serving` to its worker processes (internal).
+_OPTIONS_ENV = "SERVING_WORKER_OPTIONS"
+_slot_lock: IO[str] | None = None  # held for the worker's lifetime
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What one server process needs; the same in every worker."""
+
+    config: str
+    poll_seconds: float
+    subscription: str | None
+    cache_dir: str | None
+    max_body_bytes: int
+    batch_window_ms: float
+
+
+def build_app(options: ServerOptions, slot: int | None = None) -> Starlette:
+    """The app of one process; ``slot``: this worker's slot (None: the only process)."""
+    settings = load_settings(Path(options.config))
+    db = statedb.database(settings)
+    registry = FirestoreRegistry(db, settings.buckets.models)
+    cache_dir = Path(options.cache_dir or settings.local.state_dir / "serving-cache")
+    store = ModelStore(settings.models, registry, blobstore.download_dir, cache_dir)
+    subscription = options.subscription or f"{settings.topics.model_decisions}-serving"
+    watcher = ChampionWatcher(
+        store,
+        settings.project,
+        subscription if slot is None else f"{subscription}-{slot}",
+        poll_seconds=options.poll_seconds,
+        template=None if slot is None else subscription,
+    )
+    ledger = FirestoreLedger(db)
+    return create_app(
+        settings,
+        store,
+        watcher=watcher,
+        status=lambda: status(settings, registry, ledger),
+        max_body_bytes=options.max_body_bytes,
+        batch_window=options.batch_window_ms / 1000,
+    )
+
+
+def claim_slot(folder: Path) -> tuple[int, IO[str]]:
+    """The lowest slot number no live process holds, and its locked file (keep it open)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slot = 0
+    while True:
+        handle = (folder / f"{slot}.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            slot += 1
+            continue
+        return slot, handle
+
+
+def worker_app() -> Starlette:
+    """The app of one worker process (uvicorn's factory, with ``--workers`` > 1)."""
+    global _slot_lock
+    options = ServerOptions(**json.loads(os.environ[_OPTIONS_ENV]))
+    jsonlog.configure()
+    settings = load_settings(Path(options.config))
+    cache_dir = Path(options.cache_dir or settings.local.state_dir / "serving-cache")
+    slot, _slot_lock = claim_slot(cache_dir / ".workers")
+    threadpool_limits(limits=1)  # this process's event loop thread (see main)
+    return build_app(options, slot)
 
 
 def main(
@@ -47,7 +134,8 @@ def main(
             envvar="SERVING_SUBSCRIPTION",
             show_envvar=True,
             help="Pull subscription on the model-decisions topic; a decision refreshes its "
-            "model at once. Default: <topics.model_decisions>-serving.",
+            "model at once. Default: <topics.model_decisions>-serving. With several workers, "
+            "worker k listens on <subscription>-<k>, made like this one if missing.",
         ),
     ] = None,
     cache_dir: Annotated[
@@ -59,6 +147,16 @@ def main(
             "Default: <local.state_dir>/serving-cache.",
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            envvar="SERVING_WORKERS",
+            show_envvar=True,
+            min=1,
+            help="Worker processes, each with its own copy of every champion. "
+            "`retrain up` passes local.serving_workers.",
+        ),
+    ] = 1,
     max_body_bytes: Annotated[
         int,
         typer.Option(
@@ -87,34 +185,28 @@ def main(
     and FIRESTORE_EMULATOR_HOST.
     """
     jsonlog.configure()
-    settings = load_settings(config)
-    db = statedb.database(settings)
-    registry = FirestoreRegistry(db, settings.buckets.models)
-    store = ModelStore(
-        settings.models,
-        registry,
-        blobstore.download_dir,
-        cache_dir or settings.local.state_dir / "serving-cache",
-    )
-    watcher = ChampionWatcher(
-        store,
-        settings.project,
-        subscription or f"{settings.topics.model_decisions}-serving",
+    options = ServerOptions(
+        config=str(config.resolve()),
         poll_seconds=poll_seconds,
-    )
-    ledger = FirestoreLedger(db)
-    app = create_app(
-        settings,
-        store,
-        watcher=watcher,
-        status=lambda: status(settings, registry, ledger),
+        subscription=subscription,
+        cache_dir=None if cache_dir is None else str(cache_dir.resolve()),
         max_body_bytes=max_body_bytes,
-        batch_window=batch_window_ms / 1000,
+        batch_window_ms=batch_window_ms,
     )
-    # One OpenMP thread per predict: requests are small, and an idle OpenMP team that spins
-    # between requests takes the cores that the event loop and the clients need.
-    with threadpool_limits(limits=1):
-        uvicorn.run(app, host=host, port=port, log_level="warning", log_config=None)
+    load_settings(config)  # a bad config fails here, once, not in every worker
+    common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning"}
+    if workers == 1:
+        app = build_app(options)
+        # One OpenMP thread: requests are small, and an idle OpenMP team that spins between
+        # requests takes the cores that the event loop and the clients need. (The predict
+        # threads set their own limit: it is per thread.)
+        with threadpool_limits(limits=1):
+            uvicorn.run(app, log_config=None, **common)
+        return
+    os.environ[_OPTIONS_ENV] = json.dumps(asdict(options))  # read by worker_app in each worker
+    uvicorn.run(
+        "serving.__main__:worker_app", factory=True, workers=workers, log_config=None, **common
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -281,7 +282,11 @@ class _Api:
         )
 
     async def healthz(self, _: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": self.store.versions()})
+        """The versions served; the header names the process (one of several workers)."""
+        return JSONResponse(
+            {"status": "ok", "models": self.store.versions()},
+            headers={"X-Serving-Process": str(os.getpid())},
+        )
 
 
 async def api_error(_: Request, exc: Exception) -> Response:

@@ -497,6 +497,12 @@ class ChampionWatcher:
 
     If the subscription does not exist or Pub/Sub cannot be reached, one warning is logged
     and the poller alone keeps the store current.
+
+    ``template``: the subscription to copy if ``subscription`` does not exist. Each worker
+    process of a server needs its own subscription (on one shared subscription, Pub/Sub
+    hands each decision to one worker only), so a worker listens on ``<template>-<slot>``,
+    made on the template's topic when missing. A subscription just made holds only what is
+    published after it, so the store is refreshed once more right after it is made.
     """
 
     def __init__(
@@ -507,10 +513,12 @@ class ChampionWatcher:
         *,
         poll_seconds: float | None = 5.0,
         subscriber_factory: Callable[[], Any] | None = None,
+        template: str | None = None,
     ) -> None:
         self.store = store
         self.project = project
         self.subscription = subscription
+        self.template = template
         self.poll_seconds = poll_seconds
         self._subscriber_factory = subscriber_factory
         self._stop = threading.Event()
@@ -578,7 +586,12 @@ class ChampionWatcher:
         try:
             subscriber = self._make_subscriber()
             path = subscriber.subscription_path(self.project, self.subscription)
-            subscriber.get_subscription(subscription=path, timeout=10)
+            try:
+                subscriber.get_subscription(subscription=path, timeout=10)
+            except NotFound:
+                if self.template is None:
+                    raise
+                self._copy_template(subscriber, path)
         except NotFound:
             log.warning(
                 "subscription %s does not exist; refreshing models by polling every %ss only",
@@ -608,6 +621,26 @@ class ChampionWatcher:
             log.exception("the streaming pull on %s failed; polling only from now on", path)
         finally:
             subscriber.close()
+
+    def _copy_template(self, subscriber: Any, path: str) -> None:
+        """Make ``path`` on the template's topic (NotFound if the template is missing too),
+        then refresh every model: decisions from before it existed are not in it."""
+        from google.api_core.exceptions import AlreadyExists  # noqa: PLC0415
+
+        template = subscriber.get_subscription(
+            subscription=subscriber.subscription_path(self.project, self.template), timeout=10
+        )
+        try:
+            subscriber.create_subscription(
+                name=path,
+                topic=template.topic,
+                ack_deadline_seconds=template.ack_deadline_seconds,
+                timeout=10,
+            )
+            log.info("made subscription %s on %s, like %s", path, template.topic, self.template)
+        except AlreadyExists:
+            pass  # another process with the same slot made it first: the same subscription
+        self.store.refresh_all()
 
     def _make_subscriber(self) -> Any:
         if self._subscriber_factory is not None:
