@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Annotated, Any
@@ -27,6 +28,7 @@ import typer
 import uvicorn
 from starlette.applications import Starlette
 from threadpoolctl import threadpool_limits
+from uvicorn.supervisors import Multiprocess
 
 from retrain import blobstore, jsonlog, statedb
 from retrain.config import load_settings
@@ -204,9 +206,16 @@ def main(
             uvicorn.run(app, log_config=None, **common)
         return
     os.environ[_OPTIONS_ENV] = json.dumps(asdict(options))  # read by worker_app in each worker
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         "serving.__main__:worker_app", factory=True, workers=workers, log_config=None, **common
     )
+    listening = uvicorn_config.bind_socket()
+    # What uvicorn.run does with workers, and one more thing: the socket that uvicorn binds
+    # has protocol 0, so asyncio does not set TCP_NODELAY on the connections it accepts, and
+    # each response then waits for the client's delayed ACK (~40 ms a request). Accepted
+    # connections inherit TCP_NODELAY from the listening socket.
+    listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    Multiprocess(uvicorn_config, sockets=[listening]).run()
 
 
 if __name__ == "__main__":

@@ -317,6 +317,7 @@ def create_app(
     status: Callable[[], dict[str, Any]] | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     batch_window: float = BATCH_WINDOW_SECONDS,
+    parallel_predicts: int | None = None,
 ) -> Starlette:
     """The app serving ``store``'s models for ``settings.project`` / ``settings.region``.
 
@@ -324,12 +325,14 @@ def create_app(
     on shutdown it stops the watcher's threads. A request body over ``max_body_bytes`` is
     refused. Concurrent predictions for one version are batched (:mod:`serving.batching`):
     a busy server waits up to ``batch_window`` seconds to fill a batch; 0 predicts what is
-    queued without waiting.
+    queued without waiting. At most ``parallel_predicts`` batches of one version predict at
+    once (default: the CPUs this process may use).
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    executor = predict_threads()
-    api = _Api(settings, store, Batchers(executor, batch_window), max_body_bytes)
+    parallel = parallel_predicts or len(os.sched_getaffinity(0))
+    executor = predict_threads(parallel)
+    api = _Api(settings, store, Batchers(executor, batch_window, parallel), max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:

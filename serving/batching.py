@@ -66,16 +66,23 @@ def predict_threads(count: int | None = None) -> ThreadPoolExecutor:
 
 
 class Batcher:
-    """Gathers one version's concurrent predictions into one ``predict_proba`` call."""
+    """Gathers one version's concurrent predictions into ``predict_proba`` calls, at most
+    ``parallel`` at a time (a large request is not held up behind another's predict while
+    a core is free; small ones still share calls, since they queue while all run)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, window: float) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, window: float, parallel: int = 1) -> None:
         if window < 0:
             raise ValueError(f"the batching window must be 0 or more seconds, got {window}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
         self.window = window
+        self.parallel = parallel
         self._executor = executor
         self._queue: list[_Pending] = []
-        self._arrived: asyncio.Event | None = None
-        self._draining: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+        # The tasks hold the version while they drain; the batcher itself does not, so that
+        # a version no longer served (and its batcher) can go.
+        self._drains: set[asyncio.Task[None]] = set()
         self.batches = 0  # predict_proba calls made, for tests and figures
         self.largest = 0  # the most requests one call served
 
@@ -92,12 +99,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[npt.NDArray[np.float64]] = loop.create_future()
         self._queue.append((x, future))
-        if self._arrived is not None:
-            self._arrived.set()
-        if self._draining is None:
-            # The task holds the version while it drains; the batcher itself does not, so
-            # that a version no longer served (and its batcher) can go.
-            self._draining = loop.create_task(self._drain(loaded))
+        self._arrived.set()
+        if len(self._drains) < self.parallel:
+            drain = loop.create_task(self._drain(loaded))
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
         return await future
 
     async def _drain(self, loaded: LoadedModel) -> None:
@@ -107,31 +113,28 @@ class Batcher:
             while self._queue:
                 if self.window and len(self._queue) < circulating:
                     await self._gather(loop, circulating)
+                    if not self._queue:  # another drain took them meanwhile
+                        break
                 batch, self._queue = self._queue, []
                 await self._predict(loop, loaded, batch)
                 circulating = len(batch) + len(self._queue)
-        finally:
-            self._draining = None
-            if self._queue:  # (only if the loop itself is shutting down under us)
+        except BaseException:
+            if len(self._drains) <= 1:  # the loop is shutting down under us: none will run
                 for _, future in self._queue:
-                    if not future.done():
-                        future.cancel()
+                    future.cancel()
                 self._queue = []
+            raise
 
     async def _gather(self, loop: asyncio.AbstractEventLoop, wanted: int) -> None:
         """Wait until ``wanted`` requests are queued, or ``window`` seconds have passed."""
         deadline = loop.time() + self.window
-        self._arrived = asyncio.Event()
-        try:
-            while len(self._queue) < wanted:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return
-                self._arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-        finally:
-            self._arrived = None
+        while len(self._queue) < wanted:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
 
     async def _predict(
         self, loop: asyncio.AbstractEventLoop, loaded: LoadedModel, batch: list[_Pending]
@@ -159,11 +162,12 @@ class Batchers:
     """One :class:`Batcher` per loaded version, dropped with the version once it is no
     longer served (a swapped-out version's batcher finishes what it holds, then goes)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, window: float) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, window: float, parallel: int = 1) -> None:
         if window < 0:
             raise ValueError(f"the batching window must be 0 or more seconds, got {window}")
         self.executor = executor
         self.window = window
+        self.parallel = parallel
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -176,7 +180,8 @@ class Batchers:
         """``loaded``'s batcher (made on first use)."""
         batcher = self._batchers.get(loaded)
         if batcher is None:
-            batcher = self._batchers[loaded] = Batcher(self.executor, self.window)
+            batcher = Batcher(self.executor, self.window, self.parallel)
+            self._batchers[loaded] = batcher
         return batcher
 
     async def probabilities(

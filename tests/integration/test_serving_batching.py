@@ -162,7 +162,7 @@ def test_a_bad_request_in_a_batch_gets_its_own_400(
     registry = MemoryRegistry()
     registry.add("rainfall", "3", model_dirs[2], champion=True)  # version 1 behind a gate
     store = make_store(registry, tmp_path)
-    app = create_app(SETTINGS, store)
+    app = create_app(SETTINGS, store, parallel_predicts=1)  # one predict at a time: held
     x = rows[features].to_numpy(dtype=np.float64)[:6]
     want = proba(model_dirs[0], x, features)
     entered, release = threading.Event(), threading.Event()
