@@ -30,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from retrain.config import Settings
-from serving.batching import Batchers, predict_threads
+from serving.batching import Batchers, predict_threads, usable_cpus
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 
@@ -330,7 +330,7 @@ def create_app(
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    parallel = parallel_predicts or len(os.sched_getaffinity(0))
+    parallel = parallel_predicts or usable_cpus()
     executor = predict_threads(parallel)
     api = _Api(settings, store, Batchers(executor, batch_window, parallel), max_body_bytes)
 

@@ -6,14 +6,16 @@ together, then the result is split back per request.
 
 One :class:`Batcher` per loaded version (a request keeps the version it took at arrival, so
 a swap never mixes versions in a batch). Each holds a queue and, while the queue is not
-empty, one drain task on the event loop:
+empty, up to ``parallel`` drain tasks on the event loop (one per CPU by default, so that
+large requests still predict on every core):
 
-- A request that finds the batcher idle is predicted at once: at concurrency 1 batching adds
-  nothing but a hop to the predict thread.
-- While a predict runs, new requests queue. When it ends, everything queued is predicted in
-  one call. If the server is busy (the previous batch plus what queued behind it says how
-  many requests are circulating), the drain waits up to ``window`` seconds for that many to
-  queue, so that clients answered a moment ago join the next batch instead of trailing it.
+- A request that finds a drain slot free is predicted at once: at concurrency 1 batching
+  adds nothing but a hop to the predict thread.
+- While every slot predicts, new requests queue. When a predict ends, everything queued is
+  predicted in one call. If the server is busy (the previous batch plus what queued behind
+  it says how many requests are circulating), the drain waits up to ``window`` seconds for
+  that many to queue, so that clients answered a moment ago join the next batch instead of
+  trailing it.
   A request never waits longer than the in-flight predict plus ``window``.
 - The predict runs on a worker thread (one OpenMP thread there), never on the event loop.
 
@@ -37,7 +39,7 @@ import numpy.typing as npt
 
 from serving.models import LoadedModel
 
-__all__ = ["Batcher", "Batchers", "predict_threads"]
+__all__ = ["Batcher", "Batchers", "predict_threads", "usable_cpus"]
 
 _Pending = tuple[npt.NDArray[np.float64], "asyncio.Future[npt.NDArray[np.float64]]"]
 
@@ -55,11 +57,15 @@ def _one_openmp_thread() -> None:
     _openmp().limit(limits=1, user_api="openmp")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def predict_threads(count: int | None = None) -> ThreadPoolExecutor:
-    """The threads that run ``predict_proba``: one per batch in flight (a batcher has at most
-    one), so by default as many as the CPUs, for several versions predicting at once."""
+    """The threads that run ``predict_proba`` (default: one per usable CPU)."""
     return ThreadPoolExecutor(
-        max_workers=count or os.cpu_count() or 1,
+        max_workers=count or usable_cpus(),
         thread_name_prefix="predict",
         initializer=_one_openmp_thread,
     )
@@ -83,6 +89,9 @@ class Batcher:
         # The tasks hold the version while they drain; the batcher itself does not, so that
         # a version no longer served (and its batcher) can go.
         self._drains: set[asyncio.Task[None]] = set()
+        # Counted by the drains themselves: a drain that found the queue empty has given its
+        # slot back before anything else runs (its task's done callbacks come a tick later).
+        self._active = 0
         self.batches = 0  # predict_proba calls made, for tests and figures
         self.largest = 0  # the most requests one call served
 
@@ -100,7 +109,8 @@ class Batcher:
         future: asyncio.Future[npt.NDArray[np.float64]] = loop.create_future()
         self._queue.append((x, future))
         self._arrived.set()
-        if len(self._drains) < self.parallel:
+        if self._active < self.parallel:
+            self._active += 1
             drain = loop.create_task(self._drain(loaded))
             self._drains.add(drain)
             drain.add_done_callback(self._drains.discard)
@@ -119,11 +129,13 @@ class Batcher:
                 await self._predict(loop, loaded, batch)
                 circulating = len(batch) + len(self._queue)
         except BaseException:
-            if len(self._drains) <= 1:  # the loop is shutting down under us: none will run
+            if self._active <= 1:  # the loop is shutting down under us: no drain will run
                 for _, future in self._queue:
                     future.cancel()
                 self._queue = []
             raise
+        finally:
+            self._active -= 1
 
     async def _gather(self, loop: asyncio.AbstractEventLoop, wanted: int) -> None:
         """Wait until ``wanted`` requests are queued, or ``window`` seconds have passed."""
