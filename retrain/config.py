@@ -200,6 +200,13 @@ class LocalStack(_Strict):
         "the steps' libraries (pipelines.zygote); it exits after this long without a task. "
         "0: each task starts a new Python process, as kfp.local does.",
     )
+    serving_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes of the prediction server (`python -m serving "
+        "--workers`); each loads every champion and swaps it on its own.",
+    )
 
     @field_validator("host")
     @classmethod

@@ -13,12 +13,15 @@ Errors use Google's JSON error shape: ``{"error": {"code", "message", "status"}}
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -27,10 +30,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from retrain.config import Settings
+from serving.batching import Batchers, predict_threads, usable_cpus
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 
 __all__ = [
+    "BATCH_WINDOW_SECONDS",
     "MAX_BODY_BYTES",
     "ApiError",
     "api_error",
@@ -41,10 +46,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1_500_000  # Vertex AI's online prediction request limit (1.5 MB)
-# Up to this many instances, validation and predict_proba run on the event loop: a hop to
-# the threadpool costs more than the work. Larger requests go to the threadpool.
-INLINE_MAX_INSTANCES = 64
+# Vertex AI's online prediction request limit (1.5 MB): the default here, and the limit of
+# the Vertex AI container, whose requests Vertex AI has checked already. `python -m serving`
+# sets its own (--max-body-bytes), sized for 10,000-row requests.
+MAX_BODY_BYTES = 1_500_000
+# How long a batch may wait for requests still on their way, when the server is busy.
+BATCH_WINDOW_SECONDS = 0.001
+# Bodies up to this size are parsed and turned into a matrix on the event loop: a hop to the
+# threadpool costs more than the work. Larger ones go to the threadpool in one hop.
+INLINE_MAX_BODY_BYTES = 16_384
 
 _STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
@@ -71,33 +81,44 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; 400 if too large (declared or read), not JSON, not an object."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The raw body; 400 if over ``limit`` bytes (declared or read) or cut short."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             length = int(declared)
         except ValueError:
             raise _bad(f"Content-Length {declared!r} is not a number") from None
-        if length > MAX_BODY_BYTES:
-            raise _bad(f"request body is {length} bytes, over the {MAX_BODY_BYTES}-byte limit")
+        if length > limit:
+            raise _bad(f"request body is {length} bytes, over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            if size > limit:
                 raise _bad(
-                    f"request body is over the {MAX_BODY_BYTES}-byte limit "
-                    f"(read {size} bytes so far)"
+                    f"request body is over the {limit}-byte limit (read {size} bytes so far)"
                 )
             chunks.append(chunk)
     except ClientDisconnect:
         raise _bad("the client disconnected before sending the whole body") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; 400 if not JSON or not an object.
+
+    orjson parses; when it refuses a body, the standard library's parser says why (the same
+    messages as ever), or reads what orjson does not (integers beyond 64 bits).
+    """
     try:
-        value = json.loads(b"".join(chunks), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise _bad(f"request body is not valid JSON: {exc}") from None
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise _bad(f"request body is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise _bad(
             'request body must be a JSON object like {"instances": [...]}, '
@@ -123,45 +144,57 @@ def _instances(body: dict[str, Any]) -> list[Any]:
     return instances
 
 
-def _predict(loaded: LoadedModel, instances: list[Any]) -> list[dict[str, Any]]:
+def _matrix(loaded: LoadedModel, raw: bytes) -> npt.NDArray[np.float64]:
+    """The request's float matrix for ``loaded``, or a 400 naming what is wrong."""
+    instances = _instances(_parse_json(raw))
     try:
-        x = loaded.matrix(instances)
+        return loaded.matrix(instances)
     except InstanceError as exc:
         raise _bad(str(exc)) from None
-    return loaded.predict(x)
 
 
-@functools.cache
-def _openmp() -> Any:
-    from threadpoolctl import ThreadpoolController  # noqa: PLC0415
-
-    return ThreadpoolController()
-
-
-def _predict_off_loop(loaded: LoadedModel, instances: list[Any]) -> list[dict[str, Any]]:
-    """``_predict`` on a threadpool thread, with one OpenMP thread: the limit that the
-    server sets at start is per thread, and does not reach this one."""
-    with _openmp().limit(limits=1, user_api="openmp"):
-        return _predict(loaded, instances)
+async def _request_matrix(
+    loaded: LoadedModel, request: Request, max_body_bytes: int
+) -> npt.NDArray[np.float64]:
+    raw = await _read_body(request, max_body_bytes)
+    if len(raw) <= INLINE_MAX_BODY_BYTES:
+        return _matrix(loaded, raw)
+    return await run_in_threadpool(_matrix, loaded, raw)
 
 
-async def predictions_for(loaded: LoadedModel, request: Request) -> list[dict[str, Any]]:
+async def predictions_for(
+    loaded: LoadedModel,
+    request: Request,
+    batchers: Batchers,
+    *,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> list[dict[str, Any]]:
     """The predictions for a predict request's body (Vertex AI's shape), or an
-    :class:`ApiError` naming what is wrong with it. Small requests are answered on the
-    event loop; large ones on a worker thread."""
-    instances = _instances(await _read_json(request))
-    if len(instances) <= INLINE_MAX_INSTANCES:
-        return _predict(loaded, instances)
-    return await run_in_threadpool(_predict_off_loop, loaded, instances)
+    :class:`ApiError` naming what is wrong with it; predicted in a batch by ``batchers``."""
+    x = await _request_matrix(loaded, request, max_body_bytes)
+    return loaded.predictions(await batchers.probabilities(loaded, x))
+
+
+class JsonResponse(Response):
+    """A JSON response encoded by orjson (what Starlette's JSONResponse sends, faster)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class _Api:
     """The route handlers, bound to one project, region and store."""
 
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
+    def __init__(
+        self, settings: Settings, store: ModelStore, batchers: Batchers, max_body_bytes: int
+    ) -> None:
         self.project = settings.project
         self.region = settings.region
         self.store = store
+        self.batchers = batchers
+        self.max_body_bytes = max_body_bytes
 
     def model_name(self, model: str) -> str:
         return f"projects/{self.project}/locations/{self.region}/models/{model}"
@@ -183,10 +216,12 @@ class _Api:
             )
         return model
 
-    async def answer(self, loaded: LoadedModel, request: Request) -> JSONResponse:
-        predictions = await predictions_for(loaded, request)
+    async def answer(self, loaded: LoadedModel, request: Request) -> Response:
+        predictions = await predictions_for(
+            loaded, request, self.batchers, max_body_bytes=self.max_body_bytes
+        )
         version = loaded.version.version
-        return JSONResponse(
+        return JsonResponse(
             {
                 "predictions": predictions,
                 "deployedModelId": version,
@@ -247,7 +282,11 @@ class _Api:
         )
 
     async def healthz(self, _: Request) -> Response:
-        return JSONResponse({"status": "ok", "models": self.store.versions()})
+        """The versions served; the header names the process (one of several workers)."""
+        return JSONResponse(
+            {"status": "ok", "models": self.store.versions()},
+            headers={"X-Serving-Process": str(os.getpid())},
+        )
 
 
 async def api_error(_: Request, exc: Exception) -> Response:
@@ -276,13 +315,24 @@ def create_app(
     watcher: ChampionWatcher | None = None,
     load_on_startup: bool = True,
     status: Callable[[], dict[str, Any]] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    batch_window: float = BATCH_WINDOW_SECONDS,
+    parallel_predicts: int | None = None,
 ) -> Starlette:
     """The app serving ``store``'s models for ``settings.project`` / ``settings.region``.
 
     On startup it loads every champion (``load_on_startup``) and then starts ``watcher``;
-    on shutdown it stops the watcher's threads.
+    on shutdown it stops the watcher's threads. A request body over ``max_body_bytes`` is
+    refused. Concurrent predictions for one version are batched (:mod:`serving.batching`):
+    a busy server waits up to ``batch_window`` seconds to fill a batch; 0 predicts what is
+    queued without waiting. At most ``parallel_predicts`` batches of one version predict at
+    once (default: the CPUs this process may use).
     """
-    api = _Api(settings, store)
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
+    parallel = parallel_predicts or usable_cpus()
+    executor = predict_threads(parallel)
+    api = _Api(settings, store, Batchers(executor, batch_window, parallel), max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -295,6 +345,7 @@ def create_app(
         finally:
             if watcher is not None:
                 await run_in_threadpool(watcher.stop)
+            executor.shutdown(wait=False)
 
     async def page(_: Request) -> Response:
         return HTMLResponse(PAGE)
@@ -305,7 +356,7 @@ def create_app(
         return JSONResponse(await run_in_threadpool(status))
 
     prefix = "/v1/projects/{project}/locations/{location}"
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/api/status", status_json, methods=["GET"]),
@@ -319,3 +370,5 @@ def create_app(
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         lifespan=lifespan,
     )
+    app.state.batchers = api.batchers  # each version's batcher, for figures and tests
+    return app

@@ -15,9 +15,11 @@ does not exist).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
+import operator
 import pickle
 import shutil
 import tempfile
@@ -58,6 +60,9 @@ Downloader = Callable[[str, Path], object]
 """``download(uri, local_dir)``: copy every file under the folder ``uri`` into ``local_dir``."""
 
 THRESHOLD = 0.5  # the same threshold as the evaluation component
+# The types a JSON number or null parses to (bool is its own type: True is not a number here).
+_NUMBERS = frozenset({float, int})
+_NUMBERS_OR_NULL = _NUMBERS | {type(None)}
 _FEATURE_NAMES_WARNING = "X does not have valid feature names"
 _LOAD_ERRORS = (
     OSError,
@@ -97,8 +102,11 @@ class LoadedModel:
     lookups: dict[int, dict[str, float]] = field(default_factory=dict)
     index: dict[str, int] = field(init=False)
 
+    _getter: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "index", {name: i for i, name in enumerate(self.features)})
+        object.__setattr__(self, "_getter", operator.itemgetter(*self.features))
 
     @property
     def name(self) -> str:
@@ -108,7 +116,53 @@ class LoadedModel:
         """One float array from ``instances`` (lists in feature order, or objects by name).
 
         Raises :class:`InstanceError` naming the instance and the feature.
+
+        The usual request (all lists of the right length, or all objects with exactly the
+        model's features; only numbers, and nulls where the estimator accepts them) becomes
+        an array without per-value Python work: the values are flattened and their types
+        checked as a set, then numpy converts them in one call. Anything else, and every
+        model with categorical features, takes the checked path, value by value, which
+        names the first bad instance and feature.
         """
+        if not self.lookups:
+            fast = self._fast_matrix(instances)
+            if fast is not None:
+                return fast
+        return self._checked_matrix(instances)
+
+    def _fast_matrix(self, instances: list[Any]) -> npt.NDArray[np.float64] | None:
+        """The matrix, or None if anything needs the checked path (which finds the error)."""
+        rows = self._rows(instances)
+        if rows is None or set(map(len, rows)) != {len(self.features)}:
+            return None
+        flat = list(itertools.chain.from_iterable(rows))
+        if not set(map(type, flat)) <= (_NUMBERS_OR_NULL if self.allow_nan else _NUMBERS):
+            return None
+        try:
+            x = np.array(flat, dtype=np.float64)  # None (if allowed) becomes NaN
+        except OverflowError:
+            return None  # an integer beyond float64: the checked path says which
+        if np.isinf(x).any():
+            return None  # 1e999 parses to inf: the checked path names it
+        return x.reshape(len(instances), len(self.features))
+
+    def _rows(self, instances: list[Any]) -> list[Any] | None:
+        """Each instance's values in feature order, if all are lists or all objects with
+        exactly the model's features; else None."""
+        kinds = set(map(type, instances))
+        if kinds == {list}:
+            return instances
+        width = len(self.features)
+        if kinds != {dict} or set(map(len, instances)) != {width}:
+            return None
+        try:
+            # With as many keys as features and every feature present, no key is unknown.
+            rows = list(map(self._getter, instances))
+        except KeyError:
+            return None
+        return [[value] for value in rows] if width == 1 else rows
+
+    def _checked_matrix(self, instances: list[Any]) -> npt.NDArray[np.float64]:
         width = len(self.features)
         flat: list[float] = []
         append = flat.append
@@ -187,14 +241,15 @@ class LoadedModel:
 
     def predict(self, x: npt.NDArray[np.float64]) -> list[dict[str, Any]]:
         """``[{"label": predicted class, "probability": P(positive class)}, ...]``."""
-        proba = self._positive_proba(x)
-        negative, positive = self.classes
-        return [
-            {"label": positive if p >= THRESHOLD else negative, "probability": p}
-            for p in proba.tolist()
-        ]
+        return self.predictions(self.probabilities(x))
 
-    def _positive_proba(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    def predictions(self, proba: npt.NDArray[np.float64]) -> list[dict[str, Any]]:
+        """The response rows for :meth:`probabilities`' result (Vertex AI's shape)."""
+        labels = (self.classes[0], self.classes[1])
+        return [{"label": labels[p >= THRESHOLD], "probability": p} for p in proba.tolist()]
+
+    def probabilities(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """P(positive class) for each row of ``x``."""
         data: Any = x
         if self.needs_frame:
             import pandas as pd  # noqa: PLC0415 (only for estimators that insist on names)
@@ -442,6 +497,12 @@ class ChampionWatcher:
 
     If the subscription does not exist or Pub/Sub cannot be reached, one warning is logged
     and the poller alone keeps the store current.
+
+    ``template``: the subscription to copy if ``subscription`` does not exist. Each worker
+    process of a server needs its own subscription (on one shared subscription, Pub/Sub
+    hands each decision to one worker only), so a worker listens on ``<template>-<slot>``,
+    made on the template's topic when missing. A subscription just made holds only what is
+    published after it, so the store is refreshed once more right after it is made.
     """
 
     def __init__(
@@ -452,10 +513,12 @@ class ChampionWatcher:
         *,
         poll_seconds: float | None = 5.0,
         subscriber_factory: Callable[[], Any] | None = None,
+        template: str | None = None,
     ) -> None:
         self.store = store
         self.project = project
         self.subscription = subscription
+        self.template = template
         self.poll_seconds = poll_seconds
         self._subscriber_factory = subscriber_factory
         self._stop = threading.Event()
@@ -523,7 +586,12 @@ class ChampionWatcher:
         try:
             subscriber = self._make_subscriber()
             path = subscriber.subscription_path(self.project, self.subscription)
-            subscriber.get_subscription(subscription=path, timeout=10)
+            try:
+                subscriber.get_subscription(subscription=path, timeout=10)
+            except NotFound:
+                if self.template is None:
+                    raise
+                self._copy_template(subscriber, path)
         except NotFound:
             log.warning(
                 "subscription %s does not exist; refreshing models by polling every %ss only",
@@ -553,6 +621,26 @@ class ChampionWatcher:
             log.exception("the streaming pull on %s failed; polling only from now on", path)
         finally:
             subscriber.close()
+
+    def _copy_template(self, subscriber: Any, path: str) -> None:
+        """Make ``path`` on the template's topic (NotFound if the template is missing too),
+        then refresh every model: decisions from before it existed are not in it."""
+        from google.api_core.exceptions import AlreadyExists  # noqa: PLC0415
+
+        template = subscriber.get_subscription(
+            subscription=subscriber.subscription_path(self.project, self.template), timeout=10
+        )
+        try:
+            subscriber.create_subscription(
+                name=path,
+                topic=template.topic,
+                ack_deadline_seconds=template.ack_deadline_seconds,
+                timeout=10,
+            )
+            log.info("made subscription %s on %s, like %s", path, template.topic, self.template)
+        except AlreadyExists:
+            pass  # another process with the same slot made it first: the same subscription
+        self.store.refresh_all()
 
     def _make_subscriber(self) -> Any:
         if self._subscriber_factory is not None:

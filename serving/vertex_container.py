@@ -44,7 +44,15 @@ from threadpoolctl import threadpool_limits
 
 from retrain import blobstore, jsonlog
 from retrain.gatekeeper.registry import ModelVersion
-from serving.app import ApiError, api_error, http_error, predictions_for
+from serving.app import (
+    BATCH_WINDOW_SECONDS,
+    ApiError,
+    JsonResponse,
+    api_error,
+    http_error,
+    predictions_for,
+)
+from serving.batching import Batchers, predict_threads, usable_cpus
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
 
 __all__ = ["ALL_INTERFACES", "ContainerSettings", "create_app", "main", "model_folder", "serve"]
@@ -142,6 +150,8 @@ def create_app(
     """The container's app. On startup a thread downloads, loads and warms the model while
     the health route answers 503; ``on_failure(exc)`` is called if that fails."""
     served = _Served()
+    executor = predict_threads()
+    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, usable_cpus())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -151,7 +161,10 @@ def create_app(
             name="model-loader",
             daemon=True,  # a hung download must not keep the process from stopping
         ).start()
-        yield
+        try:
+            yield
+        finally:
+            executor.shutdown(wait=False)
 
     def identity() -> dict[str, Any]:
         return {
@@ -178,7 +191,7 @@ def create_app(
                 else "the model is still loading; retry once the health route answers 200"
             )
             raise ApiError(503, message, "UNAVAILABLE")
-        return JSONResponse({"predictions": await predictions_for(loaded, request)})
+        return JsonResponse({"predictions": await predictions_for(loaded, request, batchers)})
 
     return Starlette(
         routes=[

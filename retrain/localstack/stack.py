@@ -234,7 +234,11 @@ class Stack:
                     hint=f"functions-framework could not load {function} from {TRIGGERS_SOURCE}",
                 )
             )
-        for name, module in (("scheduler", "retrain.scheduler"), ("serving", "serving")):
+        workers = ("--workers", str(self.settings.local.serving_workers))
+        for name, module, extra in (
+            ("scheduler", "retrain.scheduler", ()),
+            ("serving", "serving", workers),
+        ):
             port = getattr(ports, name)
             parts.append(
                 Part(
@@ -250,6 +254,7 @@ class Stack:
                         host,
                         "--port",
                         str(port),
+                        *extra,
                     ),
                     f"http://{host}:{port}",
                     "/healthz",
