@@ -164,7 +164,7 @@ def ensure(
         if preload is not None:
             argv += ["--preload", ",".join(preload)]
         with log.open("ab") as out:
-            proc = subprocess.Popen(
+            proc = _Detached(
                 argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(env), start_new_session=True,  # (its cwd: the caller's, as a task's)
             )  # fmt: skip
@@ -180,6 +180,16 @@ def ensure(
         _write(state_dir, record)
         _STARTED[proc.pid] = proc  # reaped when it exits, if this process still runs
         return record
+
+
+class _Detached(subprocess.Popen[bytes]):
+    """A zygote's process. It outlives the process that started it by design (it exits
+    when idle, or when stopped by its pid), so dropping this object while it runs, at the
+    starter's exit, is no leak: it is reaped if it ended, and no ResourceWarning is given."""
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.poll()
 
 
 # The zygotes this process started, kept so that they are reaped when they exit.

@@ -418,3 +418,23 @@ def test_stack_down_stops_the_zygote_of_its_state_folder(tmp_path: Path) -> None
 
     assert not _alive(record)
     assert not (stack.state_dir / warm_tasks.RECORD).exists()
+
+
+def test_a_process_that_started_a_zygote_exits_without_a_resource_warning(state: Path) -> None:
+    """The zygote outlives the `retrain run` that started it (it exits when idle): that
+    process's exit warns of no "subprocess ... is still running"."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from pipelines import warm_tasks\n"
+        f"record = warm_tasks.ensure(Path(sys.argv[1]), dict(os.environ), {IDLE}, {LIGHT!r})\n"
+        "assert record is not None and warm_tasks.wait_ready(record, timeout=60)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-X", "dev", "-c", code, str(state)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr
+    record = json.loads((state / warm_tasks.RECORD).read_text(encoding="utf-8"))
+    assert _alive(record)  # still serving; the fixture stops it by its pid
