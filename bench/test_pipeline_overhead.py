@@ -14,18 +14,11 @@ import pytest
 import yaml
 from kfp import dsl, local
 
-from components.evaluate.report import evaluate_and_report
-from components.preprocess import preprocess
-from components.runs import RunContext
-from components.train import train
+from bench.peers.pipelines import ours_compute
 from pipelines import warm_tasks
 from pipelines.launchers import local_environment, run_and_follow
 from pipelines.local_run import RunResult
-from retrain import statedb
-from retrain.bus import PubsubBus
 from retrain.config import load_settings
-from retrain.gatekeeper.registry import FirestoreRegistry
-from retrain.ledger import new_run_id
 from retrain.localstack import Stack
 
 pytestmark = pytest.mark.bench
@@ -54,28 +47,7 @@ def _load() -> str:
 
 def _compute(stack: Stack, uri: str, workdir: Path) -> dict[str, float]:
     """Each step's core, in this process, with imports and clients already warm."""
-    settings = stack.settings
-    model = settings.models["rainfall"]
-    run = RunContext("rainfall", new_run_id("rainfall"), "bench", "manual")
-    times = {}
-    started = time.perf_counter()
-    split = preprocess([uri], model, workdir / "pre")
-    times["preprocess"] = time.perf_counter() - started
-    started = time.perf_counter()
-    train(split.train_path, model, workdir / "model", summary_path=split.summary_path)
-    times["train"] = time.perf_counter() - started
-    started = time.perf_counter()
-    evaluate_and_report(
-        settings,
-        run,
-        model_dir=workdir / "model",
-        eval_path=split.eval_path,
-        summary_path=split.summary_path,
-        registry=FirestoreRegistry(statedb.database(settings), settings.buckets.models),
-        bus=PubsubBus(settings.project),
-    )
-    times["evaluate"] = time.perf_counter() - started
-    return times
+    return ours_compute(stack, "rainfall", uri, workdir)
 
 
 def _cold(stack: Stack, directory: Path) -> Stack:

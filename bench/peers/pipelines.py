@@ -176,8 +176,8 @@ def compile_peer(path: Path) -> Path:
 
 
 def ours_compute(stack: Any, model: str, uri: str, workdir: Path) -> dict[str, float]:
-    """Our three steps' cores in this process, imports and clients warm (as
-    bench/test_pipeline_overhead.py measures them)."""
+    """Our three steps' cores in this process, imports and clients warm (the compute
+    that bench/test_pipeline_overhead.py and bench/test_cycle.py compare runs with)."""
     from components.evaluate.report import evaluate_and_report
     from components.preprocess import preprocess
     from components.runs import RunContext
