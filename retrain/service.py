@@ -14,7 +14,6 @@ is decided from the report it kept, if any, and taken over otherwise.
 from __future__ import annotations
 
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -81,12 +80,6 @@ GATHER_SECONDS = 300.0
 # object too big to train on. Its rows are then estimated from the sample (exact for Parquet).
 SAMPLE_BYTES = 32 * 1024 * 1024
 _GZIP = b"\x1f\x8b"
-
-# An arriving object whose notification gives a size up to this is read at the same time as
-# its arrival's record (two independent reads, one round trip's wait instead of two): a
-# duplicate of it, which the record then shows settled, has read at most this much for
-# nothing, so a storm of duplicates of a big object reads none of it.
-PREFETCH_BYTES = 1024 * 1024
 _CSV_SAMPLED = ("", ".csv", ".txt", ".gz")  # suffixes whose head can be read alone
 
 
@@ -130,9 +123,6 @@ class RetrainService:
         self.gatekeeper = Gatekeeper(settings, ledger, registry, bus, launcher.scheduled)
         self._champions: dict[tuple[str, str], tuple[dict[str, Any], Any, dict[str, float]]] = {}
         self._storage = storage
-        # Reads that overlap the handler's own (the google clients are thread-safe); its
-        # threads start on first use.
-        self._reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="arrival-read")
 
     # -- the one path to a run -----------------------------------------------------
 
@@ -275,28 +265,10 @@ class RetrainService:
             dedupe_key=event.dedupe_key,
             trigger_event_id=event.event_id,
         )
-        model = self.settings.models[name]
-        prefetched = self._prefetch(event, model)
-        try:
-            seen = self.ledger.arrival(name, request.dedupe_key)
-        finally:
-            if prefetched is not None:  # never left running: reads stay bounded by deliveries
-                wait([prefetched])
-        if seen is not None and seen.get("outcome") is not None:  # its read is ignored
+        seen = self.ledger.arrival(name, request.dedupe_key)
+        if seen is not None and seen.get("outcome") is not None:
             return Outcome("duplicate", name, detail=f"{event.dedupe_key} {seen['outcome']}")
-        return self._check_arrival(request, model, event, prefetched)
-
-    def _prefetch(self, event: ObjectEvent, model: ModelSettings) -> Future[bytes | None] | None:
-        """The object's read as notified (:meth:`_as_notified`), started now in another
-        thread, if its notification gives a size up to :data:`PREFETCH_BYTES`; else None
-        (it is read after the arrival's record, as before). Only reads: what the handler
-        writes, and in what order, does not change."""
-        size = event.size
-        if size is None or not 0 < size <= PREFETCH_BYTES or not event.generation.isdigit():
-            return None
-        storage = self.storage  # made here, not in two threads at once
-        generation = int(event.generation)
-        return self._reads.submit(self._as_notified, event, generation, model, storage)
+        return self._check_arrival(request, self.settings.models[name], event)
 
     def drift_alert(self, message: PubsubMessage) -> Outcome:
         payload = json_object(message)
@@ -434,11 +406,7 @@ class RetrainService:
     # -- every arrival is checked; some policies look for drift ---------------------
 
     def _check_arrival(
-        self,
-        request: RetrainRequest,
-        model: ModelSettings,
-        event: ObjectEvent,
-        prefetched: Future[bytes | None] | None = None,
+        self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent
     ) -> Outcome:
         """Check the object against the rules (``components.preprocess.validation``): one
         that breaks one is quarantined; one that passes is recorded with its rows (the data
@@ -447,16 +415,10 @@ class RetrainService:
         the first settlement stand."""
         from components.preprocess.validation import ValidationError  # noqa: PLC0415
 
-        every = model.arrival_policy == "every_arrival"
-        # The champion is read while the object is checked (the check does not need it).
-        champion_read = None if every else self._reads.submit(self.registry.champion, request.model)
         try:
-            checked = self._read_checked(event, model, prefetched)
+            checked = self._read_checked(event, model)
         except ValidationError as exc:
             return self._quarantine(request, exc)
-        finally:
-            if champion_read is not None:
-                wait([champion_read])
         if checked is None:
             self.ledger.record_arrival(request, "gone")
             return Outcome("ignored", request.model, detail=f"{event.uri}#{event.generation} "
@@ -465,7 +427,8 @@ class RetrainService:
         fields = {"rows": rows, "bytes": size, "features": list(features)}
         if rows != len(frame):  # checked on a sample; rows is an estimate
             fields["sampled_rows"] = len(frame)
-        champion = None if champion_read is None else champion_read.result()
+        every = model.arrival_policy == "every_arrival"
+        champion = None if every else self.registry.champion(request.model)
         if champion is None:  # every arrival runs; or the first model needs this data
             check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
             recorded, claim = self.ledger.claim_arrival(request, **fields)  # one commit
@@ -486,28 +449,19 @@ class RetrainService:
             return Outcome("checked", request.model, detail=f"no drift: {summary}")
         return self._alert(request, event, kind, reasons, details, champion.version, recorded)
 
-    def _read_checked(
-        self,
-        event: ObjectEvent,
-        model: ModelSettings,
-        prefetched: Future[bytes | None] | None = None,
-    ) -> Any:
+    def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
         """(frame, features, bytes, rows) of the object's generation if it passes the rules;
         None if it no longer exists. An object over :data:`SAMPLE_BYTES` is checked on a
         sample (:func:`sample_object`), and its rows estimated. :class:`ValidationError` names
         a broken rule; any other error (the store did not answer) propagates, and the arrival
-        is retried. ``prefetched``: the read as notified, already started (:meth:`_prefetch`).
-        """
+        is retried."""
         from google.api_core.exceptions import NotFound  # noqa: PLC0415
 
         from components.preprocess.validation import check_arrival, check_size  # noqa: PLC0415
 
         generation = int(event.generation) if event.generation.isdigit() else None
         try:
-            if prefetched is not None:
-                data = prefetched.result()
-            else:
-                data = self._as_notified(event, generation, model, self.storage)
+            data = self._as_notified(event, generation, model)
         except NotFound:
             return None
         if data is not None:
@@ -530,9 +484,8 @@ class RetrainService:
         rows = len(frame) if sample is None else max(len(frame), round(sample[1] * len(frame)))
         return frame, features, size, rows
 
-    @staticmethod
     def _as_notified(
-        event: ObjectEvent, generation: int | None, model: ModelSettings, storage: Any
+        self, event: ObjectEvent, generation: int | None, model: ModelSettings
     ) -> bytes | None:
         """The object's bytes in one request, where its notification gave its size (GCS's
         JSON_API_V1 payload does) and the object is read whole (not over SAMPLE_BYTES, and
@@ -551,7 +504,7 @@ class RetrainService:
             check_size(event.uri, size, model)
         except ValidationError:
             return None  # quarantined on the store's own word, not the notification's
-        blob = storage.bucket(event.bucket).blob(event.name, generation=generation)
+        blob = self.storage.bucket(event.bucket).blob(event.name, generation=generation)
         data = bytes(blob.download_as_bytes(start=0, end=size))  # bytes 0..size, inclusive
         return data if len(data) == size else None
 
