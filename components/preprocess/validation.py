@@ -129,17 +129,18 @@ def check_object(uri: str, frame: pd.DataFrame, settings: ModelSettings) -> tupl
             Rule.LABEL_NOT_BINARY,
             f"expected two classes, found {len(classes)}: {_show(classes)}",
         )
-    empty = [c for c in features if frame[c].isna().all()]
+    # Column by column, but without a Series per column (the check of every arrival).
+    nulls = frame.isna().all()
+    empty = [c for c in features if nulls[c]]
     if empty:
         raise ValidationError(uri, empty, Rule.ALL_NULL, "every value is null in this object")
     categorical = set(settings.categorical)
+    dtypes = frame.dtypes
     text = [
-        c
-        for c in features
-        if c not in categorical and not _numeric(frame[c].dtype, allow_bool=True)
+        c for c in features if c not in categorical and not _numeric(dtypes[c], allow_bool=True)
     ]
     if text:
-        kinds = ", ".join(f"{c} is {frame[c].dtype}" for c in text)
+        kinds = ", ".join(f"{c} is {dtypes[c]}" for c in text)
         raise ValidationError(
             uri,
             text,
