@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import os
@@ -80,6 +81,18 @@ def _same_process(pid: int, create_time: float) -> psutil.Process | None:
 _POPENS: dict[int, subprocess.Popen[bytes]] = {}
 
 
+def _reap_ended() -> None:
+    """Reap the started processes that ended without :func:`stop` (killed from outside, as
+    the healing tests do, or crashed): their Popen would otherwise warn at exit that they
+    are "still running"."""
+    for pid, popen in list(_POPENS.items()):
+        if popen.poll() is not None:
+            del _POPENS[pid]
+
+
+atexit.register(_reap_ended)
+
+
 def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> ProcessRecord:
     """Start ``argv`` in its own session, with output to ``log``; return its record."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +106,7 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
             env={**os.environ, **env},
             start_new_session=True,  # Ctrl-C on `up` reaches us, and we stop parts in order
         )
+    _reap_ended()
     _POPENS[proc.pid] = proc
     return ProcessRecord(proc.pid, psutil.Process(proc.pid).create_time())
 

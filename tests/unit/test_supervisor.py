@@ -4,6 +4,8 @@ and when Firestore is exported. The stack is a fake that records what it was ask
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import cast
 
@@ -114,3 +116,24 @@ def test_a_stopping_supervisor_restarts_nothing() -> None:
     rounds_until(supervisor, clock, clock.now + 40)
     assert stack.restarts == []
     assert stack.exports == []
+
+
+def test_a_started_process_that_ended_on_its_own_gives_no_warning_at_exit(tmp_path: Path) -> None:
+    """A part killed from outside (as the healing tests do) or crashed is reaped: the
+    interpreter that started it exits without "ResourceWarning: subprocess N is still
+    running"."""
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from retrain.localstack.processes import spawn, wait_until\n"
+        "import psutil\n"
+        "record = spawn([sys.executable, '-c', 'pass'], Path(sys.argv[1]), {}, Path.cwd())\n"
+        "assert wait_until(lambda: psutil.Process(record.pid).status() == 'zombie', 30)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-X", "dev", "-c", code,
+         str(tmp_path / "part.log")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" not in done.stderr, done.stderr
