@@ -439,6 +439,31 @@ class Gate(_Strict):
         "missing features; `retrain promote` is the way out); thresholds_only promotes a "
         "candidate that meets the value thresholds.",
     )
+    canary: Canary | None = Field(
+        None,
+        description="If set, a candidate that passes the gate serves a share of the traffic "
+        "first and is promoted, or rolled back, on its live metric (docs/monitoring.md).",
+    )
+
+
+class Canary(_Strict):
+    """A promoted candidate serves ``percent`` of the traffic first; once ``min_labelled`` of
+    its logged predictions have late labels, the gatekeeper compares its live metric with the
+    previous champion's on the same window and completes the promotion or rolls it back."""
+
+    percent: int = Field(ge=1, le=99, description="The candidate's share of the traffic.")
+    min_labelled: PositiveInt = Field(
+        300, description="Labelled canary predictions needed before the canary is judged."
+    )
+    max_regression: float = Field(
+        0.02,
+        ge=0,
+        description="How far the canary's live metric may fall below the previous "
+        "champion's, on the same window, and still complete.",
+    )
+    metric: Metric | None = Field(
+        None, description="The live metric compared; default: gate.primary_metric."
+    )
 
 
 class Schedule(_Strict):
@@ -482,6 +507,45 @@ class Drift(_Strict):
     )
     min_drifted_features: PositiveInt = 1
     degradation_margin: float = Field(0.05, ge=0, le=1)
+
+
+class ServingPolicy(_Strict):
+    log_sample_rate: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="The share of prediction requests logged (instances, predictions, the "
+        "version that answered, request id, time) to gs://<buckets.artifacts>/predictions/, "
+        "for the monitor and the canary; 0 turns logging off.",
+    )
+
+
+class Monitoring(_Strict):
+    window_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Served inputs are drift-checked per window of this length (aligned to "
+        "the epoch); the live metric is computed over the last window.",
+    )
+    min_rows: PositiveInt = Field(
+        100, description="A window with fewer logged rows is not drift-checked."
+    )
+    labels_prefix: str | None = Field(
+        None,
+        description="Late labels (request_id, label[, index]) arrive as CSV or JSON-lines "
+        "objects under gs://<buckets.data>/<labels_prefix>; default labels/<model>/.",
+    )
+
+    @field_validator("labels_prefix")
+    @classmethod
+    def _labels(cls, value: str | None) -> str | None:
+        if value is not None and (
+            not value or value.startswith("/") or not value.endswith("/") or ".." in value
+        ):
+            raise ValueError(
+                f"{value!r} must be a relative object prefix ending in '/', without '..'"
+            )
+        return value
 
 
 class CustomComponents(_Strict):
@@ -530,6 +594,8 @@ class ModelSettings(_Strict):
         "every_arrival"
     )
     drift: Drift = Drift()
+    serving: ServingPolicy = ServingPolicy()
+    monitoring: Monitoring = Monitoring()
     validation: Validation = Validation()
     components: CustomComponents = CustomComponents()
     coalesce_seconds: float = Field(
@@ -618,6 +684,13 @@ class Settings(_Strict):
         description="How often the sweep looks for runs that died and events left waiting "
         "(Cloud Scheduler: rounded up to whole minutes).",
     )
+    monitor_seconds: int = Field(
+        60,
+        ge=5,
+        le=3600,
+        description="How often the monitor reads the prediction logs and late labels "
+        "(serving drift, live metrics, canaries).",
+    )
     topics: Topics = Topics()
     delivery: Delivery = Delivery()
     local: LocalStack = LocalStack()
@@ -659,6 +732,19 @@ class Settings(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _labels_apart(self) -> Self:
+        for name in self.models:
+            labels = self.labels_prefix(name)
+            for other, spec in self.models.items():
+                data = spec.data_prefix
+                if labels.startswith(data) or data.startswith(labels):
+                    raise ValueError(
+                        f"models.{name}.monitoring.labels_prefix {labels!r} overlaps the "
+                        f"data_prefix of {other!r} ({data!r}): labels are not training data"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _backend_needs(self) -> Self:
         if self.backend == "kfp" and self.gcp.kfp.host is None:
             raise ValueError("backend kfp needs gcp.kfp.host, the KFP API server's URL")
@@ -698,6 +784,14 @@ class Settings(_Strict):
     def pipeline_template(self, model: str) -> str:
         """Where ``make deploy`` uploads the model's compiled pipeline."""
         return f"gs://{self.buckets.artifacts}/pipelines/{model}.yaml"
+
+    def labels_prefix(self, model: str) -> str:
+        """Where late labels for ``model`` arrive: gs://<buckets.data>/<this>."""
+        return self.models[model].monitoring.labels_prefix or f"labels/{model}/"
+
+    def predictions_prefix(self, model: str) -> str:
+        """Where the prediction server logs ``model``'s predictions (retrain/predictions.py)."""
+        return f"gs://{self.buckets.artifacts}/predictions/{model}/"
 
     def model_for_object(self, bucket: str, name: str) -> str | None:
         """The model whose data prefix holds ``gs://bucket/name``, if any."""

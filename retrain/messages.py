@@ -105,20 +105,36 @@ class MetricsReport(Message):
 
 
 class Decision(Message):
+    """The gatekeeper's decision on a run (``stage`` "gate"), or on its canary ("canary").
+
+    - gate: ``promoted`` (the candidate serves all traffic), ``rejected``, or ``canary``
+      (it passed, and serves ``gate.canary.percent`` of the traffic until judged);
+    - canary: ``promoted`` (the canary completed: it serves all traffic) or ``rolled_back``
+      (``previous_champion`` serves again); ``live`` holds the numbers it was judged on.
+    """
+
     model: str = Field(min_length=1)
     run_id: str = Field(min_length=1)
-    verdict: Literal["promoted", "rejected"]
+    verdict: Literal["promoted", "rejected", "canary", "rolled_back"]
     reasons: list[str] = Field(min_length=1)
     new_version: str | None = None
     previous_champion: str | None = None
+    stage: Literal["gate", "canary"] = "gate"
+    live: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Canary stage: per version, its live metric and labelled rows on the "
+        "window it was judged on.",
+    )
     time: datetime = Field(default_factory=_now)
 
 
 class DriftAlert(Message):
-    """Our own drift alert, published to ``drift-alerts`` by the data-arrival check."""
+    """Our own drift alert, published to ``drift-alerts`` by the data-arrival check, or by
+    the monitor (``serving_drift`` in the served inputs, ``degradation`` of the live metric
+    from late labels), which keys it by its window in ``details["window"]``."""
 
     model: str = Field(min_length=1)
-    kind: Literal["drift", "degradation", "schema_change"]
+    kind: Literal["drift", "degradation", "schema_change", "serving_drift"]
     data_uris: list[str] = Field(default_factory=list)
     summary: str
     details: dict[str, Any] = Field(default_factory=dict)

@@ -7,7 +7,9 @@ gatekeeper writes (the pipelines may read it)::
 
     registry/<model>                   champion: the version served; generation: how many
                                        times the champion moved; history: the earlier
-                                       champions, newest first; versions: the last number
+                                       champions, newest first; versions: the last number;
+                                       canary: while the champion is a canary (gate.canary),
+                                       {version, previous, percent, started_at, generation}
     registry/<model>/versions/<NNNNNN> a version: artifact, metrics, lineage, verdict, reasons
     registry/<model>/runs/<run id>     the run's version (once registered) and decision
                                        (once decided), and the Decision's message id
@@ -37,6 +39,7 @@ from retrain.statedb import Change, Database, Doc, retrying
 
 __all__ = [
     "HISTORY",
+    "CanaryState",
     "FirestoreRegistry",
     "ModelRegistry",
     "ModelVersion",
@@ -60,14 +63,56 @@ class ModelVersion:
     generation: int | None = None  # the champion pointer's generation, if read as champion
 
 
+@dataclass(frozen=True)
+class CanaryState:
+    """The champion ``version`` is a canary: it serves ``percent`` % of the traffic and
+    ``previous`` (the champion before it) the rest, since ``started_at`` (epoch seconds),
+    until the gatekeeper completes or rolls it back. ``generation`` is the pointer's
+    generation that the canary's promotion made; a later move of the pointer ends it."""
+
+    version: str
+    previous: str
+    percent: int
+    started_at: float
+    generation: int
+
+
 class ModelRegistry(Protocol):
     def champion(self, model: str) -> ModelVersion | None:
         """The version that the champion pointer names, or None for a new model."""
         ...
 
+    def canary(self, model: str) -> CanaryState | None:
+        """The champion's canary, if the champion is one (see :class:`CanaryState`)."""
+        ...
+
     def version(self, model: str, version: str) -> ModelVersion | None:
         """One registered version, or None if there is no such version."""
         ...
+
+
+def canary_of(where: str, head: dict[str, Any] | None) -> CanaryState | None:
+    """The canary that the champion pointer ``head`` records, if it is still the champion's
+    (a pointer that moved since, by hand or by a rollback, has no canary)."""
+    raw = (head or {}).get("canary")
+    if not raw:
+        return None
+    try:
+        state = CanaryState(
+            version=str(raw["version"]),
+            previous=str(raw["previous"]),
+            percent=int(raw["percent"]),
+            started_at=float(raw["started_at"]),
+            generation=int(raw["generation"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"{where}: malformed canary: {exc!r}") from exc
+    assert head is not None  # noqa: S101 (it had a canary)
+    if str(head.get("champion")) != state.version or int(head.get("generation", 0)) != (
+        state.generation
+    ):
+        return None
+    return state
 
 
 def _version_id(version: str | int) -> str:
@@ -123,6 +168,9 @@ class FirestoreRegistry:
             found.model, found.version, found.artifact_uri, found.metrics, found.run_id,
             int(head.get("generation", 0)),
         )  # fmt: skip
+
+    def canary(self, model: str) -> CanaryState | None:
+        return canary_of(self.where(model), self.head_doc(model).data)
 
     def version(self, model: str, version: str) -> ModelVersion | None:
         if not str(version).isdigit():
