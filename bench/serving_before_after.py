@@ -48,7 +48,7 @@ def app_factory() -> Any:
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     from retrain.config import Settings  # noqa: PLC0415
-    from retrain.gatekeeper.registry import ModelVersion  # noqa: PLC0415
+    from retrain.gatekeeper.registry import CanaryState, ModelVersion  # noqa: PLC0415
     from serving.app import create_app  # noqa: PLC0415
     from serving.models import ModelStore  # noqa: PLC0415
 
@@ -68,6 +68,9 @@ def app_factory() -> Any:
 
         def version(self, model: str, version: str) -> ModelVersion | None:
             return self.champion(model) if version == "1" else None
+
+        def canary(self, model: str) -> CanaryState | None:
+            return None  # never a canary
 
     def copy(uri: str, local: Path) -> object:
         return shutil.copytree(uri, local, dirs_exist_ok=True)

@@ -22,7 +22,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 
 from components.train import train
 from retrain.config import Settings
-from retrain.gatekeeper.registry import ModelVersion
+from retrain.gatekeeper.registry import CanaryState, ModelVersion
 from retrain.messages import Decision, encode
 from serving.app import MAX_BODY_BYTES, create_app
 from serving.models import ChampionWatcher, ModelLoadError, ModelStore, load_model
@@ -79,6 +79,9 @@ class MemoryRegistry:
 
     def version(self, model: str, version: str) -> ModelVersion | None:
         return self.versions.get((model, version))
+
+    def canary(self, model: str) -> CanaryState | None:
+        return None  # never a canary
 
 
 class CopyDownloader:

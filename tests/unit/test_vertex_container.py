@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_info
 
 from components.train import train
 from retrain.config import Settings
-from retrain.gatekeeper.registry import ModelVersion
+from retrain.gatekeeper.registry import CanaryState, ModelVersion
 from retrain.localstack.processes import http_ok, spawn, stop, wait_until
 from serving.app import create_app as create_prediction_server
 from serving.models import ModelStore
@@ -90,6 +90,9 @@ class OneVersion:
 
     def version(self, model: str, version: str) -> ModelVersion | None:
         return self.record if (model, version) == ("rainfall", "1") else None
+
+    def canary(self, model: str) -> CanaryState | None:
+        return None  # never a canary
 
 
 def copy_folder(uri: str, local: Path) -> object:
