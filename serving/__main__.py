@@ -12,6 +12,10 @@ listens on its own subscription ``<subscription>-<slot>``, made on the decisions
 missing. Slot numbers stay small and are reused by a worker that uvicorn restarts, so the
 subscriptions do not pile up, and a restarted worker finds in its slot's subscription the
 decisions published while it was down. With one worker the subscription is used as named.
+
+Each process logs a sample of its answers (``models.<m>.serving.log_sample_rate``) through
+its own :class:`~serving.prediction_log.PredictionLog`, named after the host and its pid, so
+that the workers' objects never collide.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from retrain.options import ConfigOption
 from serving.app import create_app
 from serving.dashboard import status
 from serving.models import ChampionWatcher, ModelStore
+from serving.prediction_log import PredictionLog, gcs_writer
 
 # 10,000 instances of 8 full-precision floats are about 1.7 MB of JSON as lists and 2.5 MB as
 # objects; 8 MiB leaves room for longer feature names. (Vertex AI's own limit is 1.5 MB.)
@@ -82,6 +87,7 @@ def build_app(options: ServerOptions, slot: int | None = None) -> Starlette:
         status=lambda: status(settings, registry, ledger),
         max_body_bytes=options.max_body_bytes,
         batch_window=options.batch_window_ms / 1000,
+        prediction_log=PredictionLog.for_settings(settings, gcs_writer()),
     )
 
 

@@ -8,6 +8,13 @@ Routes (``{model}`` is a model name from ``retrain.yaml``; the endpoint is named
 - ``GET  /healthz``
 
 Errors use Google's JSON error shape: ``{"error": {"code", "message", "status"}}``.
+
+Every predict response carries ``X-Request-Id``: the request's own (1 to 128 printable ASCII
+characters; anything else is a 400 naming the header) or a new one (a uuid4 in hex). The body
+keeps Vertex AI's shape. While a model's champion is a canary, the endpoint's requests are
+split between the canary and the previous champion by a hash of the request id (see
+:class:`serving.models.Serving`); the pinned route ``models/{model}@{version}`` is never
+split. A sample of the answers is logged (:mod:`serving.prediction_log`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -33,15 +41,19 @@ from retrain.config import Settings
 from serving.batching import Batchers, predict_threads, usable_cpus
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
+from serving.prediction_log import PredictionLog
 
 __all__ = [
     "BATCH_WINDOW_SECONDS",
     "MAX_BODY_BYTES",
+    "MAX_REQUEST_ID_CHARS",
+    "REQUEST_ID_HEADER",
     "ApiError",
     "api_error",
     "create_app",
     "http_error",
     "predictions_for",
+    "request_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +67,11 @@ BATCH_WINDOW_SECONDS = 0.001
 # Bodies up to this size are parsed and turned into a matrix on the event loop: a hop to the
 # threadpool costs more than the work. Larger ones go to the threadpool in one hop.
 INLINE_MAX_BODY_BYTES = 16_384
+
+REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID_CHARS = 128
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower()
+_REQUEST_ID_RAW = _REQUEST_ID_KEY.encode()
 
 _STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
 
@@ -144,22 +161,38 @@ def _instances(body: dict[str, Any]) -> list[Any]:
     return instances
 
 
-def _matrix(loaded: LoadedModel, raw: bytes) -> npt.NDArray[np.float64]:
-    """The request's float matrix for ``loaded``, or a 400 naming what is wrong."""
+def _matrix(loaded: LoadedModel, raw: bytes) -> tuple[list[Any], npt.NDArray[np.float64]]:
+    """The request's instances and their float matrix for ``loaded``, or a 400 naming what
+    is wrong."""
     instances = _instances(_parse_json(raw))
     try:
-        return loaded.matrix(instances)
+        return instances, loaded.matrix(instances)
     except InstanceError as exc:
         raise _bad(str(exc)) from None
 
 
 async def _request_matrix(
     loaded: LoadedModel, request: Request, max_body_bytes: int
-) -> npt.NDArray[np.float64]:
+) -> tuple[list[Any], npt.NDArray[np.float64]]:
     raw = await _read_body(request, max_body_bytes)
     if len(raw) <= INLINE_MAX_BODY_BYTES:
         return _matrix(loaded, raw)
     return await run_in_threadpool(_matrix, loaded, raw)
+
+
+def request_id(request: Request) -> str:
+    """The request's ``X-Request-Id`` (400 if it is not 1 to 128 printable ASCII
+    characters), or a new one."""
+    given = request.headers.get(_REQUEST_ID_KEY)
+    if given is None:
+        return uuid.uuid4().hex
+    if 0 < len(given) <= MAX_REQUEST_ID_CHARS and given.isascii() and given.isprintable():
+        return given
+    shown = given if len(given) <= 40 else given[:37] + "..."
+    raise _bad(
+        f"header {REQUEST_ID_HEADER} must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII "
+        f"characters, got {len(given)} characters: {shown!r}"
+    )
 
 
 async def predictions_for(
@@ -171,7 +204,7 @@ async def predictions_for(
 ) -> list[dict[str, Any]]:
     """The predictions for a predict request's body (Vertex AI's shape), or an
     :class:`ApiError` naming what is wrong with it; predicted in a batch by ``batchers``."""
-    x = await _request_matrix(loaded, request, max_body_bytes)
+    _, x = await _request_matrix(loaded, request, max_body_bytes)
     return loaded.predictions(await batchers.probabilities(loaded, x))
 
 
@@ -188,13 +221,19 @@ class _Api:
     """The route handlers, bound to one project, region and store."""
 
     def __init__(
-        self, settings: Settings, store: ModelStore, batchers: Batchers, max_body_bytes: int
+        self,
+        settings: Settings,
+        store: ModelStore,
+        batchers: Batchers,
+        max_body_bytes: int,
+        prediction_log: PredictionLog | None,
     ) -> None:
         self.project = settings.project
         self.region = settings.region
         self.store = store
         self.batchers = batchers
         self.max_body_bytes = max_body_bytes
+        self.prediction_log = prediction_log
 
     def model_name(self, model: str) -> str:
         return f"projects/{self.project}/locations/{self.region}/models/{model}"
@@ -216,12 +255,14 @@ class _Api:
             )
         return model
 
-    async def answer(self, loaded: LoadedModel, request: Request) -> Response:
-        predictions = await predictions_for(
-            loaded, request, self.batchers, max_body_bytes=self.max_body_bytes
-        )
+    async def answer(self, loaded: LoadedModel, request: Request, request_id: str) -> Response:
+        instances, x = await _request_matrix(loaded, request, self.max_body_bytes)
+        predictions = loaded.predictions(await self.batchers.probabilities(loaded, x))
         version = loaded.version.version
-        return JsonResponse(
+        logged = self.prediction_log
+        if logged is not None and logged.sampled(loaded.name):
+            logged.append(request_id, loaded.name, version, instances, predictions)
+        response = JsonResponse(
             {
                 "predictions": predictions,
                 "deployedModelId": version,
@@ -229,17 +270,36 @@ class _Api:
                 "modelVersionId": version,
             }
         )
+        response.raw_headers.append((_REQUEST_ID_RAW, request_id.encode()))
+        return response
 
     async def predict(self, request: Request) -> Response:
+        """The endpoint: the champion answers, or during a canary the version the request
+        id routes to."""
+        rid = request_id(request)
+        try:
+            return await self.answer(self.routed(request, rid), request, rid)
+        except ApiError as exc:
+            return _with_id(exc.response(), rid)
+
+    def routed(self, request: Request, rid: str) -> LoadedModel:
         model = self.check_scope(request)
-        loaded = self.store.current(model)  # taken once: a swap mid-request does not affect it
-        if loaded is None:
+        state = self.store.serving(model)  # taken once: a swap mid-request does not matter
+        if state is None:
             raise ApiError(
                 404, f"endpoint {model!r} has no deployed model yet: {model} has no champion"
             )
-        return await self.answer(loaded, request)
+        return state.route(rid)
 
     async def predict_version(self, request: Request) -> Response:
+        """One version, named in the path (never split)."""
+        rid = request_id(request)
+        try:
+            return await self.answer(await self.pinned(request), request, rid)
+        except ApiError as exc:
+            return _with_id(exc.response(), rid)
+
+    async def pinned(self, request: Request) -> LoadedModel:
         model = self.check_scope(request)
         version: str = request.path_params["version"]
         loaded = self.store.cached_pinned(model, version)
@@ -253,25 +313,26 @@ class _Api:
                 ) from exc
         if loaded is None:
             raise ApiError(404, f"model {model!r} has no version {version!r}")
-        return await self.answer(loaded, request)
+        return loaded
 
     async def endpoint(self, request: Request) -> Response:
         model = self.check_scope(request)
-        loaded = self.store.current(model)
+        state = self.store.serving(model)
         deployed = []
-        split = {}
-        if loaded is not None:
-            version = loaded.version.version
-            deployed.append(
-                {
-                    "id": version,
-                    "model": self.model_name(model),
-                    "modelVersionId": version,
-                    "displayName": f"{model}@{version}",
-                    "createTime": loaded.loaded_at.isoformat().replace("+00:00", "Z"),
-                }
-            )
-            split[version] = 100
+        split: dict[str, int] = {}
+        if state is not None:
+            for loaded in state.loaded():
+                version = loaded.version.version
+                deployed.append(
+                    {
+                        "id": version,
+                        "model": self.model_name(model),
+                        "modelVersionId": version,
+                        "displayName": f"{model}@{version}",
+                        "createTime": loaded.loaded_at.isoformat().replace("+00:00", "Z"),
+                    }
+                )
+            split = state.split()
         return JSONResponse(
             {
                 "name": f"projects/{self.project}/locations/{self.region}/endpoints/{model}",
@@ -287,6 +348,11 @@ class _Api:
             {"status": "ok", "models": self.store.versions()},
             headers={"X-Serving-Process": str(os.getpid())},
         )
+
+
+def _with_id(response: Response, rid: str) -> Response:
+    response.raw_headers.append((_REQUEST_ID_RAW, rid.encode()))
+    return response
 
 
 async def api_error(_: Request, exc: Exception) -> Response:
@@ -318,6 +384,7 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     batch_window: float = BATCH_WINDOW_SECONDS,
     parallel_predicts: int | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> Starlette:
     """The app serving ``store``'s models for ``settings.project`` / ``settings.region``.
 
@@ -326,13 +393,16 @@ def create_app(
     refused. Concurrent predictions for one version are batched (:mod:`serving.batching`):
     a busy server waits up to ``batch_window`` seconds to fill a batch; 0 predicts what is
     queued without waiting. At most ``parallel_predicts`` batches of one version predict at
-    once (default: the CPUs this process may use).
+    once (default: the CPUs this process may use). ``prediction_log`` (None: nothing is
+    logged) receives the sampled answers; it starts with the app and is flushed and stopped
+    at shutdown.
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     parallel = parallel_predicts or usable_cpus()
     executor = predict_threads(parallel)
-    api = _Api(settings, store, Batchers(executor, batch_window, parallel), max_body_bytes)
+    batchers = Batchers(executor, batch_window, parallel)
+    api = _Api(settings, store, batchers, max_body_bytes, prediction_log)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -340,11 +410,15 @@ def create_app(
             await run_in_threadpool(store.refresh_all)
         if watcher is not None:
             watcher.start()
+        if prediction_log is not None:
+            prediction_log.start()
         try:
             yield
         finally:
             if watcher is not None:
                 await run_in_threadpool(watcher.stop)
+            if prediction_log is not None:
+                await run_in_threadpool(prediction_log.close)
             executor.shutdown(wait=False)
 
     async def page(_: Request) -> Response:
@@ -371,4 +445,5 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.batchers = api.batchers  # each version's batcher, for figures and tests
+    app.state.prediction_log = prediction_log
     return app

@@ -6,6 +6,12 @@ per artifact into a local cache), warms it with one
 prediction, and only then swaps it in by replacing a single reference. A request takes that
 reference once and finishes on the object it took, so a swap never fails a request.
 
+While the champion is a canary (:class:`~retrain.gatekeeper.registry.CanaryState`), that
+reference is a :class:`Serving` holding both the canary and the previous champion, loaded
+and warmed, and the canary's share: each request goes to one of them by a hash of its
+request id (:func:`share_of`), so one id always meets the same version. Starting a canary,
+completing it and rolling it back each swap one :class:`Serving` for another.
+
 :class:`ChampionWatcher` keeps the store current: a streaming pull on the ``model-decisions``
 subscription refreshes a model as soon as a decision about it arrives, and a poller refreshes
 every model every few seconds as a safety net (and as the only mechanism if the subscription
@@ -41,7 +47,7 @@ from sklearn.utils import get_tags
 
 from components.artifacts import METADATA_FILE, MODEL_FILE
 from components.encoding import category_key, codes
-from retrain.gatekeeper.registry import ModelRegistry, ModelVersion
+from retrain.gatekeeper.registry import CanaryState, ModelRegistry, ModelVersion
 from retrain.messages import Decision, MessageError, decode
 
 __all__ = [
@@ -51,7 +57,9 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "ModelStore",
+    "Serving",
     "load_model",
+    "share_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -349,8 +357,49 @@ def _warm(model: LoadedModel, where: str) -> LoadedModel:
     return model
 
 
+def share_of(request_id: str) -> int:
+    """The request id's place in the traffic, 0-99: the same in every process and run
+    (a hash of the id, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 100
+
+
+@dataclass(frozen=True, eq=False)
+class Serving:
+    """What answers a model's endpoint: the champion, and during a canary the version before
+    it. Never changed: the store swaps a new one in, and a request takes it once.
+
+    ``percent``: the champion's share of the traffic (100 without a canary); ``previous``
+    answers the rest.
+    """
+
+    champion: LoadedModel
+    previous: LoadedModel | None = None
+    percent: int = 100
+    canary: CanaryState | None = None
+
+    def route(self, request_id: str) -> LoadedModel:
+        """The version that answers ``request_id``: always the same one for one id."""
+        if self.previous is None:
+            return self.champion
+        return self.champion if share_of(request_id) < self.percent else self.previous
+
+    def split(self) -> dict[str, int]:
+        """``{version: percent of the traffic}``, the champion first."""
+        if self.previous is None:
+            return {self.champion.version.version: 100}
+        return {
+            self.champion.version.version: self.percent,
+            self.previous.version.version: 100 - self.percent,
+        }
+
+    def loaded(self) -> tuple[LoadedModel, ...]:
+        """The versions in memory for it, the champion first."""
+        return (self.champion,) if self.previous is None else (self.champion, self.previous)
+
+
 class ModelStore:
-    """The champion of each model, swapped atomically; and a few pinned versions.
+    """What serves each model (:class:`Serving`), swapped atomically; and a few pinned versions.
 
     ``models`` are the names to serve (e.g. ``settings.models``); ``download(uri, dir)`` copies
     an artifact folder (e.g. :func:`retrain.blobstore.download_dir`); ``cache_dir`` keeps one
@@ -371,7 +420,7 @@ class ModelStore:
         self.download = download
         self.cache_dir = cache_dir
         self.pinned_capacity = pinned_capacity
-        self._current: dict[str, LoadedModel] = {}
+        self._serving: dict[str, Serving] = {}
         self._pinned: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._pinned_lock = threading.Lock()
         # One load at a time per model: the subscriber and the poller may refresh together.
@@ -381,43 +430,92 @@ class ModelStore:
     def __contains__(self, model: object) -> bool:
         return model in self._locks
 
+    def serving(self, model: str) -> Serving | None:
+        """What serves ``model`` now (no I/O): take it once per request."""
+        return self._serving.get(model)
+
     def current(self, model: str) -> LoadedModel | None:
-        """The champion being served now (no I/O): take it once per request."""
-        return self._current.get(model)
+        """The champion being served now (no I/O)."""
+        state = self._serving.get(model)
+        return None if state is None else state.champion
 
     def versions(self) -> dict[str, str | None]:
         """``{model: champion version served, or None}``."""
         out: dict[str, str | None] = {}
         for name in self.models:
-            loaded = self._current.get(name)
-            out[name] = loaded.version.version if loaded else None
+            state = self._serving.get(name)
+            out[name] = state.champion.version.version if state else None
         return out
 
     def refresh(self, model: str) -> bool:
-        """Re-read the champion pointer; load, warm and swap in a new version. True if swapped.
+        """Re-read the champion pointer (and its canary); load and warm what is new, then
+        swap in the new :class:`Serving` as one reference. True if swapped.
 
-        If the registry has no champion, the model being served (if any) stays. Raises
-        :class:`ModelLoadError` (the old model stays) or the registry's own errors.
+        If the registry has no champion, what is served (if any) stays. Raises
+        :class:`ModelLoadError` (what was served stays) or the registry's own errors.
         """
         if model not in self._locks:
             raise KeyError(f"{model!r} is not a model this server serves")
         with self._locks[model]:
-            champion = self.registry.champion(model)
+            champion, canary = self._pointer(model)
             if champion is None:
                 return False
-            served = self._current.get(model)
-            if served is not None and _same(served.version, champion):
+            served = self._serving.get(model)
+            if (
+                served is not None
+                and _same(served.champion.version, champion)
+                and (_canary_key(served.canary) == _canary_key(canary))
+            ):
                 return False
-            pinned = self._pinned_get(model, champion.version)
-            loaded = pinned if pinned and _same(pinned.version, champion) else self._load(champion)
-            self._current[model] = loaded  # the swap: one reference replaced
+            previous_version = None
+            if canary is not None:
+                previous_version = self.registry.version(model, canary.previous)
+                if previous_version is None:
+                    raise ModelLoadError(
+                        f"{model}: the canary of version {canary.version} names version "
+                        f"{canary.previous} as the previous champion, which does not exist"
+                    )
+            state = Serving(
+                champion=self._reuse_or_load(served, champion),
+                previous=None
+                if previous_version is None
+                else self._reuse_or_load(served, previous_version),
+                percent=100 if canary is None else canary.percent,
+                canary=canary,
+            )
+            self._serving[model] = state  # the swap: one reference replaced
         log.info(
-            "serving %s version %s (was %s)",
+            "serving %s: %s (was %s)",
             model,
-            champion.version,
-            served.version.version if served else "none",
+            _describe(state.split()),
+            _describe(served.split()) if served else "nothing",
         )
         return True
+
+    def _pointer(self, model: str) -> tuple[ModelVersion | None, CanaryState | None]:
+        """The champion and its canary, read consistently: the canary is the champion's at
+        the generation read (two reads of a pointer that may move between them)."""
+        for _ in range(5):
+            champion = self.registry.champion(model)
+            if champion is None:
+                return None, None
+            canary = self.registry.canary(model)
+            if canary is None or (
+                canary.version == champion.version
+                and champion.generation in (None, canary.generation)
+            ):
+                return champion, canary
+        raise ModelLoadError(f"{model}: the champion pointer kept moving while it was read")
+
+    def _reuse_or_load(self, served: Serving | None, version: ModelVersion) -> LoadedModel:
+        """``version`` loaded: the one in memory already (served or pinned), or loaded now."""
+        for loaded in served.loaded() if served else ():
+            if _same(loaded.version, version):
+                return loaded
+        pinned = self._pinned_get(version.model, version.version)
+        if pinned is not None and _same(pinned.version, version):
+            return pinned
+        return self._load(version)
 
     def refresh_all(self) -> dict[str, bool]:
         """Refresh every model; a model that fails is logged and skipped."""
@@ -431,10 +529,11 @@ class ModelStore:
         return swapped
 
     def cached_pinned(self, model: str, version: str) -> LoadedModel | None:
-        """A version already in memory (the champion or a pinned one), without I/O."""
-        served = self._current.get(model)
-        if served is not None and served.version.version == version:
-            return served
+        """A version already in memory (served or pinned), without I/O."""
+        state = self._serving.get(model)
+        for loaded in state.loaded() if state else ():
+            if loaded.version.version == version:
+                return loaded
         return self._pinned_get(model, version)
 
     def pinned(self, model: str, version: str) -> LoadedModel | None:
@@ -648,6 +747,14 @@ class ChampionWatcher:
         from google.cloud import pubsub_v1  # noqa: PLC0415 (PUBSUB_EMULATOR_HOST is honoured)
 
         return pubsub_v1.SubscriberClient()
+
+
+def _canary_key(canary: CanaryState | None) -> tuple[str, str, int] | None:
+    return None if canary is None else (canary.version, canary.previous, canary.percent)
+
+
+def _describe(split: dict[str, int]) -> str:
+    return ", ".join(f"version {v} at {p}%" for v, p in split.items())
 
 
 def _same(one: ModelVersion, other: ModelVersion) -> bool:
