@@ -9,7 +9,11 @@ import pandas as pd
 import pytest
 
 from components.train import train
+from tests.integration.test_serving import decisions_subscription, emulator_env, model_name
 from tests.unit.test_serving import DATA, SETTINGS
+
+# The real-stack fixtures of test_serving.py, for the other serving tests too.
+__all__ = ["decisions_subscription", "emulator_env", "model_name"]
 
 
 @pytest.fixture(scope="session")
