@@ -40,7 +40,7 @@ def record(
     )  # fmt: skip
 
 
-# -- windows ------------------------------------------------------------------------------------
+# -- windows ----------------------------------------------------------------
 
 
 def test_windows_are_aligned_to_the_epoch_and_complete_only_once_late_writers_flushed() -> None:
@@ -63,7 +63,7 @@ def test_windows_are_aligned_to_the_epoch_and_complete_only_once_late_writers_fl
     assert complete_windows(first=130.0, now=170.0, seconds=60) == []
 
 
-# -- labels ---------------------------------------------------------------------------------------
+# -- labels ----------------------------------------------------------------
 
 
 def test_labels_csv_and_json_lines_join_by_request_id_and_index() -> None:
@@ -105,7 +105,7 @@ def test_a_label_is_matched_to_the_models_classes_as_value_text_or_number() -> N
     assert class_index("2", [0, 1]) is None
 
 
-# -- what was served -------------------------------------------------------------------------------
+# -- what was served ----------------------------------------------------------------
 
 
 def test_served_instances_become_rows_from_lists_in_feature_order_or_objects_by_name() -> None:
@@ -182,7 +182,7 @@ def test_degradation_needs_enough_labels_and_a_drop_beyond_the_margin() -> None:
     assert degradation_reasons(live, evaluated, margin=0.2, min_labelled=100) == []
 
 
-# -- the schedule -----------------------------------------------------------------------------------
+# -- the schedule ----------------------------------------------------------------
 
 
 def test_the_monitor_runs_every_monitor_seconds_with_its_own_message() -> None:
