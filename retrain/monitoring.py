@@ -273,8 +273,6 @@ def live_metrics(
     and on the labelled ones ``accuracy`` (predicted class, or score >= 0.5 where the record
     has none) and ``roc_auc`` (from the scores, when both classes are present). Labels that
     name neither class are left out. ``versions`` are listed even if they served nothing."""
-    from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: PLC0415
-
     served: dict[str, int] = {str(v): 0 for v in versions or ()}
     truth: dict[str, list[int]] = {}
     predicted: dict[str, list[int]] = {}
@@ -296,6 +294,8 @@ def live_metrics(
     for version, count in sorted(served.items()):
         figures: dict[str, float] = {"served": count, "labelled": len(truth.get(version, []))}
         if truth.get(version):
+            from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: PLC0415
+
             figures["accuracy"] = float(accuracy_score(truth[version], predicted[version]))
             if len(set(truth[version])) == 2:
                 figures["roc_auc"] = float(roc_auc_score(truth[version], scores[version]))
@@ -494,6 +494,8 @@ class Monitor:
         reasons = degradation_reasons(live, evaluated, margin, spec.monitoring.min_rows)
         start, end = window_of(now, seconds)
         result.live = {"start": now - seconds, "end": now, "versions": live}
+        if not live:
+            return  # nothing served in the last window: nothing to keep
         alerts: dict[str, str | None] = {}
         if reasons:
             key = f"degradation:{model}:{window_id(start)}"

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from retrain.config import load_settings
+from retrain.events import EventError, PubsubMessage
 from retrain.messages import ScheduleMessage, decode
 from retrain.monitoring import (
     LATE_SECONDS,
     LabelError,
+    MonitorPass,
     class_index,
     complete_windows,
     degradation_reasons,
@@ -26,6 +29,7 @@ from retrain.monitoring import (
 )
 from retrain.predictions import PredictionRecord
 from retrain.scheduler import MonitorJob, jobs, monitor_job, schedule_message
+from retrain.service import RetrainService
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.unit
@@ -200,3 +204,43 @@ def test_the_monitor_runs_every_monitor_seconds_with_its_own_message() -> None:
 
     with pytest.raises(ValueError, match='"monitor"'):
         ScheduleMessage(model="rainfall", reason="monitor")
+
+
+# -- the service's pass -----------------------------------------------------------------------
+
+
+class _Monitor:
+    """Stands in for the Monitor (its own tests are in tests/integration): one model fails."""
+
+    def __init__(self) -> None:
+        self.checked: list[str] = []
+
+    def check(self, model: str) -> MonitorPass:
+        self.checked.append(model)
+        if model == "broken":
+            raise RuntimeError("the store did not answer")
+        found = MonitorPass(model, windows=[{"drifted": True}, {"drifted": False}])
+        found.alerts.append({"kind": "serving_drift", "key": f"k-{model}", "message_id": "7"})
+        return found
+
+
+def test_a_monitor_message_runs_one_pass_over_every_model_and_a_failure_stops_none() -> None:
+    shipped = load_settings(ROOT / "retrain.yaml")
+    spec = shipped.models["rainfall"]
+    settings = shipped.model_copy(update={"models": {"broken": spec, "rainfall": spec}})
+    service = RetrainService(settings, None, SimpleNamespace(scheduled=None), None, None)  # type: ignore[arg-type]
+    monitor = _Monitor()
+    service._monitor = monitor  # type: ignore[assignment]
+    message = PubsubMessage("m1", json.dumps({"model": "*", "reason": "monitor"}).encode())
+
+    outcome = service.schedule(message)
+
+    assert monitor.checked == ["broken", "rainfall"]
+    assert outcome.action == "checked"
+    assert outcome.detail == (
+        "monitor: broken: failed: RuntimeError: the store did not answer; "
+        "rainfall: 2 window(s) checked, 1 drifted, 1 alert(s) published of 1 raised"
+    )
+    assert outcome.extra == {"alerts": {"rainfall": ["k-rainfall"]}}
+    with pytest.raises(EventError, match=r"'nope' is not in retrain\.yaml"):
+        service.monitor(["nope"])
