@@ -408,8 +408,8 @@ class Monitor:
             first = self._first_logged(model, oldest, now)
         windows = complete_windows(first, now, seconds) if first is not None else []
         since = min([now - seconds] + [s for s, _ in windows[:1]])
-        if canary is not None:
-            since = min(since, canary.started_at)
+        if canary is not None:  # (a canary older than the backlog is judged on the backlog)
+            since = min(since, max(canary.started_at, oldest))
         records = self._records(model, since, now, result.problems)
         labels = self._read_labels(model, since, result.problems)
         for start, end in windows:
@@ -615,6 +615,7 @@ class Monitor:
         bucket = self.storage.bucket(self.settings.buckets.data)
         horizon = since - LABELS_HORIZON_SECONDS
         labels: dict[Key, Any] = {}
+        seen: set[tuple[str, int]] = set()
         for blob in self.storage.list_blobs(bucket, prefix=self.settings.labels_prefix(model)):
             if blob.name.endswith("/"):
                 continue
@@ -622,6 +623,7 @@ class Monitor:
             if created is not None and created < horizon:
                 continue
             cached = (blob.name, int(blob.generation or 0))
+            seen.add(cached)
             if cached not in self._labels:
                 where = f"gs://{bucket.name}/{blob.name}"
                 try:
@@ -631,6 +633,10 @@ class Monitor:
                                     else str(exc))  # fmt: skip
                     continue
             labels.update(self._labels[cached])
+        prefix = self.settings.labels_prefix(model)  # forget what this model no longer reads
+        self._labels = {
+            k: v for k, v in self._labels.items() if k in seen or not k[0].startswith(prefix)
+        }
         return labels
 
     def _champion_metadata(self, champion: ModelVersion) -> dict[str, Any]:
