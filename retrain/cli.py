@@ -655,7 +655,7 @@ def publish_(
     target: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[MODEL FILE]",
+            metavar="MODEL FILE",
             help="For `labels`: the model and the labels file (CSV with a header, or JSON "
             "lines: request_id, label, optional index), e.g. `retrain publish labels "
             "rainfall labels.csv`.",
@@ -703,7 +703,7 @@ def publish_(
 
 
 def _publish_labels(config: Path, model: str | None, target: list[str]) -> None:
-    from retrain.monitoring import LabelError, publish_labels  # noqa: PLC0415
+    from retrain.monitoring import LabelError, check_labels, publish_labels  # noqa: PLC0415
 
     given = ([model] if model else []) + target
     if len(given) != 2:
@@ -716,9 +716,10 @@ def _publish_labels(config: Path, model: str | None, target: list[str]) -> None:
         err.print(f"[bold red]retrain publish labels[/]: {escape(file)} is not a file")
         raise typer.Exit(code=2)
     stack = _stack(config)
+    data = path.read_bytes()
     try:
-        uri = publish_labels(stack.settings, _Clients(stack).storage, name,
-                             path.read_bytes(), str(path))  # fmt: skip
+        check_labels(stack.settings, name, data, str(path))  # refused before any client is made
+        uri = publish_labels(stack.settings, _Clients(stack).storage, name, data, str(path))
     except (LabelError, UnicodeDecodeError) as exc:
         err.print(f"[bold red]retrain publish labels[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
@@ -1247,7 +1248,8 @@ def _print_windows(found: list[dict[str, Any]]) -> None:
     for window in found:
         drift: dict[str, dict[str, Any]] = window.get("drift") or {}
         if window.get("drifted") is None:
-            drifted = f"- ({window.get('note', 'live only')})"
+            why = window.get("note") or ("in progress" if "live_as_of" in window else "-")
+            drifted = f"- ({why})"
         elif window.get("drifted"):
             worst = sorted((f["psi"], n) for n, f in drift.items() if f.get("drifted"))[::-1]
             drifted = "yes: " + ", ".join(f"{n} psi {psi:.2f}" for psi, n in worst[:3])

@@ -60,6 +60,7 @@ __all__ = [
     "LabelError",
     "Monitor",
     "MonitorPass",
+    "check_labels",
     "class_index",
     "complete_windows",
     "degradation_reasons",
@@ -197,18 +198,25 @@ def _label_row(row: Any, where: str) -> tuple[Key, Any]:
     return (str(request_id).strip(), index), label
 
 
+def check_labels(settings: Settings, model: str, data: bytes, where: str) -> dict[Key, Any]:
+    """The labels of a file meant for ``model``; :class:`LabelError` if the model is unknown,
+    or the file is not in the format (:func:`parse_labels`) or holds no labels."""
+    if model not in settings.models:
+        known = ", ".join(sorted(settings.models))
+        raise LabelError(f"{model!r} is not a model in retrain.yaml (models: {known})")
+    labels = parse_labels(data, where)
+    if not labels:
+        raise LabelError(f"{where}: no labels (a header and at least one row are needed)")
+    return labels
+
+
 def publish_labels(settings: Settings, storage: Any, model: str, data: bytes, where: str) -> str:
     """Check a labels file (:func:`parse_labels`; :class:`LabelError` names the bad row and
     field) and upload it under the model's labels prefix with a new, time-ordered name
     (never over another object); its gs:// URI. ``where`` names the file in errors."""
     import uuid  # noqa: PLC0415
 
-    if model not in settings.models:
-        known = ", ".join(sorted(settings.models))
-        raise LabelError(f"model {model!r} is not in retrain.yaml (models: {known})")
-    labels = parse_labels(data, where)
-    if not labels:
-        raise LabelError(f"{where}: no labels (a header and at least one row are needed)")
+    check_labels(settings, model, data, where)
     suffix = ".jsonl" if data.decode("utf-8-sig").lstrip().startswith("{") else ".csv"
     name = f"{settings.labels_prefix(model)}{time_key(time.time())}-{uuid.uuid4().hex[:12]}{suffix}"
     blob = storage.bucket(settings.buckets.data).blob(name)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, roc_auc_score
+from typer.testing import CliRunner
 
+from retrain.cli import app
 from retrain.config import load_settings
 from retrain.events import EventError, PubsubMessage
 from retrain.messages import ScheduleMessage, decode
@@ -30,7 +33,7 @@ from retrain.monitoring import (
 from retrain.predictions import PredictionRecord
 from retrain.scheduler import MonitorJob, jobs, monitor_job, schedule_message
 from retrain.service import RetrainService
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.unit
 
@@ -244,3 +247,49 @@ def test_a_monitor_message_runs_one_pass_over_every_model_and_a_failure_stops_no
     assert outcome.extra == {"alerts": {"rainfall": ["k-rainfall"]}}
     with pytest.raises(EventError, match=r"'nope' is not in retrain\.yaml"):
         service.monitor(["nope"])
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "lines", "message"),
+    [
+        (["rainfall"], None, "give MODEL and FILE"),
+        (["nope", "{file}"], "request_id,label\nr1,1\n", "'nope' is not a model"),
+        (["rainfall", "{file}"], "request_id,label,index\nr1,1,0\nr2,0,x\n",
+         "row 3: field 'index' must be a whole number >= 0, not 'x'"),
+        (["rainfall", "{file}"], "id,label\nr1,1\n", "lacks column(s) ['request_id']"),
+        (["rainfall", "{file}"], "request_id,label\n", "no labels"),
+        (["rainfall", "{tmp}/absent.csv"], None, "absent.csv is not a file"),
+    ],
+)  # fmt: skip
+def test_publish_labels_refuses_a_bad_file_naming_the_row_and_field_before_any_upload(
+    tmp_path: Path, args: list[str], lines: str | None, message: str
+) -> None:
+    config = write_config(tmp_path)
+    file = tmp_path / "labels.csv"
+    if lines is not None:
+        file.write_text(lines, encoding="utf-8")
+    given = [a.format(file=file, tmp=tmp_path) for a in args]
+    env = {"COLUMNS": "400", "RETRAIN_OPERATOR": "test"}
+
+    result = CliRunner().invoke(
+        app, ["publish", "labels", *given, "--config", str(config)], env=env
+    )
+
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_publish_other_kinds_still_need_a_model_and_take_no_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    runner = CliRunner()
+
+    missing = runner.invoke(app, ["publish", "schedule", "--config", str(config)])
+    extra = runner.invoke(app, ["publish", "drift", "x.csv", "-m", "rainfall", "-c", str(config)])
+
+    assert missing.exit_code == 2
+    assert "schedule needs --model" in missing.output
+    assert extra.exit_code == 2
+    assert "drift takes no MODEL FILE arguments" in extra.output
