@@ -98,7 +98,9 @@ def schedule_message(model: str, fired: datetime, reason: str = "sweep") -> byte
 
 
 def _payload(job: Job, fired: datetime) -> bytes:
-    return schedule_message(job.model, fired, job.reason if isinstance(job, SweepJob) else "")
+    if isinstance(job, SweepJob):  # a sweep or a monitor pass, over every model
+        return schedule_message(job.model, fired, job.reason)
+    return schedule_message(job.model, fired)
 
 
 def _job_name(job: Job) -> str:
