@@ -12,6 +12,7 @@ tests/e2e/test_monitor.py."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ from retrain.config import ModelSettings, Settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack
-from retrain.messages import DriftAlert, RetrainRequest
+from retrain.localstack.processes import spawn, stop
+from retrain.messages import DriftAlert, RetrainRequest, ScheduleMessage, decode
 from retrain.monitoring import LATE_SECONDS, Monitor, history, window_id
 from retrain.predictions import PredictionRecord, encode, object_name
 from retrain.statedb import Database
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_ports, unique, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +329,35 @@ def test_late_labels_give_live_metrics_per_version_and_settle_the_canary(
     current = history(w.db, w.name, 1)[-1]
     assert current["live"]["1"] == live["1"]
     assert current["alerts"] == {"degradation": "message-1"}
+
+
+def test_the_local_scheduler_sends_a_monitor_pass_every_monitor_seconds(
+    stack: Stack, topic: str, subscriber: Any, tmp_path: Path
+) -> None:
+    """The scheduler process, on the real Pub/Sub emulator, publishing to a topic of the test's
+    own: every monitor_seconds (5 here) a monitor message; the sweep (hourly) not yet."""
+    config = write_config(tmp_path, monitor_seconds=5, sweep_seconds=3600,
+                          topics={"retrain_schedule": topic})  # fmt: skip
+    project = stack.settings.project
+    subscription = subscriber.subscription_path(project, unique("ticks"))
+    subscriber.create_subscription(name=subscription, topic=f"projects/{project}/topics/{topic}")
+    (port,) = free_ports(1)
+    started = time.monotonic()
+    process = spawn(
+        [sys.executable, "-m", "retrain.scheduler", "--config", str(config), "--port", str(port)],
+        tmp_path / "scheduler.log", stack.env(), tmp_path,
+    )  # fmt: skip
+    try:
+        got: list[Any] = []
+        while len(got) < 2 and time.monotonic() - started < 60:
+            response = subscriber.pull(subscription=subscription, max_messages=5, timeout=10)
+            for received in response.received_messages:
+                got.append(received.message)
+                subscriber.acknowledge(subscription=subscription, ack_ids=[received.ack_id])
+    finally:
+        stop(process)
+    assert len(got) >= 2, (tmp_path / "scheduler.log").read_text(encoding="utf-8")
+    for message in got[:2]:
+        assert decode(ScheduleMessage, message.data) == ScheduleMessage(model="*", reason="monitor")
+        assert message.attributes["model"] == "*"
+    assert time.monotonic() - started >= 10  # two ticks, 5 s apart, after a 5 s start
