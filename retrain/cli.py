@@ -646,13 +646,24 @@ class _Clients:
         return FirestoreLedger(self.db)
 
 
-Kind = Literal["data", "drift", "schedule", "manual"]
+Kind = Literal["data", "drift", "schedule", "manual", "labels"]
 
 
 @app.command("publish")
 def publish_(
-    kind: Annotated[Kind, typer.Argument(help="data | drift | schedule | manual")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model name in retrain.yaml.")],
+    kind: Annotated[Kind, typer.Argument(help="data | drift | schedule | manual | labels")],
+    target: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="MODEL FILE",
+            help="For `labels`: the model and the labels file (CSV with a header, or JSON "
+            "lines: request_id, label, optional index), e.g. `retrain publish labels "
+            "rainfall labels.csv`.",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Model name in retrain.yaml.")
+    ] = None,
     data: Annotated[
         list[str] | None,
         typer.Option("--data", "-d", help="Data URI; for `data`, the one object that landed."),
@@ -666,9 +677,21 @@ def publish_(
     ),
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
-    """Publish a well-formed event to the right topic (a manual trigger)."""
+    """Publish a well-formed event to the right topic (a manual trigger); or late labels
+    (`labels MODEL FILE`): checked, then uploaded under the model's labels prefix, where the
+    monitor joins them to the logged predictions by request id."""
     from retrain.operator import publish  # noqa: PLC0415
 
+    if kind == "labels":
+        _publish_labels(config, model, target or [])
+        return
+    if target:
+        err.print(f"[bold red]retrain publish[/]: {kind} takes no MODEL FILE arguments "
+                  f"(got {escape(' '.join(target))}); give the model with --model")  # fmt: skip
+        raise typer.Exit(code=2)
+    if model is None:
+        err.print(f"[bold red]retrain publish[/]: {kind} needs --model (a model in retrain.yaml)")
+        raise typer.Exit(code=2)
     stack = _stack(config)
     clients = _Clients(stack)
     try:
@@ -677,6 +700,31 @@ def publish_(
         err.print(f"[bold red]retrain publish[/]: {escape(str(exc))}")
         raise typer.Exit(code=2) from exc
     out.print(f"published {kind} for {model} to {sent.topic}: message {sent.message_id}")
+
+
+def _publish_labels(config: Path, model: str | None, target: list[str]) -> None:
+    from retrain.monitoring import LabelError, check_labels, publish_labels  # noqa: PLC0415
+
+    given = ([model] if model else []) + target
+    if len(given) != 2:
+        err.print("[bold red]retrain publish labels[/]: give MODEL and FILE, e.g. "
+                  "`retrain publish labels rainfall labels.csv`")  # fmt: skip
+        raise typer.Exit(code=2)
+    name, file = given
+    path = Path(file)
+    if not path.is_file():
+        err.print(f"[bold red]retrain publish labels[/]: {escape(file)} is not a file")
+        raise typer.Exit(code=2)
+    stack = _stack(config)
+    data = path.read_bytes()
+    try:
+        check_labels(stack.settings, name, data, str(path))  # refused before any client is made
+        uri = publish_labels(stack.settings, _Clients(stack).storage, name, data, str(path))
+    except (LabelError, UnicodeDecodeError) as exc:
+        err.print(f"[bold red]retrain publish labels[/]: {escape(str(exc))}")
+        raise typer.Exit(code=2) from exc
+    out.print(f"labels for {name} uploaded to {uri}; the next monitor pass joins them",
+              markup=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command()
@@ -1125,6 +1173,108 @@ def predict(
         )
         raise typer.Exit(code=1) from exc
     out.print_json(data=answer)
+
+
+@app.command()
+def monitor(
+    model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    windows: Annotated[
+        int, typer.Option(min=1, help="Show this many of each model's last windows.")
+    ] = 12,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the pass and the windows as JSON (= -o json).")
+    ] = False,
+    output: OutputOption = "table",
+    config: ConfigOption = Path("retrain.yaml"),
+) -> None:
+    """Run one pass of the monitor now (as every monitor_seconds): check the served inputs
+    of each complete window for drift, join late labels, compute each version's live metrics
+    over the last window, raise serving_drift and degradation alerts (once per window), and
+    settle a canary that has enough labelled traffic. Then show each model's last windows:
+    served rows, drift, live metric per version, alerts."""
+    from retrain.monitoring import history  # noqa: PLC0415
+    from retrain.service import build_service  # noqa: PLC0415
+
+    stack = _stack(config)
+    settings = stack.settings
+    if model is not None and model not in settings.models:
+        known = ", ".join(sorted(settings.models))
+        err.print(f"[bold red]retrain monitor[/]: {escape(model)!r} is not a model in {config} "
+                  f"(models: {escape(known)})")  # fmt: skip
+        raise typer.Exit(code=2)
+    if stack.running():  # the stack's emulators, for every client the service makes
+        os.environ.update(stack.env())
+    service = build_service(settings, stack.config_path)
+    passes = service.monitor_passes([model] if model else None)
+    shown = {name: history(service.registry.db, name, windows) for name in passes}
+    if as_json or output == "json":
+        _print_json([
+            {"model": name, "pass": found if isinstance(found, str) else found.to_dict(),
+             "windows": shown[name]}
+            for name, found in passes.items()
+        ])  # fmt: skip
+        return
+    failed = False
+    for name, found in passes.items():
+        out.print(f"[bold]{name}[/]")
+        if isinstance(found, str):
+            failed = True
+            out.print(f"  {found}", markup=False, soft_wrap=True)
+            continue
+        _print_windows(shown[name])
+        last = found.live
+        if last:
+            out.print(f"  last window {_clock(last['start'])} - {_clock(last['end'])}: "
+                      f"{_live_text(last['versions'])}", markup=False, soft_wrap=True)  # fmt: skip
+        for alert in found.alerts:
+            sent = alert["message_id"] or "raised before: nothing new published"
+            out.print(f"  alert {alert['kind']} ({alert['key']}): {sent}",
+                      markup=False, soft_wrap=True)  # fmt: skip
+        if found.canary:
+            out.print(f"  canary: {found.canary}", markup=False, soft_wrap=True)
+        for problem in found.problems:
+            out.print(f"  problem: {problem}", markup=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _print_windows(found: list[dict[str, Any]]) -> None:
+    if not found:
+        out.print("  no windows checked yet", markup=False)
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("window (UTC)", "served", "drift", "live per version", "alerts"):
+        table.add_column(column, justify="right" if column == "served" else "left")
+    for window in found:
+        drift: dict[str, dict[str, Any]] = window.get("drift") or {}
+        if window.get("drifted") is None:
+            why = window.get("note") or ("in progress" if "live_as_of" in window else "-")
+            drifted = f"- ({why})"
+        elif window.get("drifted"):
+            worst = sorted((f["psi"], n) for n, f in drift.items() if f.get("drifted"))[::-1]
+            drifted = "yes: " + ", ".join(f"{n} psi {psi:.2f}" for psi, n in worst[:3])
+        else:
+            drifted = "no"
+        alerts = ", ".join(f"{k} {v or '(not republished)'}"
+                           for k, v in (window.get("alerts") or {}).items())  # fmt: skip
+        table.add_row(
+            f"{_clock(window['start'])[:-4]} - {_clock(window['end'])[11:-4]}",
+            str(window.get("served", "-")), escape(drifted),
+            escape(_live_text(window.get("live") or {})), escape(alerts or "-"),
+        )  # fmt: skip
+    out.print(table)
+
+
+def _live_text(live: dict[str, dict[str, float]]) -> str:
+    """``v1 accuracy 0.8125 roc_auc 0.8710 (120 of 400 labelled)``, per version."""
+    parts = []
+    for version, figures in sorted(live.items()):
+        metrics = " ".join(
+            f"{name} {figures[name]:.4f}" for name in ("roc_auc", "accuracy") if name in figures
+        )
+        labelled = f"{figures.get('labelled', 0):.0f} of {figures.get('served', 0):.0f} labelled"
+        parts.append(f"v{version} {metrics + ' ' if metrics else ''}({labelled})")
+    return "; ".join(parts) or "nothing served"
 
 
 def main() -> None:

@@ -150,22 +150,25 @@ class ScheduleMessage(Message):
     ``{"model": "*", "reason": "sweep"}`` (Cloud Scheduler, every few minutes) starts a run
     for each model whose events wait with no run in flight: a run that died without a
     report holds its model's lease until it expires, and a quiet model has no other event
-    to notice that. ``schema_version`` may be left out, so that a hand-written
+    to notice that. ``{"model": "*", "reason": "monitor"}`` (every ``monitor_seconds``) runs
+    one pass of the monitor over every model (:mod:`retrain.monitoring`). ``schema_version``
+    may be left out, so that a hand-written
     ``gcloud pubsub topics publish retrain-schedule --message='{"model": "rainfall"}'`` works.
     """
 
     model: str = Field(min_length=1)
-    reason: Literal["schedule", "manual", "sweep"] = "schedule"
+    reason: Literal["schedule", "manual", "sweep", "monitor"] = "schedule"
     scheduled_time: datetime | None = None
     dedupe_key: str | None = Field(None, min_length=1)
     data_uris: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _sweep(self) -> Self:
-        if (self.model == ALL_MODELS) != (self.reason == "sweep"):
+        if (self.model == ALL_MODELS) != (self.reason in ("sweep", "monitor")):
             raise ValueError(
                 f'model "{ALL_MODELS}" goes with reason "sweep" (start a run for every model '
-                "with waiting events and no run in flight), and only with it"
+                'with waiting events and no run in flight) or "monitor" (a pass of the '
+                "monitor over every model), and only with them"
             )
         return self
 

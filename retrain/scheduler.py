@@ -25,7 +25,7 @@ from retrain.config import Settings, load_settings
 from retrain.messages import ALL_MODELS
 from retrain.options import ConfigOption
 
-__all__ = ["CronJob", "SweepJob", "jobs", "schedule_message"]
+__all__ = ["CronJob", "MonitorJob", "SweepJob", "jobs", "monitor_job", "schedule_message"]
 
 log = logging.getLogger("retrain.scheduler")
 
@@ -50,6 +50,8 @@ class SweepJob:
     at each lease holder and at the events left waiting (infra/terraform/scheduler.tf makes
     the same job in Cloud Scheduler, in whole minutes)."""
 
+    reason = "sweep"
+
     def __init__(self, seconds: float, now: datetime) -> None:
         self.model = ALL_MODELS
         self.seconds = seconds
@@ -61,8 +63,20 @@ class SweepJob:
         return fired
 
 
-def jobs(settings: Settings, now: datetime) -> list[CronJob | SweepJob]:
-    crons: list[CronJob | SweepJob] = [
+class MonitorJob(SweepJob):
+    """Every ``monitor_seconds``, a pass of the monitor (ScheduleMessage reason "monitor",
+    model "*"): serving drift, live metrics and canaries (retrain/monitoring.py;
+    infra/terraform/scheduler.tf makes the same job in Cloud Scheduler, in whole minutes)."""
+
+    reason = "monitor"
+
+
+Job = CronJob | SweepJob
+
+
+def jobs(settings: Settings, now: datetime) -> list[Job]:
+    """Each model's cron, then the sweep (the monitor's job is :func:`monitor_job`)."""
+    crons: list[Job] = [
         CronJob(name, model.schedule.cron, model.schedule.timezone, now)
         for name, model in settings.models.items()
         if model.schedule is not None
@@ -70,21 +84,37 @@ def jobs(settings: Settings, now: datetime) -> list[CronJob | SweepJob]:
     return [*crons, SweepJob(settings.sweep_seconds, now)]
 
 
-def schedule_message(model: str, fired: datetime) -> bytes:
-    """The payload Cloud Scheduler is configured to send (see infra/terraform)."""
+def monitor_job(settings: Settings, now: datetime) -> MonitorJob:
+    """The monitor's pass over every model, every ``monitor_seconds``."""
+    return MonitorJob(settings.monitor_seconds, now)
+
+
+def schedule_message(model: str, fired: datetime, reason: str = "sweep") -> bytes:
+    """The payload Cloud Scheduler is configured to send (see infra/terraform): for model
+    "*", a sweep or (``reason`` "monitor") a monitor pass."""
     if model == ALL_MODELS:
-        return json.dumps({"model": model, "reason": "sweep"}).encode()
+        return json.dumps({"model": model, "reason": reason}).encode()
     return json.dumps({"model": model, "scheduled_time": fired.isoformat()}).encode()
 
 
-def _health_server(host: str, port: int, crons: list[CronJob | SweepJob]) -> ThreadingHTTPServer:
+def _payload(job: Job, fired: datetime) -> bytes:
+    if isinstance(job, SweepJob):  # a sweep or a monitor pass, over every model
+        return schedule_message(job.model, fired, job.reason)
+    return schedule_message(job.model, fired)
+
+
+def _job_name(job: Job) -> str:
+    return job.model if isinstance(job, CronJob) else f"{job.model} ({job.reason})"
+
+
+def _health_server(host: str, port: int, crons: list[Job]) -> ThreadingHTTPServer:
     class Health(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path != "/healthz":
                 self.send_error(404, "only /healthz is served here")
                 return
             body = json.dumps(
-                {"status": "ok", "next": {j.model: j.next.isoformat() for j in crons}}
+                {"status": "ok", "next": {_job_name(j): j.next.isoformat() for j in crons}}
             ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -104,7 +134,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     publisher = pubsub_v1.PublisherClient()
     topic = publisher.topic_path(settings.project, settings.topics.retrain_schedule)
     now = datetime.now(UTC)
-    crons = jobs(settings, now)
+    crons = [*jobs(settings, now), monitor_job(settings, now)]
     server = _health_server(host, port, crons)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     stopping = threading.Event()
@@ -116,10 +146,10 @@ def run(settings: Settings, host: str, port: int) -> None:
         for job in crons:
             while job.next <= now:
                 fired = job.advance()
-                future = publisher.publish(
-                    topic, schedule_message(job.model, fired), model=job.model
+                future = publisher.publish(topic, _payload(job, fired), model=job.model)
+                log.info(
+                    "%s at %s: published %s", _job_name(job), fired.isoformat(), future.result(30)
                 )
-                log.info("%s at %s: published %s", job.model, fired.isoformat(), future.result(30))
         wait = min((j.next - now).total_seconds() for j in crons)  # (a sweep job always)
         stopping.wait(timeout=max(0.05, min(wait, 60.0)))
     server.shutdown()

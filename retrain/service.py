@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import ValidationError
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from retrain.bus import Bus
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger, RunRecord
+    from retrain.monitoring import CanaryJudge, Monitor, MonitorPass
     from retrain.statedb import Doc
     from serving.vertex_endpoint import Serving
 
@@ -123,6 +124,7 @@ class RetrainService:
         self.gatekeeper = Gatekeeper(settings, ledger, registry, bus, launcher.scheduled)
         self._champions: dict[tuple[str, str], tuple[dict[str, Any], Any, dict[str, float]]] = {}
         self._storage = storage
+        self._monitor: Monitor | None = None
 
     # -- the one path to a run -----------------------------------------------------
 
@@ -314,6 +316,8 @@ class RetrainService:
             ) from exc
         if tick.reason == "sweep":
             return self.sweep()
+        if tick.reason == "monitor":
+            return self.monitor()
         request = RetrainRequest(
             model=tick.model,
             reason=tick.reason,
@@ -352,6 +356,67 @@ class RetrainService:
         return Outcome(
             "checked", detail=f"sweep: {detail or 'nothing waits'}", extra={"launched": launched}
         )
+
+    # -- the monitor: serving drift, live metrics, canaries (retrain/monitoring.py) ---------
+
+    def monitor(self, models: list[str] | None = None) -> Outcome:
+        """One pass of the monitor over every model (or ``models``); one model's failure
+        does not stop the others (it is in the log line; the next pass tries again)."""
+        passes = self.monitor_passes(models)
+        detail = "; ".join(
+            f"{name}: {found if isinstance(found, str) else found.summary()}"
+            for name, found in passes.items()
+        )
+        alerts = {
+            name: [a["key"] for a in found.alerts if a.get("message_id")]
+            for name, found in passes.items()
+            if not isinstance(found, str) and any(a.get("message_id") for a in found.alerts)
+        }
+        return Outcome("checked", detail=f"monitor: {detail or 'no models'}",
+                       extra={"alerts": alerts})  # fmt: skip
+
+    def monitor_passes(self, models: list[str] | None = None) -> dict[str, MonitorPass | str]:
+        """Each model's pass (:class:`~retrain.monitoring.MonitorPass`), or why it failed."""
+        for name in models or []:
+            self._model(name)
+        found: dict[str, MonitorPass | str] = {}
+        for name in models or list(self.settings.models):
+            try:
+                found[name] = self.monitoring.check(name)
+            except Exception as exc:  # noqa: BLE001 (in the log line; the next pass retries)
+                found[name] = f"failed: {type(exc).__name__}: {exc}"
+        return found
+
+    @property
+    def monitoring(self) -> Monitor:
+        """The monitor (made on first use; it keeps what it read: champions' metadata and
+        parsed labels objects)."""
+        if self._monitor is None:
+            from retrain.monitoring import Monitor  # noqa: PLC0415
+
+            # The gatekeeper's settle_canary (retrain/gatekeeper/decisions.py) judges canaries.
+            judge = cast("CanaryJudge", self.gatekeeper)
+            self._monitor = Monitor(
+                self.settings, self.registry.db, self.registry, self.storage,
+                self._monitor_alert, judge,
+            )  # fmt: skip
+        return self._monitor
+
+    def _monitor_alert(self, alert: DriftAlert, key: str) -> str | None:
+        """Claim the alert's run under ``key`` (the model and the window), then publish it
+        with that key, as :meth:`_alert` does for an arrival: a second pass, or a replay,
+        claims nothing new and publishes nothing. The message id, or None."""
+        claim, _ = self._claim(
+            RetrainRequest(
+                model=alert.model, reason="drift", dedupe_key=key, trigger_event_id=key,
+            )
+        )  # fmt: skip
+        if claim != "new":
+            return None
+        return self.bus.publish(
+            self.settings.topics.drift_alerts, alert, model=alert.model,
+            **{DEDUPE_ATTRIBUTE: key},
+        )  # fmt: skip
 
     def _recover_arrivals(self, name: str) -> int:
         """Check the model's objects whose arrival was never recorded (their notification

@@ -58,8 +58,8 @@ resource "google_service_account" "pipelines" {
 # --- the functions' runtime account -------------------------------------------------------
 
 resource "google_pubsub_topic_iam_member" "functions_publish" {
-  # Why: on_data_arrival publishes DriftAlerts and gatekeeper publishes Decisions
-  # (retrain/service.py); they publish to no other topic.
+  # Why: on_data_arrival and on_schedule's monitor pass publish DriftAlerts, and gatekeeper
+  # publishes Decisions (retrain/service.py); they publish to no other topic.
   for_each = toset(local.function_publishes)
   project  = local.project
   topic    = google_pubsub_topic.topic[each.key].name

@@ -30,6 +30,12 @@ locals {
   sweep_minutes = max(1, ceil(local.sweep_seconds / 60))
   sweep_cron    = local.sweep_minutes >= 60 ? "0 * * * *" : "*/${local.sweep_minutes} * * * *"
 
+  # Settings.monitor_seconds (default 60), rounded up to whole minutes the same way: the
+  # monitor's pass (serving drift, live metrics, canaries) runs at least that often.
+  monitor_seconds = try(local.config.monitor_seconds, 60)
+  monitor_minutes = max(1, ceil(local.monitor_seconds / 60))
+  monitor_cron    = local.monitor_minutes >= 60 ? "0 * * * *" : "*/${local.monitor_minutes} * * * *"
+
   # retrain/config.py Topics: the code's field name -> default topic name.
   topic_defaults = {
     data_arrivals    = "data-arrivals"

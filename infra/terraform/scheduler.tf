@@ -54,3 +54,30 @@ resource "google_cloud_scheduler_job" "sweep" {
 
   depends_on = [google_project_service.enabled]
 }
+
+# Every monitor_seconds (retrain.yaml; whole minutes: local.monitor_cron in main.tf), a pass of
+# the monitor: {"model": "*", "reason": "monitor"} makes on_schedule read each model's prediction
+# log and late labels (retrain/monitoring.py), check complete windows for serving drift, compute
+# the live metrics, raise serving_drift and degradation alerts (each keyed by its window: a
+# repeated pass starts nothing new) and settle a canary with enough labelled traffic. The
+# functions' account already reads the artifacts bucket (the log) and the data bucket (labels)
+# and writes Firestore (the windows): iam.tf.
+resource "google_cloud_scheduler_job" "monitor" {
+  project     = local.project
+  region      = local.region
+  name        = "retrain_monitor"
+  description = "retrain: the monitor's pass over every model (ScheduleMessage reason monitor)"
+  schedule    = local.monitor_cron
+  time_zone   = "UTC"
+
+  pubsub_target {
+    topic_name = google_pubsub_topic.topic["retrain_schedule"].id
+    data       = base64encode(jsonencode({ model = "*", reason = "monitor" }))
+  }
+
+  retry_config {
+    retry_count = 3
+  }
+
+  depends_on = [google_project_service.enabled]
+}

@@ -498,6 +498,14 @@ WIRING: dict[tuple[str, str], dict[str, Any]] = {
         # test_schedule_payload_is_accepted.
         "pubsub_target.data": '${base64encode(jsonencode({model = "*", reason = "sweep"}))}',
     },
+    ("google_cloud_scheduler_job", "monitor"): {
+        "schedule": "${local.monitor_cron}",
+        "time_zone": "UTC",
+        "pubsub_target.topic_name": _TOPIC % "retrain_schedule",
+        # ScheduleMessage {"model": "*", "reason": "monitor"}: decoded in
+        # tests/unit/test_monitoring.py.
+        "pubsub_target.data": '${base64encode(jsonencode({model = "*", reason = "monitor"}))}',
+    },
     # One notification for the whole bucket (a bucket takes at most 10 per event type);
     # on_data_arrival routes by prefix: test_one_notification_routed_by_prefix.
     ("google_storage_notification", "data_arrival"): {
