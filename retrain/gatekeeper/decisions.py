@@ -275,8 +275,8 @@ class Gatekeeper:
         kept = {"decision": decision.model_dump(mode="json"), "time": decision.time.isoformat(),
                 "message_id": None}  # fmt: skip
         change = Change()
-        self.registry.settle_canary(change, model, head, state, run, kept, complete,
-                                    reason=f"canary v{state.version}: live metric")  # fmt: skip
+        why = f"canary v{state.version} worse on its live metric"
+        self.registry.settle_canary(change, model, head, state, run, kept, complete, why)
         self.registry.db.commit(change)
         return decision
 
