@@ -31,6 +31,7 @@ together, for as many trials as fit in the time bound.
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +234,9 @@ def canary_started(db: Database, registry: FirestoreRegistry, model: str) -> Non
 
 
 TRIALS, SECONDS = 200, 60.0
+JITTER = 0.01  # seconds: each operation starts up to this late (the operator 4x), so that
+# both orders happen: a settle first (the operator's compare-and-swap fails or comes after)
+# and an operator first (the settles find no canary)
 
 
 def test_settle_races_an_operator_and_itself(emulated: Settings, firestore_client: Any) -> None:
@@ -242,7 +246,8 @@ def test_settle_races_an_operator_and_itself(emulated: Settings, firestore_clien
         "promote v1": lambda r, m: r.promote(m, "1", 2, "ops", "v1"),
         "promote v2": lambda r, m: r.promote(m, "2", 2, "ops", "v2 now"),
     }
-    deadline, trials, seen = time.monotonic() + SECONDS, 0, set()
+    began = time.monotonic()
+    deadline, trials, seen = began + SECONDS, 0, set()
     while trials < TRIALS and time.monotonic() < deadline:
         model = unique("race")
         verdict = ("promoted", "rolled_back")[trials % 2]
@@ -258,10 +263,13 @@ def test_settle_races_an_operator_and_itself(emulated: Settings, firestore_clien
 
         def settle(gatekeeper: Gatekeeper = gatekeeper, model: str = model,
                    verdict: str = verdict) -> object:  # fmt: skip
+            time.sleep(random.uniform(0, JITTER))  # noqa: S311 (interleavings, not secrets)
             return gatekeeper.settle_canary(model, LIVE[verdict])
 
         def operate(registry: FirestoreRegistry = registry, model: str = model,
                     name: str = name) -> object:  # fmt: skip
+            # Later on average: an operator's move is fewer round trips than a settle's.
+            time.sleep(random.uniform(0, 4 * JITTER))  # noqa: S311
             return operators[name](registry, model)
 
         first, second, operator = race(settle, settle, operate)
@@ -282,5 +290,8 @@ def test_settle_races_an_operator_and_itself(emulated: Settings, firestore_clien
         seen.add((name, "settled" if decision else "operator", operated))
         trials += 1
         db.client.recursive_delete(db.doc("registry", model))
-    print(f"\ncanary races: {trials} trials, outcomes {sorted(seen)}")  # noqa: T201
+    took = time.monotonic() - began
+    print(f"\ncanary races: {trials} trials in {took:.0f} s, outcomes {sorted(seen)}")  # noqa: T201
     assert trials >= 40, f"only {trials} trials in {SECONDS} s"
+    firsts = {first for _, first, _ in seen}
+    assert firsts == {"settled", "operator"}, f"the races never went both ways: {seen}"
