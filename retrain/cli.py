@@ -970,8 +970,11 @@ def versions(
     output: OutputOption = "table",
     config: ConfigOption = Path("retrain.yaml"),
 ) -> None:
-    """List each version with its metrics, verdict, reasons and lineage; mark the champion.
-    Then the runs that registered no version (failed, abandoned, in flight) and why."""
+    """List each version with its metrics, verdict, reasons and lineage; mark the champion
+    and a canary (its share, since when) and show each canary's decision with its live
+    numbers. Then the runs that registered no version (failed, abandoned, in flight) and why."""
+    from dataclasses import asdict  # noqa: PLC0415
+
     from retrain.outcomes import one_line, run_outcomes  # noqa: PLC0415
 
     stack = _stack(config)
@@ -979,6 +982,8 @@ def versions(
     registry = _writer(stack, clients)
     pointer = registry.champion_record(model)
     champion = pointer.get("champion") if pointer else None
+    canary = registry.canary(model)
+    judged = {d["decision"]["run_id"]: d for d in registry.canary_decisions(model)}
     records = registry.records(model)
     without = [run for run in run_outcomes(clients.ledger(), registry, model) if not run.version]
     if output == "json":
@@ -988,8 +993,11 @@ def versions(
                 "version": champion, "by": pointer.get("by"), "reason": pointer.get("reason"),
                 "history": pointer.get("history", []),
             },
+            "canary": None if canary is None else asdict(canary),
             "versions": [{**record, "champion": record["version"] == champion,
+                          "canary": canary is not None and record["version"] == canary.version,
                           "rows": _rows(record)} for record in records],
+            "canary_decisions": list(judged.values()),
             "runs_without_version": [run.to_json() for run in without],
         })  # fmt: skip
         return
@@ -1002,6 +1010,8 @@ def versions(
     )
     for record in records:
         mark = " [bold green]* champion[/]" if record["version"] == champion else ""
+        if canary is not None and record["version"] == canary.version:
+            mark += f" [bold yellow]canary {canary.percent}%[/]"
         metrics = record.get("metrics", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "rows")
         out.print(
@@ -1017,6 +1027,12 @@ def versions(
         for reason in record.get("reasons", []):
             out.print(f"  - {reason}", markup=False, soft_wrap=True)
         out.print(f"  {_rows_text(record)}; artifact {record.get('artifact_uri')}",
+                  markup=False, soft_wrap=True)  # fmt: skip
+        _print_canary_decision(judged.get(str(record.get("run_id"))))
+    if canary is not None:
+        out.print(f"canary v{canary.version}: serves {canary.percent}% beside v{canary.previous} "
+                  f"({100 - canary.percent}%) since {_clock(canary.started_at)}; the monitor "
+                  "completes or rolls it back on its live metric (gate.canary)",
                   markup=False, soft_wrap=True)  # fmt: skip
     if pointer:
         before = ", ".join("v" + v for v in pointer.get("history", [])) or "none"
@@ -1035,6 +1051,25 @@ def versions(
     if not details and any(len(" ".join(run.why.split())) > ONE_LINE for run in without):
         out.print(f"(cut to one line: `retrain versions {model} --details` prints them whole)",
                   markup=False)  # fmt: skip
+
+
+def _print_canary_decision(kept: dict[str, Any] | None) -> None:
+    """A version's canary decision: verdict, when, its live numbers and reasons."""
+    if kept is None:
+        return
+    decision = kept["decision"]
+    verdict = "completed" if decision["verdict"] == "promoted" else "rolled back"
+    published = "" if kept.get("message_id") else " (not yet published)"
+    out.print(f"  canary {verdict} at {kept.get('time')}{published}", markup=False)
+    for version, numbers in (decision.get("live") or {}).items():
+        counts = ("labelled", "served")  # after the metric, as whole numbers
+        shown = ", ".join(
+            [f"{k} {v:.4f}" for k, v in sorted(numbers.items()) if k not in counts]
+            + [f"{k} {numbers[k]:.0f}" for k in counts if k in numbers]
+        )
+        out.print(f"    live v{version}: {shown}", markup=False, soft_wrap=True)
+    for reason in decision.get("reasons", []):
+        out.print(f"  - {reason}", markup=False, soft_wrap=True)
 
 
 def _clock(seconds: float) -> str:

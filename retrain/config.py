@@ -255,7 +255,18 @@ class Endpoint(_Strict):
         ge=0,
         le=99,
         description="0: the new version takes all traffic and the old one is undeployed once "
-        "the new one serves; 1-99: the new version gets this share, the old keeps the rest.",
+        "the new one serves; 1-99: the new version gets this share, the old keeps the rest "
+        "(a static split, until the next promotion). A model with gate.canary ignores it: "
+        "its canary gets gate.canary.percent, and a completed canary or a plain promotion "
+        "takes all traffic.",
+    )
+    request_response_logging_table: str | None = Field(
+        None,
+        pattern=r"^bq://[A-Za-z0-9_.:-]+$",
+        description="The BigQuery table (bq://project.dataset.table) where each model's "
+        "endpoint logs a sample (models.<m>.serving.log_sample_rate) of its requests and "
+        "responses; set when the endpoint is created. Default: the table Vertex AI makes, "
+        "bq://<project>.logging_<endpoint display name>_<endpoint id>.request_response_logging.",
     )
     deploy_wait_seconds: float = Field(
         360.0,

@@ -460,13 +460,38 @@ class RetrainService:
         return Outcome("decided", report.model, report.run_id, detail, extra)
 
     def _serve(self, decision: Decision) -> None:
-        """Deploy a promoted version that is still the champion (a redelivered old decision
-        must not undo a later promotion or rollback)."""
-        if self.serving is None or decision.verdict != "promoted" or not decision.new_version:
+        """Deploy what a decision put in the champion pointer, if it is still there (a
+        redelivered old decision must not undo a later promotion or rollback).
+
+        - ``promoted`` (by the gate, or a canary that completed): the new version;
+        - ``canary``: the new version at ``gate.canary.percent`` beside the previous
+          champion, while the pointer's canary is still this version's;
+        - ``rolled_back`` (a canary judged worse): the previous champion, in full (the
+          rollback path: it still serves its share, so only the traffic moves, and the
+          canary is undeployed after).
+
+        The share follows the pointer: a canary's share while its canary lasts, all
+        traffic once it is over. A model with ``gate.canary`` ignores the static
+        ``gcp.endpoint.canary_percent`` (which applies to the other models' promotions).
+        Also the monitor's canary Decisions come through here (on Vertex AI)."""
+        if self.serving is None:
+            return
+        if decision.verdict in ("promoted", "canary"):
+            target = decision.new_version
+        elif decision.verdict == "rolled_back":
+            target = decision.previous_champion
+        else:
             return
         champion = self.registry.champion(decision.model)
-        if champion is not None and champion.version == decision.new_version:
-            self.serving.deploy(decision.model, decision.new_version)
+        if target is None or champion is None or champion.version != target:
+            return
+        canary = self.registry.canary(decision.model)
+        spec = self.settings.models[decision.model].gate.canary
+        if canary is not None and canary.version == target:
+            share: int | None = canary.percent
+        else:
+            share = None if spec is None else 0
+        self.serving.deploy(decision.model, target, share)
 
     # -- every arrival is checked; some policies look for drift ---------------------
 

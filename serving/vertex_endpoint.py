@@ -43,10 +43,14 @@ class DeployError(RuntimeError):
 class Serving(Protocol):
     """Puts the champion in front of callers once the registry has moved it."""
 
-    def deploy(self, model: str, version: str) -> None:
+    def deploy(self, model: str, version: str, share: int | None = None) -> None:
         """Serve ``version`` of ``model``; idempotent, so a redelivered decision may call it
         again. Returns once the version serves its traffic share, or once the adapter's
-        bounded wait is over: a deploy still under way is then finished by the next call."""
+        bounded wait is over: a deploy still under way is then finished by the next call.
+
+        ``share``: the new version's traffic percentage beside the previous champion (a
+        canary, 1-99), or 0 for all of it; None: the adapter's own setting
+        (``gcp.endpoint.canary_percent``). An older version always gets all of it."""
         ...
 
 
@@ -125,6 +129,7 @@ class _Target:
     model: str
     version: str
     vertex_id: str
+    share: int | None = None  # None: gcp.endpoint.canary_percent
 
     def __str__(self) -> str:
         return (
@@ -218,12 +223,33 @@ class VertexEndpoint:
                 display_name=f"retrain-{model}",
                 labels={**self.settings.gcp.labels, "retrain_model": model},
                 sync=True,
+                **self._logging(model),
                 **self._where,
             )
             found = self._find(model)  # if two deployers raced, both take the oldest
         if found is None:
             raise DeployError(f"created endpoint retrain-{model}, but cannot find it by label")
         return aiplatform().Endpoint(found, **self._where)
+
+    def _logging(self, model: str) -> dict[str, Any]:
+        """The endpoint's request-response logging, as ``Endpoint.create`` takes it: a
+        sample of ``models.<m>.serving.log_sample_rate`` of the requests and responses, to
+        ``gcp.endpoint.request_response_logging_table`` (or the table Vertex AI makes).
+
+        Vertex AI logs what it receives and answers, to BigQuery; our own prediction
+        server logs to the artifacts bucket (retrain/predictions.py), with the version
+        that answered. Set when the endpoint is created only: an existing endpoint keeps
+        its logging (change it in the console or with ``gcloud ai endpoints update``)."""
+        rate = self.settings.models[model].serving.log_sample_rate
+        if rate <= 0:
+            return {}
+        return {
+            "enable_request_response_logging": True,
+            "request_response_logging_sampling_rate": rate,
+            "request_response_logging_bq_destination_table": (
+                self.settings.gcp.endpoint.request_response_logging_table
+            ),
+        }
 
     def _find(self, model: str) -> str | None:
         endpoints = aiplatform().Endpoint.list(
@@ -246,8 +272,10 @@ class VertexEndpoint:
             deployed.append(DeployedVersion(str(item.id), version_id, split.get(str(item.id), 0)))
         return deployed, split
 
-    def deploy(self, model: str, version: str) -> None:
-        """Serve ``version`` of ``model`` (see :func:`plan_traffic`).
+    def deploy(self, model: str, version: str, share: int | None = None) -> None:
+        """Serve ``version`` of ``model`` (see :func:`plan_traffic`), at ``share`` percent
+        of the traffic beside the previous champion (0: all of it; None:
+        ``gcp.endpoint.canary_percent``; a canary's share is ``gate.canary.percent``).
 
         Returns once the version serves its share and the versions left without traffic
         are undeployed; or, if that takes longer than ``wait_seconds``, once the change is
@@ -260,7 +288,9 @@ class VertexEndpoint:
         from google.api_core.exceptions import GoogleAPICallError  # noqa: PLC0415
 
         deadline = time.monotonic() + self.wait_seconds
-        target = _Target(model, version, self.registry.vertex_version(model, version))
+        if share is not None and not 0 <= share <= 99:
+            raise ValueError(f"share must be 0 (all traffic) to 99 percent, not {share}")
+        target = _Target(model, version, self.registry.vertex_version(model, version), share)
         # A promotion that died between its commit and the alias move is finished here, as
         # the redelivered decision deploys it. An alias moved by hand stays for an operator
         # (the next promotion is refused as stale and says so).
@@ -286,7 +316,8 @@ class VertexEndpoint:
         recorded a change first (the caller settles that one and plans again)."""
         spec = self.settings.gcp.endpoint
         deployed, split = self._state(endpoint, target.model)
-        plan = plan_traffic(deployed, target.vertex_id, spec.canary_percent)
+        share = spec.canary_percent if target.share is None else target.share
+        plan = plan_traffic(deployed, target.vertex_id, share)
         if not plan.deploy:
             if plan.split != split:
                 endpoint.update(traffic_split=plan.split)  # no operation: it serves at once

@@ -1,6 +1,7 @@
 """The gatekeeper: gate policy, decisions, and the model registry with its adapters.
 
 - :mod:`~retrain.gatekeeper.policy`: is a candidate good enough (every rule with its numbers);
+- :mod:`~retrain.gatekeeper.canary`: does a canary complete or roll back on its live metric;
 - :mod:`~retrain.gatekeeper.decisions`: a report becomes one decision, in one commit;
 - :mod:`~retrain.gatekeeper.registry`: the ``ModelRegistry`` port and its Firestore adapter;
 - :mod:`~retrain.gatekeeper.vertex`: its projection onto Vertex AI Model Registry.

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from retrain.gatekeeper.policy import Pointer, decide, stale
+from retrain.gatekeeper.canary import judge, live_of
+from retrain.gatekeeper.policy import Pointer, Verdict, decide, stale
+from retrain.gatekeeper.registry import CanaryState, RegistryError, canary_of
 from retrain.messages import REPORT_FILE, Decision, MetricsReport
 from retrain.statedb import Change, retrying
 
@@ -156,10 +158,21 @@ class Gatekeeper:
         # A stale verdict compared against a champion that no longer serves: the events of
         # the run wait again, for a run against the champion that does.
         requeue = not promote and stale(report, pointer) is not None
+        # A candidate that replaces a champion, with gate.canary set, serves its share
+        # first: the pointer moves and records the canary in the same commit.
+        canary = self.settings.models[model].gate.canary
+        starts_canary = promote and canary is not None and pointer.version not in (None, version)
+        if starts_canary:
+            assert canary is not None  # noqa: S101 (checked above)
+            reasons.append(
+                f"canary: v{version} serves {canary.percent}% of the traffic until "
+                f"{canary.min_labelled} of its predictions are labelled, then completes or "
+                "rolls back on its live metric"
+            )
         decision = Decision(
             model=model,
             run_id=run_id,
-            verdict="promoted" if promote else "rejected",
+            verdict="canary" if starts_canary else "promoted" if promote else "rejected",
             reasons=reasons,
             new_version=version,
             previous_champion=pointer.version,
@@ -167,8 +180,9 @@ class Gatekeeper:
         kept = {"decision": decision.model_dump(mode="json"), "time": decision.time.isoformat(),
                 "message_id": None, "requeued": requeue}  # fmt: skip
         change = Change()
+        share = canary.percent if starts_canary and canary is not None else None
         self.registry.decide(change, model, run, head, kept, version, promote,
-                             by="gatekeeper", reason=f"run {run_id}")  # fmt: skip
+                             by="gatekeeper", reason=f"run {run_id}", canary=share)  # fmt: skip
         state: RunState = "succeeded" if report.status == "succeeded" else "failed"
         self.ledger.close(change, model, run_id, state, report.error, requeue=requeue,
                           failed_step=report.failed_step)  # fmt: skip
@@ -178,13 +192,116 @@ class Gatekeeper:
     def _announce(self, decision: Decision) -> None:
         """Move the Vertex alias (if any) after a promotion, publish the decision, and keep
         its message id. A crash in between is finished by the next delivery."""
-        if decision.verdict == "promoted":
+        if decision.verdict in ("promoted", "canary"):
             self.registry.project(decision.model)
         message_id = self.bus.publish(
             self.settings.topics.model_decisions, decision,
             model=decision.model, verdict=decision.verdict,
         )  # fmt: skip
         self.registry.mark_published(decision.model, decision.run_id, message_id)
+
+    # -- the canary stage ------------------------------------------------------------
+
+    def settle_canary(self, model: str, live: dict[str, dict[str, float]]) -> Decision | None:
+        """Complete or roll back ``model``'s canary on ``live`` (``{version: {<metric>:
+        value, "labelled": n, "served": n}}``: the canary's and the previous champion's
+        numbers on the same window; :func:`~retrain.gatekeeper.canary.judge`).
+
+        The Decision (stage ``canary``, verdict ``promoted`` or ``rolled_back``, run id =
+        the canary version's run) is kept in that run's document (``canary_decision``) in
+        the same commit that ends the canary in the pointer (see
+        :meth:`FirestoreRegistry.settle_canary`), compare-and-swap against the pointer as
+        read: a manual promote or rollback that commits first wins, and this call then
+        changes nothing and returns None. Then the alias follows the pointer, the
+        Decision goes to ``model-decisions``, and its message id is kept.
+
+        Every call first finishes a canary Decision that was kept but not published (a
+        crash between the commit and the publish), so call it on every monitor tick of a
+        model with ``gate.canary``, with whatever ``live`` there is (``{}`` will do).
+        Returns the Decision made or finished here, or None: nothing to decide (no
+        canary, not judged yet, the pointer moved, or ``gate.canary`` no longer set: an
+        operator ends such a canary with ``retrain promote`` or ``rollback``)."""
+        finished = self._finish_canaries(model)
+        spec = self.settings.models[model].gate.canary
+        state = self.registry.canary(model)
+        if spec is None or state is None:
+            return finished
+        gate = self.settings.models[model].gate
+        verdict = judge(state, spec, gate.primary_metric, live)
+        if verdict is None:
+            return finished
+        metric = spec.metric or gate.primary_metric
+        decision = retrying(
+            lambda: self._settle(model, state, verdict, live_of(live, state, metric)),
+            f"settle the canary v{state.version} of {model}",
+        )
+        if decision is None:
+            log.info("the canary v%s of %s ended meanwhile; nothing settled", state.version, model)
+            return finished
+        self._announce_canary(decision)
+        return decision
+
+    def _settle(
+        self, model: str, state: CanaryState, verdict: Verdict, live: dict[str, dict[str, float]]
+    ) -> Decision | None:
+        """One attempt at the canary's commit; None if the canary read is no longer the
+        pointer's (moved by hand, or settled by a concurrent call)."""
+        head = self.registry.head_doc(model)
+        if canary_of(self.registry.where(model), head.data) != state:
+            return None
+        record = self.registry.version(model, state.version)
+        if record is None or not record.run_id:
+            raise RegistryError(
+                f"{self.registry.where(model, 'versions', state.version)}: the canary's "
+                "version has no run to keep its decision in"
+            )
+        run = self.registry.run_doc(model, record.run_id)
+        complete = verdict.promote
+        reasons = verdict.reasons
+        reasons.append(
+            f"completed: v{state.version} serves all traffic" if complete else
+            f"rolled back: v{state.previous} serves all traffic again, v{state.version} none"
+        )  # fmt: skip
+        decision = Decision(
+            model=model,
+            run_id=record.run_id,
+            verdict="promoted" if complete else "rolled_back",
+            reasons=reasons,
+            new_version=state.version,
+            previous_champion=state.previous,
+            stage="canary",
+            live=live,
+        )
+        kept = {"decision": decision.model_dump(mode="json"), "time": decision.time.isoformat(),
+                "message_id": None}  # fmt: skip
+        change = Change()
+        why = f"canary v{state.version} worse on its live metric"
+        self.registry.settle_canary(change, model, head, state, run, kept, complete, why)
+        self.registry.db.commit(change)
+        return decision
+
+    def _finish_canaries(self, model: str) -> Decision | None:
+        """Publish the canary Decisions kept but not published; the last one, or None."""
+        finished = None
+        for run_id in self.registry.unpublished_canaries(model):
+            kept = self.registry.canary_decision(model, run_id)
+            if kept is None:
+                raise RegistryError(
+                    f"{self.registry.where(model)} names run {run_id} in canary_unpublished, "
+                    f"but {self.registry.where(model, 'runs', run_id)} keeps no canary decision"
+                )
+            finished = Decision.model_validate(kept["decision"])
+            self._announce_canary(finished)
+        return finished
+
+    def _announce_canary(self, decision: Decision) -> None:
+        """As :meth:`_announce`, for a canary Decision."""
+        self.registry.project(decision.model)
+        message_id = self.bus.publish(
+            self.settings.topics.model_decisions, decision,
+            model=decision.model, verdict=decision.verdict, stage=decision.stage,
+        )  # fmt: skip
+        self.registry.mark_canary_published(decision.model, decision.run_id, message_id)
 
     @staticmethod
     def _version_record(report: MetricsReport, artifact_uri: str) -> dict[str, Any]:

@@ -250,11 +250,17 @@ class FirestoreRegistry:
 
     def decide(
         self, change: Change, model: str, run: Doc, head: Doc, kept: dict[str, Any],
-        version: str | None, promote: bool, by: str, reason: str,
+        version: str | None, promote: bool, by: str, reason: str, canary: int | None = None,
     ) -> None:  # fmt: skip
         """Add to ``change``: keep the decision ``kept`` in the run's document, the verdict
         in the version's, and (``promote``) move the champion to ``version``. ``run`` and
-        ``head`` are the documents the decision was made from."""
+        ``head`` are the documents the decision was made from.
+
+        ``canary`` (a percentage, with a champion to replace): the move is a canary's
+        (audit action ``canary``), and the pointer records it (:class:`CanaryState`) in
+        the same write. Its ``previous`` is the champion replaced, or, if that champion
+        was itself a canary not judged yet, the canary's own ``previous``: the version
+        that last served in full keeps the larger share, never an unproven one."""
         now = time.time()
         change.put(run, kept)
         if version is not None:
@@ -266,20 +272,35 @@ class FirestoreRegistry:
             )  # fmt: skip
         if promote and head.get("champion") != version:
             assert version is not None  # noqa: S101 (only a version is promoted)
-            self._move(change, model, head, version, "promote", by, reason, now)
+            current = head.get("champion")
+            if canary and current is not None:
+                running = canary_of(self.where(model), head.data)
+                state = {"version": version,
+                         "previous": running.previous if running else str(current),
+                         "percent": int(canary), "started_at": now,
+                         "generation": int(head.get("generation", 0)) + 1}  # fmt: skip
+                self._move(change, model, head, version, "canary", by, reason, now,
+                           canary=state)  # fmt: skip
+            else:
+                self._move(change, model, head, version, "promote", by, reason, now)
         else:  # decided from this pointer: the commit fails if it moved meanwhile
             change.guard(head, now)
 
     def _move(
         self, change: Change, model: str, head: Doc, to: str, action: str, by: str,
         reason: str, now: float, history: list[str] | None = None,
+        canary: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
+        """Move the champion pointer to ``to`` (generation + 1) and audit it. Every move
+        clears the pointer's canary, unless it starts one (``canary``): a promotion or
+        rollback by hand during a canary ends it, and the monitor judges it no more."""
         current = head.get("champion")
         if history is None:  # a promotion: the current champion goes on top of the history
             history = ([current] if current else []) + list(head.get("history", []))
         generation = int(head.get("generation", 0)) + 1
         change.put(head, {"champion": to, "generation": generation, "history": history[:HISTORY],
-                          "by": by, "reason": reason, "at": now})  # fmt: skip
+                          "by": by, "reason": reason, "at": now, "canary": canary,
+                          **(extra or {})})  # fmt: skip
         change.put(
             Doc(self.db.doc("registry", model, "audit", f"{time.time_ns():020d}-{action}"), None),
             {"action": action, "from": current, "to": to, "by": by, "reason": reason,
@@ -292,7 +313,10 @@ class FirestoreRegistry:
         self, model: str, version: str, expected_generation: int, by: str, reason: str
     ) -> bool:
         """Make ``version`` the champion by hand, only if the pointer is still at
-        ``expected_generation`` (compare-and-swap); who and why go to the audit trail."""
+        ``expected_generation`` (compare-and-swap); who and why go to the audit trail.
+        Promoting the champion while it is a canary completes the canary by hand: the
+        canary is cleared (who and why kept on the pointer), and the pointer does not move
+        (no generation, no audit entry: the same version serves, now all traffic)."""
         if self.version(model, version) is None:
             raise RegistryError(f"{model} has no version {version}")
 
@@ -301,6 +325,11 @@ class FirestoreRegistry:
             if int(head.get("generation", 0)) != expected_generation:
                 return False
             if head.get("champion") == str(int(version)):
+                if canary_of(self.where(model), head.data) is not None:
+                    change = Change()
+                    change.put(head, {"canary": None, "by": by, "reason": reason,
+                                      "at": time.time()})  # fmt: skip
+                    self.db.commit(change)
                 return True  # it serves already: nothing moves, nothing goes in the history
             change = Change()
             self._move(change, model, head, str(int(version)), "promote", by, reason,
@@ -360,6 +389,85 @@ class FirestoreRegistry:
              "at": time.time()},
         )  # fmt: skip
         self.db.commit(change)
+
+    # -- the canary's end (the writes of Gatekeeper.settle_canary's one commit) -----------
+
+    def settle_canary(
+        self, change: Change, model: str, head: Doc, state: CanaryState, run: Doc,
+        kept: dict[str, Any], complete: bool, reason: str,
+    ) -> None:  # fmt: skip
+        """Add to ``change``: the canary Decision ``kept`` in the canary's run document
+        (``canary_decision``), its verdict in the version's (``canary_verdict``), and the
+        pointer's end of the canary, compare-and-swap against ``head`` as read (its
+        generation and its canary): the commit fails if anyone moved the pointer since.
+
+        - Completion clears the canary and leaves the pointer where it is, **generation
+          unchanged**: the champion is the same version, now serving all traffic, so a
+          run evaluated against it (at the canary's generation) was evaluated against the
+          champion that serves, and its report stays valid (no needless requeue). The
+          audit trail, which records moves of the pointer, gets no entry; the Decision
+          (published, kept in the run) is the record of the completion.
+        - A rollback moves the pointer back to ``state.previous`` (audit action
+          ``rollback``, by ``canary``; generation + 1, so a run evaluated against the
+          canary is found stale), the canary version leaving the history as in any
+          rollback.
+
+        Either way the run's id joins the pointer's ``canary_unpublished`` until the
+        Decision's message id is kept (:meth:`mark_canary_published`), so that whoever
+        calls ``settle_canary`` next finishes a publish that a crash interrupted.
+        """
+        now = time.time()
+        decision = kept["decision"]
+        run_id = str(decision["run_id"])
+        change.put(run, {"canary_decision": kept})
+        change.put(
+            self.version_doc(model, state.version),
+            {"canary_verdict": decision["verdict"], "canary_reasons": decision["reasons"],
+             "canary_decided_at": kept["time"]},
+        )  # fmt: skip
+        pending = [*(str(r) for r in head.get("canary_unpublished") or []), run_id]
+        if complete:
+            change.put(head, {"canary": None, "canary_unpublished": pending})
+            return
+        history = [str(v) for v in head.get("history", [])]
+        rest = history[history.index(state.previous) + 1 :] if state.previous in history \
+            else history  # fmt: skip
+        self._move(change, model, head, state.previous, "rollback", "canary", reason, now,
+                   rest, extra={"canary_unpublished": pending})  # fmt: skip
+
+    def canary_decision(self, model: str, run_id: str) -> dict[str, Any] | None:
+        """The canary Decision kept for ``run_id``: ``{"decision", "time", "message_id"}``."""
+        found = self.run_doc(model, run_id).get("canary_decision")
+        return dict(found) if found else None
+
+    def canary_decisions(self, model: str) -> list[dict[str, Any]]:
+        """Every canary Decision kept, oldest first."""
+        found = self.db.all(self.db.client.collection("registry", model, "runs"))
+        kept = [dict(d.data["canary_decision"]) for d in found
+                if d.data and d.data.get("canary_decision")]  # fmt: skip
+        return sorted(kept, key=lambda v: str(v.get("time", "")))
+
+    def unpublished_canaries(self, model: str) -> list[str]:
+        """The runs whose canary Decision is kept but not yet published."""
+        return [str(r) for r in self.head_doc(model).get("canary_unpublished") or []]
+
+    def mark_canary_published(self, model: str, run_id: str, message_id: str) -> None:
+        """Keep the canary Decision's message id, and take the run off the pointer's
+        ``canary_unpublished``: one commit."""
+
+        def attempt() -> None:
+            run, head = self.run_doc(model, run_id), self.head_doc(model)
+            found = dict(run.get("canary_decision") or {})
+            if not found:
+                raise RegistryError(f"{self.where(model, 'runs', run_id)} has no canary decision")
+            change = Change()
+            change.put(run, {"canary_decision": {**found, "message_id": message_id}})
+            pending = [str(r) for r in head.get("canary_unpublished") or []]
+            if run_id in pending:
+                change.put(head, {"canary_unpublished": [r for r in pending if r != run_id]})
+            self.db.commit(change)
+
+        retrying(attempt, f"mark the canary decision on {run_id} published")
 
     def mark_published(self, model: str, run_id: str, message_id: str) -> None:
         def attempt() -> None:

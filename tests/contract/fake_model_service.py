@@ -511,6 +511,7 @@ class FakeModelService:
         if not call.body.get("displayName"):
             raise ApiError(400, "endpoint.displayName is required")
         labels = self._check_labels(call.body.get("labels"), "endpoint")
+        logging_config = self._check_logging(call.body.get("predictRequestResponseLoggingConfig"))
         endpoint_id = call.query.get("endpointId") or str(next(self._ids) * 1000 + 7)
         name = f"{self.parent}/endpoints/{endpoint_id}"
         if name in self.endpoints:
@@ -524,8 +525,27 @@ class FakeModelService:
             "trafficSplit": {},
             "createTime": now,
             "updateTime": now,
+            **({"predictRequestResponseLoggingConfig": logging_config} if logging_config else {}),
         }
         return self._operation(name, lambda: {"@type": _TYPES + "Endpoint", **self.endpoints[name]})
+
+    @staticmethod
+    def _check_logging(config: Any) -> dict[str, Any] | None:
+        """``predictRequestResponseLoggingConfig`` as Vertex AI checks it: a sampling rate
+        in [0, 1] and, if given, a BigQuery table ``bq://project.dataset.table``."""
+        if config is None:
+            return None
+        if not isinstance(config, dict) or set(config) - {
+            "enabled", "samplingRate", "bigqueryDestination"
+        }:  # fmt: skip
+            raise ApiError(400, f"predictRequestResponseLoggingConfig: unknown fields {config}")
+        rate = config.get("samplingRate", 0)
+        if not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ApiError(400, f"samplingRate {rate!r} must be in [0, 1]")
+        uri = (config.get("bigqueryDestination") or {}).get("outputUri", "")
+        if uri and not re.fullmatch(r"bq://[\w-]+(\.[\w-]+){1,2}", uri):
+            raise ApiError(400, f"bigqueryDestination.outputUri {uri!r} is not bq://p.d[.t]")
+        return dict(config)
 
     def _endpoint(self, endpoint_id: str) -> dict[str, Any]:
         name = f"{self.parent}/endpoints/{endpoint_id}"

@@ -550,7 +550,12 @@ def test_deploy_replaces_the_old_version_only_after_the_new_one_serves(
     assert created.body == {
         "displayName": f"retrain-{MODEL}",
         "labels": {"team": "ml", "retrain_model": MODEL},
-    }
+        # serving.log_sample_rate (default 1), to the table Vertex AI makes (no
+        # gcp.endpoint.request_response_logging_table): tests/contract/test_vertex_canary.py
+        "predictRequestResponseLoggingConfig": {
+            "enabled": True, "samplingRate": 1, "bigqueryDestination": {},
+        },
+    }  # fmt: skip
     (first,) = of(fake.calls, "deployModel")
     assert first.body["trafficSplit"] == {"0": 100}
     deployed = first.body["deployedModel"]

@@ -26,9 +26,11 @@ class RecordingServing:
 
     def __init__(self) -> None:
         self.deployed: list[tuple[str, str]] = []
+        self.shares: list[int | None] = []
 
-    def deploy(self, model: str, version: str) -> None:
+    def deploy(self, model: str, version: str, share: int | None = None) -> None:
         self.deployed.append((model, version))
+        self.shares.append(share)
 
 
 class NoLauncher:
