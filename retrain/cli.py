@@ -1113,7 +1113,10 @@ def _move(stack: Stack, model: str, version: str | None, reason: str, action: st
         return
     try:
         with err.status(f"deploying v{moved} of {model} to its endpoint"):
-            serving.deploy(model, moved)
+            # A move by hand ends any canary: all traffic (a model with gate.canary ignores
+            # the static gcp.endpoint.canary_percent, as the gatekeeper's deploys do).
+            share = 0 if stack.settings.models[model].gate.canary is not None else None
+            serving.deploy(model, moved, share)
     except RuntimeError as exc:  # DeployError: e.g. another version's deploy is under way
         err.print(f"[bold red]the endpoint did not move[/]: {escape(str(exc))}")
         raise typer.Exit(code=1) from exc

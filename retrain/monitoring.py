@@ -280,17 +280,22 @@ def live_metrics(
     """Per version: ``served`` (logged instances), ``labelled`` (those with a known label),
     and on the labelled ones ``accuracy`` (predicted class, or score >= 0.5 where the record
     has none) and ``roc_auc`` (from the scores, when both classes are present). Labels that
-    name neither class are left out. ``versions`` are listed even if they served nothing."""
+    name neither class are left out, counted in ``foreign`` (only where there are any).
+    ``versions`` are listed even if they served nothing."""
     served: dict[str, int] = {str(v): 0 for v in versions or ()}
     truth: dict[str, list[int]] = {}
     predicted: dict[str, list[int]] = {}
     scores: dict[str, list[float]] = {}
+    foreign: dict[str, int] = {}
     for record in records:
         served[record.version] = served.get(record.version, 0) + len(record.instances)
         for i, score in enumerate(record.scores):
             label = labels.get((record.request_id, i))
-            actual = None if label is None else class_index(label, classes)
+            if label is None:
+                continue
+            actual = class_index(label, classes)
             if actual is None:
+                foreign[record.version] = foreign.get(record.version, 0) + 1
                 continue
             said = class_index(record.labels[i], classes) if i < len(record.labels) else None
             truth.setdefault(record.version, []).append(actual)
@@ -301,6 +306,8 @@ def live_metrics(
     live: dict[str, dict[str, float]] = {}
     for version, count in sorted(served.items()):
         figures: dict[str, float] = {"served": count, "labelled": len(truth.get(version, []))}
+        if foreign.get(version):
+            figures["foreign"] = foreign[version]
         if truth.get(version):
             from sklearn.metrics import accuracy_score, roc_auc_score  # noqa: PLC0415
 
@@ -431,6 +438,14 @@ class Monitor:
         self._check_live(model, spec, metadata, now, records, labels, result)
         if canary is not None:
             result.canary = self._check_canary(model, spec, metadata, canary, records, labels)
+        elif (
+            spec.gate.canary is not None
+            and self.judge is not None
+            # No canary now: a canary Decision kept but not published (a crash between the
+            # gatekeeper's commit and its publish) is finished by this call.
+            and self.judge.settle_canary(model, {}) is not None
+        ):
+            result.canary = "a canary decision kept before a crash was published"
         return result
 
     def _check_window(
@@ -502,6 +517,11 @@ class Monitor:
         reasons = degradation_reasons(live, evaluated, margin, spec.monitoring.min_rows)
         start, end = window_of(now, seconds)
         result.live = {"start": now - seconds, "end": now, "versions": live}
+        if strangers := sum(int(f.get("foreign", 0)) for f in live.values()):
+            result.problems.append(
+                f"{strangers} labels of predictions in the last window name neither class "
+                f"of the model ({', '.join(map(repr, metadata['classes']))}): left out"
+            )
         if not live:
             return  # nothing served in the last window: nothing to keep
         alerts: dict[str, str | None] = {}
@@ -537,13 +557,14 @@ class Monitor:
             labels, list(metadata["classes"]), versions=(canary.version, canary.previous),
         )  # fmt: skip
         labelled = int(live[canary.version]["labelled"])
+        if self.judge is None:
+            return f"v{canary.version}: {labelled} labelled, but nothing settles canaries"
+        # Called on every pass, ready or not: it also publishes a Decision kept before a crash.
+        decision = self.judge.settle_canary(model, live)
         if labelled < needed:
             return f"v{canary.version} waits: {labelled} of {needed} labelled predictions"
-        if self.judge is None:
-            return f"v{canary.version} ready ({labelled} labelled), but nothing settles canaries"
-        decision = self.judge.settle_canary(model, live)
         if decision is None:
-            return f"v{canary.version}: settled already (the pointer moved)"
+            return f"v{canary.version}: not settled (the pointer moved, or not judged yet)"
         verdict = getattr(decision, "verdict", decision)
         return f"v{canary.version} {verdict} on {labelled} labelled predictions"
 

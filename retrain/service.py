@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from retrain.bus import Bus
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger, RunRecord
-    from retrain.monitoring import CanaryJudge, Monitor, MonitorPass
+    from retrain.monitoring import Monitor, MonitorPass
     from retrain.statedb import Doc
     from serving.vertex_endpoint import Serving
 
@@ -394,13 +394,20 @@ class RetrainService:
         if self._monitor is None:
             from retrain.monitoring import Monitor  # noqa: PLC0415
 
-            # The gatekeeper's settle_canary (retrain/gatekeeper/decisions.py) judges canaries.
-            judge = cast("CanaryJudge", self.gatekeeper)
             self._monitor = Monitor(
                 self.settings, self.registry.db, self.registry, self.storage,
-                self._monitor_alert, judge,
+                self._monitor_alert, self,
             )  # fmt: skip
         return self._monitor
+
+    def settle_canary(self, model: str, live: dict[str, dict[str, float]]) -> Decision | None:
+        """The monitor's judge: the gatekeeper completes or rolls back ``model``'s canary on
+        ``live`` (:meth:`~retrain.gatekeeper.decisions.Gatekeeper.settle_canary`, which also
+        finishes a Decision kept but not published), then the endpoint (if any) serves it."""
+        decision = self.gatekeeper.settle_canary(model, live)
+        if decision is not None:
+            self._serve(decision)
+        return decision
 
     def _monitor_alert(self, alert: DriftAlert, key: str) -> str | None:
         """Claim the alert's run under ``key`` (the model and the window), then publish it

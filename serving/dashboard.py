@@ -1,5 +1,6 @@
-"""The status dashboard at ``/``: models, champions, versions, decisions, runs and the
-quarantined data objects.
+"""The status dashboard at ``/``: models, champions, versions, decisions (the gate's and
+the canary's), runs, the quarantined data objects, and what the monitor saw of the served
+traffic (serving drift and the live metric per version, per window), and the canary.
 
 ``status()`` gathers everything from the registry and the ledger as JSON
 (``/api/status``); the page renders it and refreshes itself every few seconds.
@@ -11,14 +12,53 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retrain.monitoring import history
+
 if TYPE_CHECKING:
-    from retrain.config import Settings
+    from retrain.config import ModelSettings, Settings
     from retrain.gatekeeper.registry import FirestoreRegistry
     from retrain.ledger import FirestoreLedger
 
 __all__ = ["PAGE", "status"]
 
 RECENT = 10
+WINDOWS = 24  # the monitor's windows shown
+
+
+def _canary(registry: FirestoreRegistry, name: str, spec: ModelSettings,
+            windows: list[dict[str, Any]]) -> dict[str, Any] | None:  # fmt: skip
+    """The champion's canary, if it is one, with its labelled predictions so far (from
+    the monitor's last window that had figures for it)."""
+    state = registry.canary(name)
+    if state is None:
+        return None
+    live: dict[str, Any] = {}
+    for window in reversed(windows):
+        figures = window.get("live") or {}
+        if state.version in figures:
+            live = {v: figures[v] for v in (state.version, state.previous) if v in figures}
+            break
+    policy = spec.gate.canary
+    return {
+        "version": state.version,
+        "previous": state.previous,
+        "percent": state.percent,
+        "started": _when(state.started_at),
+        "min_labelled": policy.min_labelled if policy else None,
+        "live": live,
+    }
+
+
+def _window(window: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "end": _when(window.get("end")),
+        "served": window.get("served"),
+        "drift": window.get("drift") or {},
+        "drifted": window.get("drifted"),
+        "note": window.get("note"),
+        "live": window.get("live") or {},
+        "alerts": {k: v for k, v in (window.get("alerts") or {}).items() if v},
+    }
 
 
 def _when(seconds: float | None) -> str | None:
@@ -47,7 +87,10 @@ def status(
             }
             for r in registry.records(name)
         ]
-        decisions = [d.get("decision", {}) for d in registry.decisions(name)][-RECENT:]
+        kept = registry.decisions(name) + registry.canary_decisions(name)
+        decisions = sorted((d["decision"] for d in kept), key=lambda d: str(d.get("time", "")))
+        decisions = decisions[-RECENT:]
+        windows = history(registry.db, name, WINDOWS)
         runs = [
             {
                 "run_id": r.run_id,
@@ -82,6 +125,8 @@ def status(
                 "decisions": list(reversed(decisions)),
                 "runs": list(reversed(runs)),
                 "quarantined": list(reversed(quarantined)),
+                "canary": _canary(registry, name, spec, windows),
+                "monitor": [_window(w) for w in windows],
             }
         )
     return {"project": settings.project, "generated_at": _when(datetime.now(UTC).timestamp()),

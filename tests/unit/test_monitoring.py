@@ -173,6 +173,15 @@ def test_accuracy_uses_the_predicted_class_when_logged_and_roc_auc_needs_both_cl
     assert live["9"] == {"served": 0, "labelled": 0}  # listed, served nothing
 
 
+def test_labels_that_name_neither_class_are_counted_not_joined() -> None:
+    records = [record("a", 1.0, "1", [0.9, 0.2]), record("b", 2.0, "1", [0.7])]
+    labels = {("a", 0): "True", ("a", 1): "False", ("b", 0): 1}  # True is not the class 1
+
+    live = live_metrics(records, labels, [0, 1])
+
+    assert live["1"] == {"served": 3, "labelled": 1, "foreign": 2, "accuracy": 1.0}
+
+
 def test_degradation_needs_enough_labels_and_a_drop_beyond_the_margin() -> None:
     live = {
         "1": {"served": 500, "labelled": 200, "accuracy": 0.70, "roc_auc": 0.80},
