@@ -342,7 +342,15 @@ def demo(
         TimeElapsedColumn,
     )
 
-    from retrain.demo import CHUNK_ROWS, DRIFT_AT, FIRST_ROWS, load_stream, replay, write_report  # noqa: PLC0415
+    from retrain.demo import (  # noqa: PLC0415
+        CHUNK_ROWS,
+        DEMO_WINDOW_SECONDS,
+        DRIFT_AT,
+        FIRST_ROWS,
+        load_stream,
+        replay,
+        write_report,
+    )
     from retrain.localstack.processes import free_ports  # noqa: PLC0415
 
     settings = _load(config)
@@ -357,6 +365,10 @@ def demo(
     names = list(settings.local.ports.model_dump())
     raw["local"] = {**raw.get("local", {}), "state_dir": str(where / "state"),
                     "ports": dict(zip(names, free_ports(len(names)), strict=True))}  # fmt: skip
+    # The replay plays days of traffic in seconds: the monitor's windows are seconds too.
+    spec = raw["models"][model]
+    spec["monitoring"] = {"min_rows": CHUNK_ROWS, **spec.get("monitoring", {}),
+                          "window_seconds": DEMO_WINDOW_SECONDS}  # fmt: skip
     demo_config = where / "retrain.yaml"
     demo_config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     stack = Stack(load_settings(demo_config), demo_config)
@@ -386,16 +398,7 @@ def demo(
     finally:
         with err.status("stopping the demo's stack"):
             stack.down()
-    table = Table(title=f"{model}: test, then train, {CHUNK_ROWS} rows at a time", box=None)
-    for column in ("rows", "served", "served acc", "static acc", "arrival check", "runs"):
-        table.add_column(column)
-    for chunk in result.chunks:
-        table.add_row(
-            f"{chunk.start}-{chunk.end}", f"v{chunk.served_version}",
-            f"{chunk.served_accuracy:.3f}", f"{chunk.static_accuracy:.3f}", chunk.check,
-            ", ".join(chunk.decisions) or "-",
-        )  # fmt: skip
-    out.print(table)
+    out.print(_demo_table(result, CHUNK_ROWS))
     before = (result.accuracy("served", False), result.accuracy("static", False))
     after = (result.accuracy("served", True), result.accuracy("static", True))
     out.print(f"before row {DRIFT_AT:,}: served {before[0]:.3f}, static {before[1]:.3f}")
@@ -406,6 +409,22 @@ def demo(
     png = report.with_suffix(".png")
     write_report(result, report, png)
     out.print(f"report: {report} and {png} (first object: rows 0-{FIRST_ROWS - 1})", markup=False)
+
+
+def _demo_table(result: Any, chunk_rows: int) -> Table:
+    table = Table(title=f"{result.model}: test, then train, {chunk_rows} rows at a time",
+                  box=None)  # fmt: skip
+    for column in ("rows", "served", "served acc", "static acc", "live acc", "arrival check",
+                   "monitor", "runs"):  # fmt: skip
+        table.add_column(column)
+    for chunk in result.chunks:
+        live = "-" if chunk.live_accuracy is None else f"{chunk.live_accuracy:.3f}"
+        table.add_row(
+            f"{chunk.start}-{chunk.end}", f"v{chunk.served_version}",
+            f"{chunk.served_accuracy:.3f}", f"{chunk.static_accuracy:.3f}", live, chunk.check,
+            ", ".join(chunk.alerts) or "-", ", ".join(chunk.decisions) or "-",
+        )  # fmt: skip
+    return table
 
 
 ImageOption = Annotated[

@@ -4,11 +4,18 @@ Test, then train: each 1,000-row chunk is first scored through the prediction se
 against the champion being served at that moment, then uploaded as a new data object; the
 demo waits until that event has settled (no run started, or a run ended in a decision)
 before the next chunk. Nothing is faked: every step goes through the local stack.
+
+The live loop runs beside it: the prediction server logs what it answered, the labels of
+each scored chunk arrive one chunk late (``labels/<model>/``, keyed by the request id), and
+a monitor pass after each chunk gives the live accuracy of the version that served it and
+checks each complete window of served inputs for drift (a ``serving_drift`` alert starts a
+run, which the chunk waits for too).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.request
 from collections.abc import Callable
@@ -30,6 +37,7 @@ FIRST_ROWS = 3000
 CHUNK_ROWS = 1000
 DRIFT_AT = 12_000
 SETTLE_TIMEOUT = 300.0
+DEMO_WINDOW_SECONDS = 30.0  # the monitor's window in the demo (a chunk takes seconds)
 
 
 def load_stream(path: Path) -> pd.DataFrame:
@@ -48,6 +56,10 @@ class ChunkResult:
     check: str = ""  # what the arrival check decided: no_drift, drift, degradation
     runs: list[str] = field(default_factory=list)
     decisions: list[str] = field(default_factory=list)
+    # The monitor, once the labels of the chunk before arrived: the live accuracy of the
+    # version that served it (on its labelled predictions of the last window), its alerts.
+    live_accuracy: float | None = None
+    alerts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +97,37 @@ class _Demo:
         self.prefix = f"{self.spec.data_prefix}demo-{time.strftime('%Y%m%d-%H%M%S')}/"
         base = f"http://{settings.local.host}:{settings.local.ports.serving}/v1/projects/"
         self.base = f"{base}{settings.project}/locations/{settings.region}"
+        self._service: Any = None
+
+    @property
+    def service(self) -> Any:
+        """The service, in this process, for the monitor's passes (as `retrain monitor`)."""
+        if self._service is None:
+            from retrain.service import build_service  # noqa: PLC0415
+
+            os.environ.update(self.stack.env())  # the stack's emulators, for its clients
+            self._service = build_service(self.stack.settings, self.stack.config_path)
+        return self._service
+
+    def label(self, frame: pd.DataFrame, request_id: str) -> None:
+        """The labels of a scored chunk arrive: one per instance of its request."""
+        from retrain.monitoring import publish_labels  # noqa: PLC0415
+
+        labels = pd.DataFrame(
+            {"request_id": request_id, "index": range(len(frame)),
+             "label": frame[self.spec.label].to_numpy()}
+        )  # fmt: skip
+        data = labels.to_csv(index=False).encode()
+        publish_labels(self.stack.settings, self.gcs, self.model, data, request_id)
+
+    def monitor(self, version: str) -> tuple[float | None, list[str]]:
+        """One monitor pass: ``version``'s live accuracy, and the alerts it raised."""
+        found = self.service.monitor_passes([self.model])[self.model]
+        if isinstance(found, str):
+            raise RuntimeError(f"the monitor's pass failed: {found}")  # noqa: TRY004 (its text)
+        live = (found.live.get("versions") or {}).get(version) or {}
+        alerts = [str(a["kind"]) for a in found.alerts]
+        return live.get("accuracy"), alerts
 
     def upload(self, frame: pd.DataFrame, start: int, end: int) -> str:
         name = f"{self.prefix}rows-{start:05d}-{end:05d}.csv"
@@ -92,21 +135,24 @@ class _Demo:
         blob.upload_from_string(frame.to_csv(index=False), content_type="text/csv")
         return f"{self.stack.settings.buckets.data}/{name}#{blob.generation}"
 
-    def _post(self, url: str, rows: list[list[float]]) -> dict[str, Any]:
+    def _post(self, url: str, rows: list[list[float]], request_id: str) -> dict[str, Any]:
         request = urllib.request.Request(  # noqa: S310 (our loopback server)
-            url, json.dumps({"instances": rows}).encode(), {"Content-Type": "application/json"}
-        )
+            url, json.dumps({"instances": rows}).encode(),
+            {"Content-Type": "application/json", "X-Request-Id": request_id},
+        )  # fmt: skip
         with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310
             answer: dict[str, Any] = json.loads(response.read())
         return answer
 
-    def score(self, frame: pd.DataFrame, version: str | None = None) -> tuple[str, float]:
+    def score(
+        self, frame: pd.DataFrame, request_id: str, version: str | None = None
+    ) -> tuple[str, float]:
         """Accuracy of the served champion (or of one version) on ``frame``, over REST."""
         features = [c for c in frame.columns if c not in (self.spec.label, self.spec.order_column)]
         rows = frame[features].to_numpy().tolist()
         url = (f"{self.base}/models/{self.model}@{version}:predict" if version
                else f"{self.base}/endpoints/{self.model}:predict")  # fmt: skip
-        answer = self._post(url, rows)
+        answer = self._post(url, rows, request_id)
         labels = [p["label"] for p in answer["predictions"]]
         correct = sum(int(a == b) for a, b in zip(labels, frame[self.spec.label], strict=True))
         return str(answer["modelVersionId"]), correct / len(rows)
@@ -193,18 +239,27 @@ def replay(
     results = []
     begin = start_chunk_at if start_chunk_at is not None else first_rows
     starts = list(range(begin, len(stream), chunk_rows))[: chunks if chunks else None]
+    scored: tuple[pd.DataFrame, str, str] | None = None  # the chunk whose labels come next
     for start in starts:
         frame = stream.iloc[start : start + chunk_rows]
         end = start + len(frame) - 1
         step(f"rows {start}-{end}: scoring the served champion")
-        version, accuracy = demo.score(frame)
-        _, static_accuracy = demo.score(frame, static)
-        step(f"rows {start}-{end}: uploading, waiting for the event to settle")
+        request_id = f"demo-{demo.prefix.rstrip('/').rsplit('/', 1)[-1]}-{start}"
+        version, accuracy = demo.score(frame, request_id)
+        _, static_accuracy = demo.score(frame, f"{request_id}-static", static)
         runs_before = len(demo.ledger.runs(model))
+        live: float | None = None
+        alerts: list[str] = []
+        if scored is not None:  # its labels arrive; how did the version that served it do?
+            step(f"rows {start}-{end}: the labels of the chunk before arrive; monitoring")
+            demo.label(scored[0], scored[1])
+            live, alerts = demo.monitor(scored[2])
+        scored = (frame, request_id, version)
+        step(f"rows {start}-{end}: uploading, waiting for the event to settle")
         key = demo.upload(frame, start, end)
         outcome, runs, verdicts = demo.settle(key, runs_before)
         results.append(ChunkResult(start, end, version, accuracy, static_accuracy, outcome, runs,
-                                   verdicts))  # fmt: skip
+                                   verdicts, live, alerts))  # fmt: skip
         advance()
     caused = demo.ledger.runs(model)[1:]  # the runs the chunks caused, not the first upload's
     decisions = [demo.registry.decision(model, r.run_id) or {} for r in caused]
@@ -251,8 +306,9 @@ def write_report(result: DemoResult, html: Path, png: Path) -> None:
     rows = "\n".join(
         f"<tr><td>{c.start}-{c.end}</td><td>v{escape.escape(c.served_version)}</td>"
         f"<td>{c.served_accuracy:.3f}</td><td>{c.static_accuracy:.3f}</td>"
-        f"<td>{escape.escape(c.check)}</td><td>{escape.escape(', '.join(c.decisions) or '-')}"
-        "</td></tr>"
+        f"<td>{'-' if c.live_accuracy is None else f'{c.live_accuracy:.3f}'}</td>"
+        f"<td>{escape.escape(c.check)}</td><td>{escape.escape(', '.join(c.alerts) or '-')}</td>"
+        f"<td>{escape.escape(', '.join(c.decisions) or '-')}</td></tr>"
         for c in result.chunks
     )
     totals = (
@@ -268,8 +324,13 @@ def write_report(result: DemoResult, html: Path, png: Path) -> None:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}
 </style></head><body><h1>retrain demo: {escape.escape(result.model)}</h1>
 <img alt="accuracy per chunk" src="data:image/png;base64,{image}">{totals}
+<p>Live accuracy: the labels of each chunk arrive one chunk late; the monitor then gives
+the accuracy of the version that served it, on its labelled predictions of the last window. Monitor
+alerts: serving drift in a complete window of served inputs, or a live metric below its
+evaluation figure.</p>
 <table><tr><th>rows</th><th>served</th><th>served accuracy</th><th>static accuracy</th>
-<th>arrival check</th><th>runs and decisions</th></tr>{rows}</table></body></html>
+<th>live accuracy</th><th>arrival check</th><th>monitor alerts</th><th>runs and decisions</th>
+</tr>{rows}</table></body></html>
 """,
         encoding="utf-8",
     )

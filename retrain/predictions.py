@@ -42,7 +42,9 @@ __all__ = [
     "time_of",
 ]
 
-MAX_SPAN_SECONDS = 60.0  # a writer starts a new object at least this often
+# A writer starts a new object at least this often (it writes every second or so); the
+# monitor checks a window twice this long after its end, once every writer has written it.
+MAX_SPAN_SECONDS = 5.0
 _TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 

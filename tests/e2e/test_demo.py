@@ -16,6 +16,7 @@ from tests.conftest import ROOT, write_config
 pytestmark = pytest.mark.e2e
 
 CHECKS = {"no_drift", "drift", "degradation"}
+MONITOR_ALERTS = {"serving_drift", "degradation"}
 
 
 def test_make_demo_command_crosses_the_drift_point_and_decides_every_run(
@@ -40,15 +41,21 @@ def test_make_demo_command_crosses_the_drift_point_and_decides_every_run(
             rows[cells[0]] = cells
     assert list(rows) == ["11000-11999", "12000-12999", "13000-13999"], done.stdout
     caused = 0
+    lives = []
     for start, cells in rows.items():
-        check, runs = cells[4], " ".join(cells[5:])
+        live, check, alerts, runs = cells[4], cells[5], cells[6], " ".join(cells[7:])
         assert check in CHECKS, (start, cells)
-        # a run for every chunk that drifted, and a decision for every run
-        assert (runs != "-") == (check != "no_drift"), (start, cells)
+        assert alerts == "-" or set(alerts.split(",")) <= MONITOR_ALERTS, (start, cells)
+        # a run for every chunk that drifted (on arrival or as served), a decision for each
+        assert (runs != "-") == (check != "no_drift" or alerts != "-"), (start, cells)
         verdicts = [] if runs == "-" else runs.split(", ")
         assert all(re.fullmatch(r"(promoted|rejected)( v\d+)?", v) for v in verdicts), cells
         caused += len(verdicts)
         assert 0.4 < float(cells[2]) <= 1
+        lives.append(live)
+    # the labels of a chunk arrive with the next one: the live accuracy follows them
+    assert lives[0] == "-", lives
+    assert all(0.4 < float(live) <= 1 for live in lives[1:]), lives
     # the drift point is crossed: the champion was retrained on the new concept
     assert any(rows[r][5] != "-" for r in ("12000-12999", "13000-13999")), done.stdout
     summary = re.search(r"(\d+) runs for 3 chunks .*; (\d+) promotions, (\d+) rejections",
