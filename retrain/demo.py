@@ -37,6 +37,7 @@ FIRST_ROWS = 3000
 CHUNK_ROWS = 1000
 DRIFT_AT = 12_000
 SETTLE_TIMEOUT = 300.0
+LOG_WAIT_SECONDS = 15.0  # the longest the demo waits for a chunk's predictions in the log
 DEMO_WINDOW_SECONDS = 30.0  # the monitor's window in the demo (a chunk takes seconds)
 
 
@@ -121,12 +122,22 @@ class _Demo:
         publish_labels(self.stack.settings, self.gcs, self.model, data, request_id)
 
     def monitor(self, version: str) -> tuple[float | None, list[str]]:
-        """One monitor pass: ``version``'s live accuracy, and the alerts it raised."""
-        found = self.service.monitor_passes([self.model])[self.model]
-        if isinstance(found, str):
-            raise RuntimeError(f"the monitor's pass failed: {found}")  # noqa: TRY004 (its text)
-        live = (found.live.get("versions") or {}).get(version) or {}
-        alerts = [str(a["kind"]) for a in found.alerts]
+        """A monitor pass: ``version``'s live accuracy, and the alerts it raised. The server
+        writes its log every second or so, off the request path: a pass that ran before the
+        chunk's predictions were written (so its labels joined nothing) is run again."""
+        alerts: list[str] = []
+        live: dict[str, Any] = {}
+
+        def joined() -> bool:
+            nonlocal live
+            found = self.service.monitor_passes([self.model])[self.model]
+            if isinstance(found, str):
+                raise RuntimeError(f"the monitor's pass failed: {found}")  # noqa: TRY004
+            alerts.extend(str(a["kind"]) for a in found.alerts)
+            live = (found.live.get("versions") or {}).get(version) or {}
+            return "accuracy" in live
+
+        wait_until(joined, timeout=LOG_WAIT_SECONDS, interval=0.5)
         return live.get("accuracy"), alerts
 
     def upload(self, frame: pd.DataFrame, start: int, end: int) -> str:
