@@ -70,6 +70,8 @@ _HANDED_OUT = itertools.count()
 # The order of a 2-worker run (seconds there: 600, 530, 350, 350, 180, ...); the other files
 # follow in their own order. Within a file, tests keep theirs.
 SLOWEST_FILES = (
+    "tests/e2e/test_monitor.py",
+    "tests/reliability/test_canary.py",
     "tests/integration/test_triggers.py",
     "tests/integration/test_pipeline_run.py",
     "tests/e2e/test_gatekeeper.py",
@@ -81,6 +83,7 @@ SLOWEST_FILES = (
     "tests/e2e/test_healing.py",
     "tests/e2e/test_demo.py",
     "tests/e2e/test_dashboard.py",
+    "tests/e2e/test_canary.py",
     "tests/reliability/test_races.py",
 )
 

@@ -81,3 +81,7 @@ def test_dashboard_shows_a_promotion_made_during_the_test(stack: Stack, tmp_path
     assert "Quarantined objects (1)" in page
     assert "rainfall/header-only.csv" in page
     assert '<td class="rejected">empty</td>' in page
+    # the live loop's sections (the canary's own figures: tests/e2e/test_canary.py)
+    assert "no canary: the champion serves all traffic" in page
+    assert "<h3>Monitor windows</h3>" in page
+    assert "Live roc_auc per version (late labels)" in page
