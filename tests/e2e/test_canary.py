@@ -25,9 +25,8 @@ import pytest
 from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
-from retrain.localstack import Stack, emulators
+from retrain.localstack import Stack
 from retrain.localstack.processes import wait_until
-from retrain.statedb import Database
 from tests.conftest import QUICK_MODEL, rainfall, settled, upload, write_config
 from tests.e2e.test_gatekeeper import endpoint, retrain_cli, served_version
 
@@ -58,18 +57,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     path = write_config(tmp_path_factory.mktemp("canary"), models=models, monitor_seconds=3600)
     with Stack(load_settings(path), path).running_stack() as started:
         yield started
-
-
-@pytest.fixture(scope="module")
-def registry(stack: Stack) -> FirestoreRegistry:
-    settings = stack.settings
-    db = Database(emulators.firestore_client(stack.firestore_host, settings.project,
-                                             settings.database))  # fmt: skip
-    return FirestoreRegistry(db, settings.buckets.models, gcs(stack))
-
-
-def gcs(stack: Stack) -> Any:
-    return emulators.storage_client(stack.gcs_url, stack.settings.project)
 
 
 def post(stack: Stack, model: str, rows: list[list[float]], request_id: str | None = None) -> Any:
@@ -156,6 +143,7 @@ def dashboard_status(stack: Stack, model: str) -> Any:
 def test_a_canary_decides_on_live_labels(
     stack: Stack,
     registry: FirestoreRegistry,
+    storage: Any,
     tmp_path: Path,
     model: str,
     first: pd.DataFrame,
@@ -164,7 +152,6 @@ def test_a_canary_decides_on_live_labels(
     served_after: str,
 ) -> None:
     ledger = FirestoreLedger(registry.db)
-    storage = gcs(stack)
     upload(storage, stack, f"{model}/a.csv", first)
     settled(ledger, model, runs=1)
     assert wait_until(lambda: served_version(stack, model) == "1", timeout=60, interval=0.5)

@@ -19,11 +19,11 @@ from google.cloud import pubsub_v1
 from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
-from retrain.localstack import Stack, emulators
+from retrain.localstack import Stack
 from retrain.localstack.processes import wait_until
 from retrain.messages import Decision, MetricsReport, decode, encode
-from retrain.statedb import Database
 from tests.conftest import QUICK_MODEL, rainfall, settled, unique, upload, write_config
+from tests.e2e.conftest import subscribed
 
 pytestmark = pytest.mark.e2e
 
@@ -39,34 +39,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield started
 
 
-@pytest.fixture(scope="module")
-def state(stack: Stack) -> Database:
-    settings = stack.settings
-    return Database(
-        emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
-    )
-
-
-@pytest.fixture(scope="module")
-def registry(stack: Stack, state: Database) -> FirestoreRegistry:
-    client = emulators.storage_client(stack.gcs_url, stack.settings.project)
-    return FirestoreRegistry(state, stack.settings.buckets.models, client)
-
-
-@pytest.fixture(scope="module")
-def ledger(state: Database) -> FirestoreLedger:
-    return FirestoreLedger(state)
-
-
 @pytest.fixture
 def decisions(stack: Stack, subscriber: pubsub_v1.SubscriberClient) -> Iterator[str]:
-    project = stack.settings.project
-    name = subscriber.subscription_path(project, unique("decisions"))
-    subscriber.create_subscription(
-        name=name, topic=f"projects/{project}/topics/{stack.settings.topics.model_decisions}"
-    )
-    yield name
-    subscriber.delete_subscription(subscription=name)
+    yield from subscribed(stack, subscriber, stack.settings.topics.model_decisions, "decisions")
 
 
 def pull_decisions(

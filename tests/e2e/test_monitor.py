@@ -34,14 +34,15 @@ from retrain import blobstore
 from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
-from retrain.localstack import Stack, emulators
+from retrain.localstack import Stack
 from retrain.localstack.processes import wait_until
 from retrain.messages import DriftAlert, ScheduleMessage, decode, encode
 from retrain.monitoring import window_id
 from retrain.predictions import PredictionRecord, object_name
 from retrain.predictions import encode as encode_log
 from retrain.statedb import Database
-from tests.conftest import QUICK_MODEL, rainfall, settled, unique, upload, write_config
+from tests.conftest import QUICK_MODEL, rainfall, settled, upload, write_config
+from tests.e2e.conftest import subscribed
 
 pytestmark = pytest.mark.e2e
 
@@ -71,38 +72,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield started
 
 
-@pytest.fixture(scope="module")
-def state(stack: Stack) -> Database:
-    settings = stack.settings
-    return Database(
-        emulators.firestore_client(stack.firestore_host, settings.project, settings.database)
-    )
-
-
-@pytest.fixture(scope="module")
-def storage(stack: Stack) -> Any:
-    return emulators.storage_client(stack.gcs_url, stack.settings.project)
-
-
-@pytest.fixture(scope="module")
-def registry(stack: Stack, state: Database, storage: Any) -> FirestoreRegistry:
-    return FirestoreRegistry(state, stack.settings.buckets.models, storage)
-
-
-@pytest.fixture(scope="module")
-def ledger(state: Database) -> FirestoreLedger:
-    return FirestoreLedger(state)
-
-
 @pytest.fixture
 def alerts(stack: Stack, subscriber: pubsub_v1.SubscriberClient) -> Iterator[str]:
-    project = stack.settings.project
-    name = subscriber.subscription_path(project, unique("alerts"))
-    subscriber.create_subscription(
-        name=name, topic=f"projects/{project}/topics/{stack.settings.topics.drift_alerts}"
-    )
-    yield name
-    subscriber.delete_subscription(subscription=name)
+    yield from subscribed(stack, subscriber, stack.settings.topics.drift_alerts, "alerts")
 
 
 def pull(subscriber: pubsub_v1.SubscriberClient, subscription: str, wanted: int,
