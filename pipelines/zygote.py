@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.compute import available_cpus
+
 __all__ = [
     "EXECUTOR_MODULE",
     "PRELOAD",
@@ -401,7 +403,7 @@ def _fresh_process(env: Mapping[str, str]) -> None:
         sys.modules["numpy"].random.seed()  # the zygote's seed is every child's otherwise
     if _BLAS:  # the BLAS threads a new process would have
         blas = env.get("OPENBLAS_NUM_THREADS")
-        threads = int(blas) if blas and blas.isdigit() else len(os.sched_getaffinity(0))
+        threads = int(blas) if blas and blas.isdigit() else available_cpus()
         for library in _BLAS:
             with contextlib.suppress(Exception):
                 library.set_num_threads(threads)

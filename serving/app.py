@@ -37,8 +37,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from components.compute import available_cpus
 from retrain.config import Settings
-from serving.batching import Batchers, predict_threads, usable_cpus
+from serving.batching import Batchers, predict_threads
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
 from serving.prediction_log import PredictionLog
@@ -399,7 +400,7 @@ def create_app(
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
-    parallel = parallel_predicts or usable_cpus()
+    parallel = parallel_predicts or available_cpus()
     executor = predict_threads(parallel)
     batchers = Batchers(executor, batch_window, parallel)
     api = _Api(settings, store, batchers, max_body_bytes, prediction_log)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,9 +36,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from components.compute import available_cpus
 from serving.models import LoadedModel
 
-__all__ = ["Batcher", "Batchers", "predict_threads", "usable_cpus"]
+__all__ = ["Batcher", "Batchers", "predict_threads"]
 
 _Pending = tuple[npt.NDArray[np.float64], "asyncio.Future[npt.NDArray[np.float64]]"]
 
@@ -57,15 +57,10 @@ def _one_openmp_thread() -> None:
     _openmp().limit(limits=1, user_api="openmp")
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
 def predict_threads(count: int | None = None) -> ThreadPoolExecutor:
     """The threads that run ``predict_proba`` (default: one per usable CPU)."""
     return ThreadPoolExecutor(
-        max_workers=count or usable_cpus(),
+        max_workers=count or available_cpus(),
         thread_name_prefix="predict",
         initializer=_one_openmp_thread,
     )

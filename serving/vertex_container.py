@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from threadpoolctl import threadpool_limits
 
+from components.compute import available_cpus
 from retrain import blobstore, jsonlog
 from retrain.gatekeeper.registry import ModelVersion
 from serving.app import (
@@ -52,7 +53,7 @@ from serving.app import (
     http_error,
     predictions_for,
 )
-from serving.batching import Batchers, predict_threads, usable_cpus
+from serving.batching import Batchers, predict_threads
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
 
 __all__ = ["ALL_INTERFACES", "ContainerSettings", "create_app", "main", "model_folder", "serve"]
@@ -151,7 +152,7 @@ def create_app(
     the health route answers 503; ``on_failure(exc)`` is called if that fails."""
     served = _Served()
     executor = predict_threads()
-    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, usable_cpus())
+    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, available_cpus())
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
