@@ -20,6 +20,7 @@ does not exist).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -566,11 +567,15 @@ class ModelStore:
 
     def _local_folder(self, version: ModelVersion) -> Path:
         """The version's folder in the cache, downloaded once (into a temp dir, then renamed).
-        Keyed by the artifact, not the version number: a folder is never another model's."""
+        Keyed by the artifact, not the version number: a folder is never another model's.
+
+        Worker processes share the cache: a folder appears whole (a rename), is never
+        replaced once complete (another worker may be loading from it), and a worker that
+        downloaded it too keeps the first one."""
         digest = hashlib.sha256(version.artifact_uri.encode()).hexdigest()[:24]
         target = self.cache_dir / quote(version.model, safe="") / digest
         with self._download_lock:
-            if (target / MODEL_FILE).exists() and (target / METADATA_FILE).exists():
+            if _complete(target):
                 return target
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
@@ -582,9 +587,25 @@ class ModelStore:
                     f"{version.model} version {version.version}: cannot download "
                     f"{version.artifact_uri}: {exc}"
                 ) from exc
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
+            if target.exists() and not _complete(target):  # not ours: set it aside whole
+                aside = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
+                with contextlib.suppress(OSError):  # (another worker set it aside first)
+                    target.rename(aside / "folder")
+                shutil.rmtree(aside, ignore_errors=True)
+            try:
+                partial.rename(target)
+            except OSError:  # another worker's download was renamed first: keep that one
+                shutil.rmtree(partial, ignore_errors=True)
+                if not _complete(target):
+                    raise ModelLoadError(
+                        f"{version.model} version {version.version}: the cache folder "
+                        f"{target} is incomplete"
+                    ) from None
             return target
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / MODEL_FILE).exists() and (folder / METADATA_FILE).exists()
 
 
 class ChampionWatcher:

@@ -43,3 +43,37 @@ def test_retrain_up_passes_the_serving_workers(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     with pytest.raises(ConfigError, match="serving_workers"):
         load_settings(path)
+
+
+def test_a_worker_never_replaces_a_cached_folder_another_worker_loads_from(
+    tmp_path: Path,
+) -> None:
+    """Two workers, one cache: the second download finishes after the first worker's folder
+    was renamed in; the first folder stays (its files are the ones loaded), the second goes.
+    (Replacing it made the first worker's load fail: "model.joblib is missing".)"""
+    from components.artifacts import METADATA_FILE, MODEL_FILE  # noqa: PLC0415
+    from retrain.gatekeeper.registry import ModelVersion  # noqa: PLC0415
+    from serving.models import ModelStore  # noqa: PLC0415
+
+    cache = tmp_path / "cache"
+    version = ModelVersion("m", "2", "gs://registry/m/run-2/model")
+    first: dict[str, Path] = {}
+
+    def write(local: Path, text: str) -> None:
+        (local / MODEL_FILE).write_text(text, encoding="utf-8")
+        (local / METADATA_FILE).write_text("{}", encoding="utf-8")
+
+    def slow_download(uri: str, local: Path) -> object:
+        del uri
+        first["folder"] = fast._local_folder(version)  # the other worker wins meanwhile
+        write(local, "second")
+        return local
+
+    fast = ModelStore(["m"], None, lambda _, local: write(local, "first"), cache)  # type: ignore[arg-type]
+    slow = ModelStore(["m"], None, slow_download, cache)  # type: ignore[arg-type]
+
+    folder = slow._local_folder(version)
+
+    assert folder == first["folder"]
+    assert (folder / MODEL_FILE).read_text(encoding="utf-8") == "first"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no partial left
