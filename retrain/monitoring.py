@@ -435,7 +435,8 @@ class Monitor:
                 )
         if windows:
             self._keep_window(model, windows[-1][1], None, {}, cursor=True)
-        self._check_live(model, spec, metadata, now, records, labels, result)
+        judged = canary.version if canary is not None else None
+        self._check_live(model, spec, metadata, now, records, labels, result, judged)
         if canary is not None:
             result.canary = self._check_canary(model, spec, metadata, canary, records, labels)
         elif (
@@ -500,9 +501,12 @@ class Monitor:
     def _check_live(
         self, model: str, spec: ModelSettings, metadata: dict[str, Any], now: float,
         records: list[PredictionRecord], labels: Mapping[Key, Any], result: MonitorPass,
+        canary: str | None = None,
     ) -> None:  # fmt: skip
         """The live metrics of the last window per version; a degradation alert, once per
-        (aligned) window, if a version fell below its evaluation figures."""
+        (aligned) window, if a version fell below its evaluation figures. A ``canary``
+        version is not: its canary judges it (an alert would start a run whose candidate
+        could replace the canary before it is judged)."""
         from retrain.messages import DriftAlert  # noqa: PLC0415
 
         seconds = spec.monitoring.window_seconds
@@ -510,6 +514,8 @@ class Monitor:
         live = live_metrics(recent, labels, list(metadata["classes"]))
         evaluated = {}
         for version in live:
+            if version == canary:
+                continue
             found = self.registry.version(model, version)
             if found is not None:
                 evaluated[version] = found.metrics
