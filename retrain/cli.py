@@ -422,7 +422,7 @@ def _demo_table(result: Any, chunk_rows: int) -> Table:
         table.add_row(
             f"{chunk.start}-{chunk.end}", f"v{chunk.served_version}",
             f"{chunk.served_accuracy:.3f}", f"{chunk.static_accuracy:.3f}", live, chunk.check,
-            ", ".join(chunk.alerts) or "-", ", ".join(chunk.decisions) or "-",
+            ",".join(chunk.alerts) or "-", ", ".join(chunk.decisions) or "-",
         )  # fmt: skip
     return table
 
