@@ -34,7 +34,14 @@ from retrain.ledger import FirestoreLedger
 from retrain.localstack import Stack
 from retrain.localstack.processes import spawn, stop
 from retrain.messages import DriftAlert, RetrainRequest, ScheduleMessage, decode
-from retrain.monitoring import LATE_SECONDS, Monitor, history, window_id
+from retrain.monitoring import (
+    LATE_SECONDS,
+    Monitor,
+    complete_windows,
+    history,
+    window_id,
+    window_of,
+)
 from retrain.predictions import PredictionRecord, encode, object_name
 from retrain.statedb import Database
 from tests.conftest import ROOT, free_ports, unique, write_config
@@ -257,7 +264,12 @@ def test_late_labels_give_live_metrics_per_version_and_settle_the_canary(
     held = rows[1].iloc[:600]
     permuted = held.copy()  # v2 answers with a feature permuted: worse on live traffic
     permuted["dew point"] = permuted["dew point"].sample(frac=1.0, random_state=5).to_numpy()
-    now = time.time()
+    # The served window is still open at `now` (it ends 6 s after it, within LATE_SECONDS):
+    # it is not checked for drift, whatever the clock says. These 500 consecutive days drift
+    # against the whole year's reference when a window holds them all; drift per window is
+    # the test above's.
+    now = time.time() // WINDOW * WINDOW - WINDOW + 54
+    assert window_of(now - 48, WINDOW) not in complete_windows(now - 500, now, WINDOW)
     started = now - 50
     spread = rows[1].iloc[::10].reset_index(drop=True)  # the whole period: no drift
     old = requests(w.name, spread, now - 500, "1", 4, False, estimator)
