@@ -21,6 +21,7 @@ that the workers' objects never collide.
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import os
 import socket
@@ -106,6 +107,14 @@ def claim_slot(folder: Path) -> tuple[int, IO[str]]:
         return slot, handle
 
 
+def _freeze_heap() -> None:
+    """Exempt what exists now (modules, clients, settings) from the garbage collector: its
+    full collections then scan only what requests made, ~15 ms instead of ~150 ms of the
+    GIL each (measured under 1,000-row requests; they were most of the p99)."""
+    gc.collect()
+    gc.freeze()
+
+
 def worker_app() -> Starlette:
     """The app of one worker process (uvicorn's factory, with ``--workers`` > 1)."""
     global _slot_lock
@@ -115,7 +124,9 @@ def worker_app() -> Starlette:
     cache_dir = Path(options.cache_dir or settings.local.state_dir / "serving-cache")
     slot, _slot_lock = claim_slot(cache_dir / ".workers")
     threadpool_limits(limits=1)  # this process's event loop thread (see main)
-    return build_app(options, slot)
+    app = build_app(options, slot)
+    _freeze_heap()
+    return app
 
 
 def main(
@@ -205,6 +216,7 @@ def main(
     common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning"}
     if workers == 1:
         app = build_app(options)
+        _freeze_heap()
         # One OpenMP thread: requests are small, and an idle OpenMP team that spins between
         # requests takes the cores that the event loop and the clients need. (The predict
         # threads set their own limit: it is per thread.)

@@ -42,6 +42,7 @@ from retrain.config import Settings
 from serving.batching import Batchers, predict_threads
 from serving.dashboard import PAGE
 from serving.models import ChampionWatcher, InstanceError, LoadedModel, ModelStore
+from serving.predict_processes import PredictProcesses
 from serving.prediction_log import PredictionLog
 
 __all__ = [
@@ -394,15 +395,17 @@ def create_app(
     refused. Concurrent predictions for one version are batched (:mod:`serving.batching`):
     a busy server waits up to ``batch_window`` seconds to fill a batch; 0 predicts what is
     queued without waiting. At most ``parallel_predicts`` batches of one version predict at
-    once (default: the CPUs this process may use). ``prediction_log`` (None: nothing is
-    logged) receives the sampled answers; it starts with the app and is flushed and stopped
-    at shutdown.
+    once (default: the CPUs this process may use), large ones in as many predict processes
+    (:mod:`serving.predict_processes`, started on the first large batch).
+    ``prediction_log`` (None: nothing is logged) receives the sampled answers; it starts
+    with the app and is flushed and stopped at shutdown.
     """
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be at least 1, got {max_body_bytes}")
     parallel = parallel_predicts or available_cpus()
     executor = predict_threads(parallel)
-    batchers = Batchers(executor, batch_window, parallel)
+    processes = PredictProcesses(parallel)
+    batchers = Batchers(executor, batch_window, parallel, processes)
     api = _Api(settings, store, batchers, max_body_bytes, prediction_log)
 
     @contextlib.asynccontextmanager
@@ -421,6 +424,7 @@ def create_app(
             if prediction_log is not None:
                 await run_in_threadpool(prediction_log.close)
             executor.shutdown(wait=False)
+            processes.close()
 
     async def page(_: Request) -> Response:
         return HTMLResponse(PAGE)

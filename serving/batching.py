@@ -17,7 +17,10 @@ large requests still predict on every core):
   that many to queue, so that clients answered a moment ago join the next batch instead of
   trailing it.
   A request never waits longer than the in-flight predict plus ``window``.
-- The predict runs on a worker thread (one OpenMP thread there), never on the event loop.
+- The predict runs on a worker thread (one OpenMP thread there), never on the event loop;
+  a batch of at least ``PROCESS_MIN_ROWS`` rows in a predict process instead, when the
+  batcher has them (:mod:`serving.predict_processes`: a large predict on a thread loses
+  much of its speed to the event loop holding the GIL).
 
 Each request's matrix is built and validated before it is queued, so a bad request gets its
 own 400 and never reaches a batch.
@@ -38,6 +41,7 @@ import numpy.typing as npt
 
 from components.compute import available_cpus
 from serving.models import LoadedModel
+from serving.predict_processes import PredictProcesses
 
 __all__ = ["Batcher", "Batchers", "predict_threads"]
 
@@ -71,7 +75,13 @@ class Batcher:
     ``parallel`` at a time (a large request is not held up behind another's predict while
     a core is free; small ones still share calls, since they queue while all run)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, window: float, parallel: int = 1) -> None:
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        window: float,
+        parallel: int = 1,
+        processes: PredictProcesses | None = None,
+    ) -> None:
         if window < 0:
             raise ValueError(f"the batching window must be 0 or more seconds, got {window}")
         if parallel < 1:
@@ -79,6 +89,7 @@ class Batcher:
         self.window = window
         self.parallel = parallel
         self._executor = executor
+        self._processes = processes
         self._queue: list[_Pending] = []
         self._arrived = asyncio.Event()
         # The tasks hold the version while they drain; the batcher itself does not, so that
@@ -148,8 +159,13 @@ class Batcher:
     ) -> None:
         matrices = [x for x, _ in batch]
         x = matrices[0] if len(matrices) == 1 else np.vstack(matrices)
+        processes = self._processes
         try:
-            proba = await loop.run_in_executor(self._executor, loaded.probabilities, x)
+            proba = None
+            if processes is not None and len(x) >= processes.min_rows:
+                proba = await processes.probabilities(loaded, x)
+            if proba is None:
+                proba = await loop.run_in_executor(self._executor, loaded.probabilities, x)
         except Exception as exc:  # noqa: BLE001 (each request of the batch re-raises it: a 500)
             for _, future in batch:
                 if not future.done():
@@ -169,12 +185,19 @@ class Batchers:
     """One :class:`Batcher` per loaded version, dropped with the version once it is no
     longer served (a swapped-out version's batcher finishes what it holds, then goes)."""
 
-    def __init__(self, executor: ThreadPoolExecutor, window: float, parallel: int = 1) -> None:
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        window: float,
+        parallel: int = 1,
+        processes: PredictProcesses | None = None,
+    ) -> None:
         if window < 0:
             raise ValueError(f"the batching window must be 0 or more seconds, got {window}")
         self.executor = executor
         self.window = window
         self.parallel = parallel
+        self.processes = processes
         self._batchers: weakref.WeakKeyDictionary[LoadedModel, Batcher] = (
             weakref.WeakKeyDictionary()
         )
@@ -187,7 +210,7 @@ class Batchers:
         """``loaded``'s batcher (made on first use)."""
         batcher = self._batchers.get(loaded)
         if batcher is None:
-            batcher = Batcher(self.executor, self.window, self.parallel)
+            batcher = Batcher(self.executor, self.window, self.parallel, self.processes)
             self._batchers[loaded] = batcher
         return batcher
 

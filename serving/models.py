@@ -109,6 +109,8 @@ class LoadedModel:
     needs_frame: bool = False
     # Position of each categorical feature -> {category key: code} (components.encoding).
     lookups: dict[int, dict[str, float]] = field(default_factory=dict)
+    # The folder it was loaded from (never replaced once complete), for the predict processes.
+    directory: Path | None = None
     index: dict[str, int] = field(init=False)
 
     _getter: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
@@ -316,6 +318,7 @@ def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
         allow_nan=_allows_nan(estimator),
         loaded_at=datetime.now(UTC),
         lookups={j: codes(known[name]) for j, name in enumerate(features) if name in known},
+        directory=directory,
     )
     return _warm(model, where)
 

@@ -55,6 +55,7 @@ from serving.app import (
 )
 from serving.batching import Batchers, predict_threads
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
+from serving.predict_processes import PredictProcesses
 
 __all__ = ["ALL_INTERFACES", "ContainerSettings", "create_app", "main", "model_folder", "serve"]
 
@@ -152,7 +153,8 @@ def create_app(
     the health route answers 503; ``on_failure(exc)`` is called if that fails."""
     served = _Served()
     executor = predict_threads()
-    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, available_cpus())
+    processes = PredictProcesses(available_cpus())
+    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, available_cpus(), processes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -166,6 +168,7 @@ def create_app(
             yield
         finally:
             executor.shutdown(wait=False)
+            processes.close()
 
     def identity() -> dict[str, Any]:
         return {

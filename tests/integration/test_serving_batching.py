@@ -1,14 +1,20 @@
 """Adaptive batching on a real uvicorn server (127.0.0.1), with real models trained on
 rainfall: batched answers equal unbatched ones, a bad request in a batch gets its own 400,
-and a champion swap under concurrent load loses no request."""
+and a champion swap under concurrent load loses no request. Large batches in predict
+processes (really spawned): the same answers as the thread, the version each request was
+routed to in every process, a killed process replaced without a failed request, small
+batches never sent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,12 @@ import uvicorn
 from starlette.applications import Starlette
 
 from components.train import train
+from retrain.gatekeeper.registry import ModelVersion
 from retrain.localstack.processes import wait_until
 from serving.app import create_app
-from serving.models import ModelStore
+from serving.batching import Batcher, Batchers, predict_threads
+from serving.models import LoadedModel, ModelStore, load_model
+from serving.predict_processes import PROCESS_MIN_ROWS, PredictProcesses
 from tests.conftest import free_ports
 from tests.unit.test_serving import DATA, SETTINGS, CopyDownloader, MemoryRegistry
 
@@ -267,3 +276,125 @@ def test_a_swap_under_concurrent_load_loses_no_request(
         first_two = versions.index("2")
         assert set(versions[first_two:]) == {"2"}, f"client {c} went back to version 1"
     assert max(b.largest for b in app.state.batchers) > 1, "batching never happened"
+
+
+# -- large batches in predict processes ---------------------------------------------------
+
+LARGE = max(PROCESS_MIN_ROWS, 600)
+
+
+def version(model_dir: Path, number: str) -> LoadedModel:
+    return load_model(ModelVersion("rainfall", number, f"gs://models/{number}"), model_dir)
+
+
+def matrix(rows: pd.DataFrame, features: list[str], count: int) -> npt.NDArray[np.float64]:
+    x = rows[features].to_numpy(dtype=np.float64)
+    return np.ascontiguousarray(np.resize(x, (count, x.shape[1])))
+
+
+def ready(processes: PredictProcesses) -> None:
+    assert wait_until(lambda: processes.ready, timeout=120, interval=0.05), "never started"
+
+
+def test_large_batches_predict_in_processes_with_each_requests_own_version(
+    model_dirs: list[Path], rows: pd.DataFrame, features: list[str]
+) -> None:
+    v1, v2 = version(model_dirs[0], "1"), version(model_dirs[1], "2")
+    x = matrix(rows, features, LARGE)
+    processes = PredictProcesses(2)
+    batchers = Batchers(predict_threads(2), window=0.0, parallel=2, processes=processes)
+    try:
+
+        async def scenario() -> list[npt.NDArray[np.float64]]:
+            # Before the processes have started: the thread answers, and starts them.
+            first = await batchers.probabilities(v1, x)
+            assert processes.batches == 0
+            await asyncio.to_thread(ready, processes)
+            assert set(processes.pids).isdisjoint({os.getpid()})
+            # Alternating versions, concurrently: every process serves both.
+            calls = [batchers.probabilities(v1 if i % 2 else v2, x) for i in range(8)]
+            return [first, *await asyncio.gather(*calls)]
+
+        first, *answers = asyncio.run(scenario())
+    finally:
+        processes.close()
+    assert first.tolist() == v1.probabilities(x).tolist()
+    assert processes.batches >= 1, "no batch went to a predict process"
+    want = {1: v1.probabilities(x).tolist(), 0: v2.probabilities(x).tolist()}
+    assert want[0] != want[1]
+    for i, got in enumerate(answers):
+        assert got.tolist() == want[i % 2], f"call {i}"
+
+
+def test_a_killed_predict_process_is_replaced_and_no_batch_fails(
+    model_dirs: list[Path], rows: pd.DataFrame, features: list[str]
+) -> None:
+    v1 = version(model_dirs[0], "1")
+    x = matrix(rows, features, LARGE)
+    want = v1.probabilities(x).tolist()
+    processes = PredictProcesses(1)
+    batcher = Batcher(predict_threads(1), window=0.0, processes=processes)
+    try:
+        processes.start()
+        ready(processes)
+        (pid,) = processes.pids
+        os.kill(pid, signal.SIGKILL)
+
+        async def one() -> list[float]:
+            got: list[float] = (await batcher.probabilities(v1, x)).tolist()
+            return got
+
+        assert asyncio.run(one()) == want  # the pool is found broken: a thread answers
+        assert wait_until(lambda: processes.restarts == 1, timeout=30, interval=0.05)
+        ready(processes)
+        assert processes.pids != [pid]
+        before = processes.batches
+        assert asyncio.run(one()) == want
+        assert processes.batches == before + 1
+    finally:
+        processes.close()
+
+
+def test_small_batches_and_folderless_models_stay_on_threads(
+    model_dirs: list[Path], rows: pd.DataFrame, features: list[str]
+) -> None:
+    v1 = version(model_dirs[0], "1")
+    bare = LoadedModel(v1.version, v1.estimator, v1.features, v1.label, v1.classes,
+                       v1.allow_nan, datetime.now(UTC))  # fmt: skip
+    processes = PredictProcesses(1)
+    batcher = Batcher(predict_threads(1), window=0.0, processes=processes)
+    small, large = matrix(rows, features, PROCESS_MIN_ROWS - 1), matrix(rows, features, LARGE)
+
+    async def scenario() -> None:
+        got = await batcher.probabilities(v1, small)
+        assert got.tolist() == v1.probabilities(small).tolist()
+        got = await batcher.probabilities(bare, large)
+        assert got.tolist() == v1.probabilities(large).tolist()
+
+    try:
+        asyncio.run(scenario())
+        assert processes.pids == []
+        assert processes.batches == 0
+    finally:
+        processes.close()
+
+
+def test_a_large_request_is_answered_by_a_predict_process_over_http(
+    model_dirs: list[Path], rows: pd.DataFrame, features: list[str], tmp_path: Path
+) -> None:
+    registry = MemoryRegistry()
+    registry.add("rainfall", "1", model_dirs[0], champion=True)
+    app = create_app(SETTINGS, make_store(registry, tmp_path))
+    x = matrix(rows, features, LARGE)
+    want = proba(model_dirs[0], x, features)
+    body = {"instances": x.tolist()}
+    with served(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        first = client.post(PATH, json=body)  # starts the processes; a thread answers
+        processes = app.state.batchers.processes
+        ready(processes)
+        second = client.post(PATH, json=body)
+    for response in (first, second):
+        assert response.status_code == 200, response.text
+        assert [p["probability"] for p in response.json()["predictions"]] == want
+    assert processes.batches == 1
+    assert processes.pids == []  # stopped with the app

@@ -1,0 +1,169 @@
+"""Large batches predicted in separate processes, each with its own GIL.
+
+A tree ensemble's ``predict_proba`` releases the GIL inside each tree and takes it back
+between trees (scikit-learn loops over the trees in Python). On a predict thread of a busy
+server, every one of those hand-overs waits for the event loop, which holds the GIL while it
+parses bodies and encodes answers: with the event loop busy a fifth of the time, two predict
+threads did 71 % of their idle-server throughput, at half the time 40 % (1,000-row batches,
+2 CPUs). Small batches do not suffer (one predict is a few milliseconds, and a hop to another
+process would cost more than it saves), so only batches of at least
+:data:`PROCESS_MIN_ROWS` rows come here.
+
+The processes are spawned on the first large batch, in the background; until they have
+started (imports take seconds), and whenever they cannot serve (one died, or cannot load the
+version), the batch predicts on a thread as before, so no request waits for them or fails
+because of them. Each process loads a version from its folder in the server's cache, once: a
+folder is never replaced once complete (:meth:`serving.models.ModelStore`), so a process
+predicts with exactly the version the request was routed to, as the thread would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from retrain.gatekeeper.registry import ModelVersion
+from serving.models import LoadedModel, ModelLoadError, load_model
+
+__all__ = ["PROCESS_MIN_ROWS", "PredictProcesses"]
+
+log = logging.getLogger(__name__)
+
+PROCESS_MIN_ROWS = 512  # batches this large predict in a process (1,000 rows: ~15 ms)
+_VERSIONS_KEPT = 4  # versions loaded per process (the champion, a canary, the ones before)
+
+# In each predict process: the versions it has loaded, by folder, most recent last.
+_loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+
+
+def _start_child() -> None:
+    """A predict process's start: one OpenMP thread, as on the predict threads."""
+    import gc  # noqa: PLC0415
+
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    threadpool_limits(limits=1, user_api="openmp")
+    gc.freeze()  # what was imported is never scanned again
+
+
+def _child_pid() -> int:
+    return os.getpid()
+
+
+def _child_probabilities(
+    version: ModelVersion, directory: str, x: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """In a predict process: ``version`` (loaded from ``directory`` once) on ``x``."""
+    loaded = _loaded.get(directory)
+    if loaded is None:
+        loaded = load_model(version, Path(directory))
+        _loaded[directory] = loaded
+        while len(_loaded) > _VERSIONS_KEPT:
+            _loaded.popitem(last=False)
+    else:
+        _loaded.move_to_end(directory)
+    return loaded.probabilities(x)
+
+
+class PredictProcesses:
+    """``count`` predict processes, started on first use; see the module's docstring."""
+
+    def __init__(self, count: int, min_rows: int = PROCESS_MIN_ROWS) -> None:
+        if count < 1:
+            raise ValueError(f"count must be at least 1, got {count}")
+        self.count = count
+        self.min_rows = min_rows
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self._ready = threading.Event()
+        self._closed = False
+        self.batches = 0  # batches predicted in a process, for tests and figures
+        self.restarts = 0  # pools replaced after a process died
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes' ids (empty before they start)."""
+        pool = self._pool
+        return [] if pool is None else list(getattr(pool, "_processes", {}) or {})
+
+    def start(self) -> None:
+        """Spawn the processes in the background, if not yet started."""
+        with self._lock:
+            if self._pool is not None or self._closed:
+                return
+            pool = ProcessPoolExecutor(
+                self.count,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_child,
+            )
+            self._pool = pool
+            # The pool spawns a process per task that finds none idle: one task each.
+            started = [pool.submit(_child_pid) for _ in range(self.count)]
+        remaining = [len(started)]
+
+        def done(future: Future[int]) -> None:
+            with self._lock:
+                remaining[0] -= 1
+                if future.exception() is None and remaining[0] == 0 and self._pool is pool:
+                    self._ready.set()
+
+        for future in started:
+            future.add_done_callback(done)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    async def probabilities(
+        self, loaded: LoadedModel, x: npt.NDArray[np.float64]
+    ) -> npt.NDArray[np.float64] | None:
+        """P(positive class) for ``x`` from a predict process, or None if none can answer
+        now (the caller predicts on a thread)."""
+        if loaded.directory is None:
+            return None  # not loaded from a folder: a process could not load it
+        pool = self._pool
+        if pool is None or not self._ready.is_set():
+            self.start()
+            return None
+        try:
+            future = pool.submit(_child_probabilities, loaded.version, str(loaded.directory), x)
+            proba: npt.NDArray[np.float64] = await asyncio.wrap_future(future)
+        except BrokenProcessPool:
+            self._restart(pool)
+            return None
+        except ModelLoadError as exc:
+            log.warning("a predict process cannot load %s; predicting on a thread: %s",
+                        loaded.version.version, exc)  # fmt: skip
+            return None
+        self.batches += 1
+        return proba
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is not broken:
+                return  # another batch restarted it already
+            self._pool = None
+            self._ready.clear()
+            self.restarts += 1
+        log.warning("a predict process died; starting new ones (meanwhile on threads)")
+        broken.shutdown(wait=False, cancel_futures=True)
+        self.start()
+
+    def close(self) -> None:
+        """Stop the processes (what they hold is not waited for)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            self._ready.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
