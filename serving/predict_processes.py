@@ -9,7 +9,9 @@ threads did 71 % of their idle-server throughput, at half the time 40 % (1,000-r
 process would cost more than it saves), so only batches of at least
 :data:`PROCESS_MIN_ROWS` rows come here.
 
-The processes are spawned on the first large batch, in the background; until they have
+A batch with :data:`PROCESS_MIN_ROWS` rows for each process is split among them, so that
+one very large request uses every CPU. The processes are spawned on the first large batch,
+in the background; until they have
 started (imports take seconds), and whenever they cannot serve (one died, or cannot load the
 version), the batch predicts on a thread as before, so no request waits for them or fails
 because of them. Each process loads a version from its folder in the server's cache, once: a
@@ -135,9 +137,18 @@ class PredictProcesses:
         if pool is None or not self._ready.is_set():
             self.start()
             return None
+        # A batch large enough for several processes is split among them: one request of
+        # 10,000 rows is answered in about half the time on 2 CPUs, not only more of them.
+        parts = max(1, min(self.count, len(x) // self.min_rows))
+        directory = str(loaded.directory)
         try:
-            future = pool.submit(_child_probabilities, loaded.version, str(loaded.directory), x)
-            proba: npt.NDArray[np.float64] = await asyncio.wrap_future(future)
+            futures = [
+                asyncio.wrap_future(
+                    pool.submit(_child_probabilities, loaded.version, directory, part)
+                )
+                for part in np.array_split(x, parts)
+            ]
+            results = await asyncio.gather(*futures)
         except BrokenProcessPool:
             self._restart(pool)
             return None
@@ -146,6 +157,7 @@ class PredictProcesses:
                         loaded.version.version, exc)  # fmt: skip
             return None
         self.batches += 1
+        proba: npt.NDArray[np.float64] = results[0] if parts == 1 else np.concatenate(results)
         return proba
 
     def _restart(self, broken: ProcessPoolExecutor) -> None:

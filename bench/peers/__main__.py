@@ -35,10 +35,11 @@ SERVED_MODEL = "peers"
 PIPELINE_MODEL = "rainfall"
 
 
-def write_configs(directory: Path) -> tuple[Path, Path]:
+def write_configs(directory: Path, log_sample_rate: float | None = None) -> tuple[Path, Path]:
     """The stack's config (the shipped one: free ports, state under ``directory``, the
     rainfall model without its schedule) and our server's (the same stack, serving only the
-    ``peers`` model, whose champion the bench registers)."""
+    ``peers`` model, whose champion the bench registers; its prediction log at
+    ``log_sample_rate``, None: the shipped default)."""
     raw = yaml.safe_load((ROOT / "retrain.yaml").read_text(encoding="utf-8"))
     names = list(raw["local"]["ports"])
     raw["local"]["ports"] = dict(zip(names, free_ports(len(names)), strict=True))
@@ -47,15 +48,20 @@ def write_configs(directory: Path) -> tuple[Path, Path]:
     raw["models"] = {PIPELINE_MODEL: rainfall}
     stack = directory / "retrain.yaml"
     stack.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
-    raw["models"] = {SERVED_MODEL: {**rainfall, "data_prefix": f"{SERVED_MODEL}/"}}
+    served_model = {**rainfall, "data_prefix": f"{SERVED_MODEL}/"}
+    if log_sample_rate is not None:
+        served_model["serving"] = {"log_sample_rate": log_sample_rate}
+    raw["models"] = {SERVED_MODEL: served_model}
     served = directory / "serving.yaml"
     served.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return stack, served
 
 
 @contextmanager
-def bench_stack(directory: Path) -> Iterator[tuple[Stack, Path]]:
-    stack_config, served_config = write_configs(directory)
+def bench_stack(
+    directory: Path, log_sample_rate: float | None = None
+) -> Iterator[tuple[Stack, Path]]:
+    stack_config, served_config = write_configs(directory, log_sample_rate)
     with Stack(load_settings(stack_config), stack_config).running_stack() as stack:
         yield stack, served_config
 
@@ -99,6 +105,15 @@ def main(
             "(default: use_venv=False, the installed packages)."
         ),
     ] = False,
+    log_sample_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Our server's prediction log sample rate (default: retrain.yaml's, 1: every "
+            "request is logged; MLServer logs nothing, 0 compares like with like).",
+        ),
+    ] = None,
     profile: Annotated[
         Path | None,
         typer.Option(
@@ -121,7 +136,9 @@ def main(
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         workdir = Path(tmp)
         print(f"starting the local stack in {workdir}")
-        with bench_stack(workdir) as (stack, served_config):
+        if log_sample_rate is not None:
+            print(f"our prediction log's sample rate: {log_sample_rate}")
+        with bench_stack(workdir, log_sample_rate) as (stack, served_config):
             settings = stack.settings
             # The Google clients made here (registry, storage, the in-process compute's bus)
             # find the emulators by environment, as the stack's processes do.

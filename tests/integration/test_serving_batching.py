@@ -300,7 +300,7 @@ def test_large_batches_predict_in_processes_with_each_requests_own_version(
     model_dirs: list[Path], rows: pd.DataFrame, features: list[str]
 ) -> None:
     v1, v2 = version(model_dirs[0], "1"), version(model_dirs[1], "2")
-    x = matrix(rows, features, LARGE)
+    x = matrix(rows, features, 2 * PROCESS_MIN_ROWS + 7)  # split between the two, in order
     processes = PredictProcesses(2)
     batchers = Batchers(predict_threads(2), window=0.0, parallel=2, processes=processes)
     try:
