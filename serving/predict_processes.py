@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,19 +43,30 @@ __all__ = ["PROCESS_MIN_ROWS", "PredictProcesses"]
 log = logging.getLogger(__name__)
 
 PROCESS_MIN_ROWS = 512  # batches this large predict in a process (1,000 rows: ~15 ms)
+_WATCH_SECONDS = 0.5  # how often a predict process checks that its server lives
 _VERSIONS_KEPT = 4  # versions loaded per process (the champion, a canary, the ones before)
 
 # In each predict process: the versions it has loaded, by folder, most recent last.
 _loaded: OrderedDict[str, LoadedModel] = OrderedDict()
 
 
-def _start_child() -> None:
-    """A predict process's start: one OpenMP thread, as on the predict threads."""
+def _start_child(server: int) -> None:
+    """A predict process's start: one OpenMP thread, as on the predict threads, and a watch
+    on the server: if it dies without stopping the pool (kill -9), this process exits too
+    (it would otherwise wait for work forever: it holds its queue's writing end itself).
+    ``server`` is the server's pid, passed in: by the time this runs it may be dead."""
     import gc  # noqa: PLC0415
 
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     threadpool_limits(limits=1, user_api="openmp")
+
+    def watch() -> None:
+        while os.getppid() == server:
+            time.sleep(_WATCH_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="server-watch", daemon=True).start()
     gc.freeze()  # what was imported is never scanned again
 
 
@@ -107,6 +119,7 @@ class PredictProcesses:
                 self.count,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_child,
+                initargs=(os.getpid(),),
             )
             self._pool = pool
             # The pool spawns a process per task that finds none idle: one task each.

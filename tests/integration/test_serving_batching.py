@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ import joblib
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import psutil
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -398,3 +401,38 @@ def test_a_large_request_is_answered_by_a_predict_process_over_http(
         assert [p["probability"] for p in response.json()["predictions"]] == want
     assert processes.batches == 1
     assert processes.pids == []  # stopped with the app
+
+
+OWNER = """
+import sys, time
+from serving.predict_processes import PredictProcesses
+processes = PredictProcesses(2)
+processes.start()
+deadline = time.monotonic() + 120
+while not processes.ready and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(*processes.pids, flush=True)
+time.sleep(600)
+"""
+
+
+def test_predict_processes_exit_when_their_server_is_killed() -> None:
+    with subprocess.Popen(
+        [sys.executable, "-c", OWNER], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            pids = [int(p) for p in owner.stdout.readline().split()]
+            assert len(pids) == 2, pids
+            assert all(psutil.pid_exists(pid) for pid in pids)
+        finally:
+            owner.kill()  # kill -9: the pool is never shut down
+            owner.wait(30)
+
+    def gone() -> bool:
+        return not any(
+            psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            for pid in pids
+        )
+
+    assert wait_until(gone, timeout=30, interval=0.05), "predict processes outlived the server"
