@@ -11,12 +11,12 @@ process would cost more than it saves), so only batches of at least
 
 A batch with :data:`PROCESS_MIN_ROWS` rows for each process is split among them, so that
 one very large request uses every CPU. The processes are spawned on the first large batch,
-in the background; until they have
-started (imports take seconds), and whenever they cannot serve (one died, or cannot load the
-version), the batch predicts on a thread as before, so no request waits for them or fails
-because of them. Each process loads a version from its folder in the server's cache, once: a
-folder is never replaced once complete (:meth:`serving.models.ModelStore`), so a process
-predicts with exactly the version the request was routed to, as the thread would.
+in the background; until they have started (imports take seconds), and whenever they cannot
+serve (one died, or cannot load the version), the batch predicts on a thread as before, so
+no request waits for them or fails because of them. Each process loads a version from its
+folder in the server's cache, once: a folder is never replaced once complete
+(:class:`serving.models.ModelStore`), so a process predicts with exactly the version the
+request was routed to, as the thread would.
 """
 
 from __future__ import annotations

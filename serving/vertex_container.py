@@ -152,9 +152,10 @@ def create_app(
     """The container's app. On startup a thread downloads, loads and warms the model while
     the health route answers 503; ``on_failure(exc)`` is called if that fails."""
     served = _Served()
-    executor = predict_threads()
-    processes = PredictProcesses(available_cpus())
-    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, available_cpus(), processes)
+    cpus = available_cpus()
+    executor = predict_threads(cpus)
+    processes = PredictProcesses(cpus)
+    batchers = Batchers(executor, BATCH_WINDOW_SECONDS, cpus, processes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
