@@ -40,7 +40,7 @@ from retrain.config import load_settings
 from retrain.gatekeeper.registry import FirestoreRegistry
 from retrain.ledger import FirestoreLedger
 from retrain.options import ConfigOption
-from serving.app import create_app
+from serving.app import UVICORN_OPTIONS, create_app
 from serving.dashboard import status
 from serving.models import ChampionWatcher, ModelStore
 from serving.prediction_log import PredictionLog, gcs_writer
@@ -213,7 +213,9 @@ def main(
         batch_window_ms=batch_window_ms,
     )
     load_settings(config)  # a bad config fails here, once, not in every worker
-    common: dict[str, Any] = {"host": host, "port": port, "log_level": "warning"}
+    common: dict[str, Any] = {
+        "host": host, "port": port, "log_level": "warning", **UVICORN_OPTIONS
+    }  # fmt: skip
     if workers == 1:
         app = build_app(options)
         _freeze_heap()

@@ -47,6 +47,7 @@ from retrain import blobstore, jsonlog
 from retrain.gatekeeper.registry import ModelVersion
 from serving.app import (
     BATCH_WINDOW_SECONDS,
+    UVICORN_OPTIONS,
     ApiError,
     JsonResponse,
     api_error,
@@ -219,7 +220,12 @@ def serve(settings: ContainerSettings, *, download: Downloader = blobstore.downl
     app = create_app(settings, download=download, on_failure=stop)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level="warning", log_config=None
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            log_config=None,
+            **UVICORN_OPTIONS,
         )
     )
     # One OpenMP thread per predict, as in `python -m serving`: requests are small, and an
