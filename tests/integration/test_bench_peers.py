@@ -80,9 +80,13 @@ def test_one_short_round_of_every_serving_scenario(served: Served, tmp_path: Pat
         ), (scenario, ours, refused)
         assert len(report.inprocess[scenario.rows]) == 1
     assert any("same probabilities as predict_proba" in line for line in printed)
+    # The concurrency-1 goal's in-process predict, measured around ours, once per round.
+    assert len(report.beside_ours_c1) == 1
+    assert 0 < report.beside_ours_c1[0] < 1
     table = summary(report, plan)
     for scenario in SCENARIOS:
         assert f"| {scenario.name} | HTTP floor |" in table
+    assert "goal, concurrency 1: ours p50 ÷ (in-process predict measured just before" in table
 
 
 def test_mlserver_requests_and_answers_are_read_as_the_bench_sends_them() -> None:
