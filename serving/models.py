@@ -35,7 +35,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from components.artifacts import METADATA_FILE, MODEL_FILE
 from components.encoding import category_key, codes
 from retrain.gatekeeper.registry import CanaryState, ModelRegistry, ModelVersion
 from retrain.messages import Decision, MessageError, decode
+from serving.small_batches import MAX_ROWS, Predictor, small_batch_predictor
 
 __all__ = [
     "ChampionWatcher",
@@ -111,6 +112,9 @@ class LoadedModel:
     lookups: dict[int, dict[str, float]] = field(default_factory=dict)
     # The folder it was loaded from (never replaced once complete), for the predict processes.
     directory: Path | None = None
+    # Batches of at most small_batches.MAX_ROWS rows, predicted without scikit-learn's
+    # per-call cost (serving.small_batches); None: scikit-learn predicts every batch.
+    small: Predictor | None = None
     index: dict[str, int] = field(init=False)
 
     _getter: Callable[[dict[str, Any]], Any] = field(init=False, repr=False)
@@ -261,6 +265,8 @@ class LoadedModel:
 
     def probabilities(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """P(positive class) for each row of ``x``."""
+        if self.small is not None and len(x) <= MAX_ROWS:
+            return self.small(x)
         data: Any = x
         if self.needs_frame:
             import pandas as pd  # noqa: PLC0415 (only for estimators that insist on names)
@@ -309,18 +315,22 @@ def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
                 f"but metadata.json lists {list(features)}"
             )
         del estimator.feature_names_in_  # a private copy: loaded from disk just now
+    allow_nan = _allows_nan(estimator)
     model = LoadedModel(
         version=version,
         estimator=estimator,
         features=features,
         label=label,
         classes=classes,
-        allow_nan=_allows_nan(estimator),
+        allow_nan=allow_nan,
         loaded_at=datetime.now(UTC),
         lookups={j: codes(known[name]) for j, name in enumerate(features) if name in known},
         directory=directory,
     )
-    return _warm(model, where)
+    model = _warm(model, where)
+    if model.needs_frame:
+        return model
+    return replace(model, small=small_batch_predictor(estimator, len(features), allow_nan))
 
 
 def _allows_nan(estimator: Any) -> bool:
@@ -346,17 +356,7 @@ def _warm(model: LoadedModel, where: str) -> LoadedModel:
     if np.shape(proba) != (1, 2):
         raise ModelLoadError(f"{where}: predict_proba returned shape {np.shape(proba)}")
     if any(_FEATURE_NAMES_WARNING in str(w.message) for w in caught):
-        model = LoadedModel(
-            version=model.version,
-            estimator=model.estimator,
-            features=model.features,
-            label=model.label,
-            classes=model.classes,
-            allow_nan=model.allow_nan,
-            loaded_at=model.loaded_at,
-            needs_frame=True,
-            lookups=model.lookups,
-        )
+        model = replace(model, needs_frame=True)
         model.predict(zeros)
     return model
 
