@@ -33,11 +33,18 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ProcessRecord:
-    """A process we started. ``create_time`` guards against a recycled pid."""
+    """A process we started. ``create_time`` guards against a recycled pid.
+
+    psutil's ``create_time`` is the process's start, counted from boot, plus the system's
+    boot time as the clock says *now*: a clock step (NTP, a resumed VM) moves it by the
+    step. So the record keeps the boot time of the moment its times were read, and a
+    process is recognised by its start counted from boot (None: read before this field
+    existed; compared as before)."""
 
     pid: int
     create_time: float
     children: tuple[tuple[int, float], ...] = field(default=())
+    boot_time: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,28 +55,41 @@ class ProcessRecord:
             pid=int(data["pid"]),
             create_time=float(data["create_time"]),
             children=tuple((int(p), float(t)) for p, t in data.get("children", ())),
+            boot_time=None if data.get("boot_time") is None else float(data["boot_time"]),
         )
 
     def with_children(self) -> ProcessRecord:
         """This record plus the current descendants of the process (e.g. a JVM it forked)."""
         found = dict(self.children)
-        proc = _same_process(self.pid, self.create_time)
+        proc = _same_process(self.pid, self.create_time, self.boot_time)
         if proc is not None:
+            # The children's times in this record's clock (its boot time), as its own.
+            shift = 0.0 if self.boot_time is None else self.boot_time - psutil.boot_time()
             with contextlib.suppress(psutil.Error):
                 for child in proc.children(recursive=True):
-                    found[child.pid] = child.create_time()
-        return ProcessRecord(self.pid, self.create_time, tuple(sorted(found.items())))
+                    found[child.pid] = child.create_time() + shift
+        return ProcessRecord(
+            self.pid, self.create_time, tuple(sorted(found.items())), self.boot_time
+        )
 
     def alive(self) -> bool:
-        proc = _same_process(self.pid, self.create_time)
+        proc = _same_process(self.pid, self.create_time, self.boot_time)
         return proc is not None and not _gone(proc)
 
+    def child(self, pid: int, create_time: float) -> ProcessRecord:
+        """The record of one of :attr:`children`."""
+        return ProcessRecord(pid, create_time, boot_time=self.boot_time)
 
-def _same_process(pid: int, create_time: float) -> psutil.Process | None:
-    """The process ``pid`` if it is still the one we started, else None."""
+
+def _same_process(pid: int, create_time: float, boot_time: float | None) -> psutil.Process | None:
+    """The process ``pid`` if it is still the one we started (``create_time`` read when the
+    system's boot time was ``boot_time``), else None."""
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > 0.5:
+        now = proc.create_time()
+        if boot_time is not None:  # both counted from boot: no clock step in between
+            now, create_time = now - psutil.boot_time(), create_time - boot_time
+        if abs(now - create_time) > 0.5:
             return None
     except psutil.Error:
         return None
@@ -108,7 +128,9 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
         )
     _reap_ended()
     _POPENS[proc.pid] = proc
-    return ProcessRecord(proc.pid, psutil.Process(proc.pid).create_time())
+    return ProcessRecord(
+        proc.pid, psutil.Process(proc.pid).create_time(), boot_time=psutil.boot_time()
+    )
 
 
 def stop(record: ProcessRecord, timeout: float = 10.0, *, descendants: bool = True) -> list[int]:
@@ -117,13 +139,11 @@ def stop(record: ProcessRecord, timeout: float = 10.0, *, descendants: bool = Tr
 
     Returns the pids that were still running. Nothing else is signalled.
     """
-    record = (
-        record.with_children() if descendants else ProcessRecord(record.pid, record.create_time)
-    )
+    record = record.with_children() if descendants else record.child(record.pid, record.create_time)
     procs = [
         proc
         for pid, started in ((record.pid, record.create_time), *record.children)
-        if (proc := _same_process(pid, started)) is not None
+        if (proc := _same_process(pid, started, record.boot_time)) is not None
     ]
     for proc in procs:
         with contextlib.suppress(psutil.Error):

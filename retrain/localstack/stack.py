@@ -350,7 +350,7 @@ class Stack:
             name
             for name, record in self.records().items()
             if record.alive()
-            or any(ProcessRecord(pid, started).alive() for pid, started in record.children)
+            or any(record.child(pid, started).alive() for pid, started in record.children)
         ]
 
     # -- up / down / status --------------------------------------------------------
