@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipelines.process_starts import record_of, same_start, since_boot, started_since_boot
 from retrain.config import Settings, load_settings
 from retrain.options import ConfigOption
 
@@ -143,7 +144,7 @@ def worker_alive(worker: dict[str, float]) -> bool:
 
     try:
         proc = psutil.Process(int(worker["pid"]))
-        if abs(proc.create_time() - float(worker["create_time"])) > 0.5:
+        if not same_start(proc, worker):
             return False
         return bool(proc.status() != psutil.STATUS_ZOMBIE)
     except (psutil.Error, KeyError, TypeError, ValueError):
@@ -174,10 +175,10 @@ def stop_leftovers(worker: dict[str, float]) -> list[int]:
     import psutil  # noqa: PLC0415
 
     try:
-        leader, started = int(worker["pid"]), float(worker["create_time"])
+        leader, started = int(worker["pid"]), since_boot(worker)
     except (KeyError, TypeError, ValueError):
         return []
-    if worker_alive(worker) or _other_process(leader, started):
+    if worker_alive(worker) or _other_process(leader, worker):
         return []
     killed = []
     for proc in psutil.process_iter():
@@ -188,7 +189,7 @@ def stop_leftovers(worker: dict[str, float]) -> list[int]:
                 or os.getsid(proc.pid) != leader
             ):
                 continue
-            if proc.create_time() < started:
+            if started_since_boot(proc, worker) < started:
                 continue
             os.kill(proc.pid, signal.SIGKILL)
         except (OSError, psutil.Error):
@@ -197,12 +198,12 @@ def stop_leftovers(worker: dict[str, float]) -> list[int]:
     return killed
 
 
-def _other_process(pid: int, create_time: float) -> bool:
-    """Whether ``pid`` names a process other than the one started at ``create_time``."""
+def _other_process(pid: int, worker: dict[str, float]) -> bool:
+    """Whether ``pid`` names a process other than the one ``worker`` records."""
     import psutil  # noqa: PLC0415
 
     try:
-        return bool(abs(psutil.Process(pid).create_time() - create_time) > 0.5)
+        return not same_start(psutil.Process(pid), worker)
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:
@@ -243,7 +244,7 @@ def _keep_lease(settings: Settings, model: str, run_id: str) -> bool:
 
     ttl = settings.models[model].lease_seconds
     ledger = _ledger(settings)
-    me = {"pid": os.getpid(), "create_time": psutil.Process().create_time()}
+    me = record_of(psutil.Process())
     if ledger.attach(model, run_id, ttl, {"worker": me}) != "held":
         return False
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.process_starts import record_of, same_start
 from pipelines.zygote import EXIT_NOT_WARM, fingerprint, read_message, send_message
 
 __all__ = ["LOG", "RECORD", "ensure", "install", "run_task", "stop", "wait_ready"]
@@ -77,13 +78,14 @@ class _Zygote:
 
     def __init__(self, record: Mapping[str, Any]) -> None:
         self.pid, self.create_time = int(record["pid"]), float(record["create_time"])
+        self.record = dict(record)
 
     def process(self) -> Any:
         import psutil  # noqa: PLC0415
 
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5:
+            if not same_start(proc, self.record):
                 return None
             if proc.status() == psutil.STATUS_ZOMBIE:
                 return None
@@ -171,8 +173,7 @@ def ensure(
         import psutil  # noqa: PLC0415
 
         record = {
-            "pid": proc.pid,
-            "create_time": psutil.Process(proc.pid).create_time(),
+            **record_of(psutil.Process(proc.pid)),
             "socket": str(path),
             "fingerprint": wanted,
             "log": str(log),

@@ -63,3 +63,19 @@ def test_records_written_before_boot_times_were_kept_compare_as_before(
     old = ProcessRecord.from_json({"pid": sleeper.pid, "create_time": sleeper.create_time})
     assert old.boot_time is None
     assert old.alive()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="psutil's Linux boot time")
+def test_a_run_workers_record_survives_a_clock_step(
+    sleeper: ProcessRecord, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.local_run import worker_alive  # noqa: PLC0415
+    from pipelines.process_starts import record_of, same_start  # noqa: PLC0415
+
+    worker = record_of(psutil.Process(sleeper.pid))  # what a worker writes in its run
+    _step_the_clock(monkeypatch)
+    assert worker_alive(worker)  # else the sweep would take over a run still running
+    assert same_start(psutil.Process(sleeper.pid), worker)
+    assert not same_start(psutil.Process(sleeper.pid), {**worker, "create_time": 1.0})
+    old = {"pid": sleeper.pid, "create_time": psutil.Process(sleeper.pid).create_time()}
+    assert worker_alive(old)  # an old record (no boot time), read on the same clock
