@@ -529,6 +529,15 @@ class ServingPolicy(_Strict):
         "version that answered, request id, time) to gs://<buckets.artifacts>/predictions/, "
         "for the monitor and the canary; 0 turns logging off.",
     )
+    log_max_rows_per_second: float | None = Field(
+        10_000.0,
+        gt=0,
+        description="Our prediction server logs at most about this many instances a second "
+        "per process: when the last second brought more, each request is logged with the "
+        "probability that keeps to it (times log_sample_rate), still one uniform draw per "
+        "request. It bounds what logging costs under heavy load (a 1,000-row request is "
+        "~70 KB of log). null: no bound. Vertex AI endpoints log at log_sample_rate only.",
+    )
 
 
 class Monitoring(_Strict):

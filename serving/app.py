@@ -267,7 +267,7 @@ class _Api:
         predictions = loaded.predictions(await self.batchers.probabilities(loaded, x))
         version = loaded.version.version
         logged = self.prediction_log
-        if logged is not None and logged.sampled(loaded.name):
+        if logged is not None and logged.sampled(loaded.name, len(x)):
             logged.append(request_id, loaded.name, version, instances, predictions)
         response = JsonResponse(
             {

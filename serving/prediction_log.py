@@ -1,13 +1,15 @@
 """The prediction log's writer: a sample of requests, batched and uploaded off the request path.
 
-The request path calls :meth:`PredictionLog.sampled` (one random draw, none at rate 1 or 0)
-and :meth:`PredictionLog.append`, which puts a tuple in a bounded in-memory buffer under a
-lock: nothing else. A background thread, every ``flush_seconds`` (sooner when
-``batch_records`` wait), turns the buffer into :class:`~retrain.predictions.PredictionRecord`
-objects, one object per model and at most :data:`~retrain.predictions.MAX_SPAN_SECONDS` of
-records, and uploads each with :func:`retrain.predictions.encode` to
-``object_name(settings.predictions_prefix(model), first time, writer, seq)``. The writer is
-the host and the process id, so the workers of one server (``--workers N``) never collide.
+The request path calls :meth:`PredictionLog.sampled` (one random draw, none at rate 1 or 0;
+the rate is lowered while the model's requests bring more than ``max_rows`` instances a
+second, so that about that many are logged) and :meth:`PredictionLog.append`, which puts a
+tuple in a bounded in-memory buffer under a lock: nothing else. A background thread, every
+``flush_seconds`` (sooner when ``batch_records`` wait), turns the buffer into
+:class:`~retrain.predictions.PredictionRecord` objects, one object per model and at most
+:data:`~retrain.predictions.MAX_SPAN_SECONDS` of records, and uploads each with
+:func:`retrain.predictions.encode` to ``object_name(settings.predictions_prefix(model),
+first time, writer, seq)``. The writer is the host and the process id, so the workers of one
+server (``--workers N``) never collide.
 
 An object is named once, when its records are taken from the buffer, and written create-only
 (``if_generation_match=0``): an upload retried after a failure that had in fact written it
@@ -110,6 +112,8 @@ class PredictionLog:
         max_retry_seconds: float = 30.0,
         close_timeout: float = 15.0,
         clock: Callable[[], float] = time.time,
+        max_rows: Mapping[str, float | None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if capacity < 1 or batch_records < 1:
             raise ValueError(
@@ -121,6 +125,12 @@ class PredictionLog:
             if not 0 <= rate <= 1:
                 raise ValueError(f"{model}: log_sample_rate must be in [0, 1], got {rate}")
         self.rates = dict(rates)
+        self.max_rows = {m: cap for m, cap in (max_rows or {}).items() if cap is not None}
+        if any(cap <= 0 for cap in self.max_rows.values()):
+            raise ValueError(f"max_rows must be more than 0, got {self.max_rows}")
+        self.monotonic = monotonic
+        # model -> [start of this second, rows seen in it, rows seen in the second before]
+        self._volume: dict[str, list[float]] = {}
         self.prefixes = dict(prefixes)
         self.write = write
         self.writer = writer or writer_id()
@@ -151,15 +161,37 @@ class PredictionLog:
             {name: spec.serving.log_sample_rate for name, spec in settings.models.items()},
             {name: settings.predictions_prefix(name) for name in settings.models},
             write,
+            max_rows={
+                name: spec.serving.log_max_rows_per_second for name, spec in settings.models.items()
+            },
             **options,
         )
 
     # -- the request path ------------------------------------------------------------------
 
-    def sampled(self, model: str) -> bool:
-        """Whether to log this request of ``model`` (a random draw at its rate)."""
+    def sampled(self, model: str, rows: int = 1) -> bool:
+        """Whether to log this request of ``model`` with ``rows`` instances (a random draw at
+        its rate, lowered while the last second brought more than its ``max_rows``). Called
+        from one thread (the event loop): the volume counters take no lock."""
         rate = self.rates.get(model, 0.0)
+        cap = self.max_rows.get(model)
+        if cap is not None and rate > 0.0:
+            rate *= self._share(model, rows, cap)
         return rate >= 1.0 or (rate > 0.0 and random.random() < rate)  # noqa: S311
+
+    def _share(self, model: str, rows: int, cap: float) -> float:
+        """The share of requests to log so that about ``cap`` rows a second are: judged by
+        the last whole second's rows (1 while it brought at most ``cap``)."""
+        now = self.monotonic()
+        volume = self._volume.get(model)
+        if volume is None:
+            volume = self._volume[model] = [now, 0.0, 0.0]
+        elapsed = now - volume[0]
+        if elapsed >= 1.0:  # a new second: the one that ended is the last (none if skipped)
+            volume[:] = [now, 0.0, volume[1] if elapsed < 2.0 else 0.0]
+        volume[1] += rows
+        last = volume[2]
+        return 1.0 if last <= cap else cap / last
 
     def append(
         self,

@@ -12,6 +12,7 @@ import pytest
 from retrain.localstack.processes import wait_until
 from retrain.predictions import MAX_SPAN_SECONDS, decode, time_of
 from serving.prediction_log import AlreadyWritten, PredictionLog
+from tests.unit.test_serving import SETTINGS
 
 pytestmark = pytest.mark.unit
 
@@ -104,6 +105,45 @@ def test_sampling_honours_the_rate() -> None:
     assert not any(plog.sampled("off") for _ in range(draws))
     assert all(plog.sampled("all") for _ in range(draws))
     assert not plog.sampled("unknown model")
+
+
+def test_heavy_traffic_is_logged_at_about_max_rows_a_second() -> None:
+    """Under the cap everything is logged; over it, one draw per request at the share that
+    keeps the logged instances near the cap, judged by the last whole second."""
+    ticks = Clock()
+    plog = PredictionLog({"m": 1.0, "half": 0.5, "free": 1.0}, {}, Store(),
+                         max_rows={"m": 10_000, "half": 10_000, "free": None},
+                         monotonic=ticks)  # fmt: skip
+
+    def second(model: str, requests: int, rows: int) -> int:
+        """``requests`` of ``rows`` instances spread over one second; how many are logged."""
+        logged = 0
+        for _ in range(requests):
+            logged += plog.sampled(model, rows)
+            ticks.now += 1.0 / requests
+        return logged
+
+    assert second("m", 50, 100) == 50  # 5,000 rows/s: all, and so the next second too
+    assert second("m", 100, 1000) == 100  # the last second was under the cap
+    logged = second("m", 100, 1000)  # the last second brought 100,000 rows: share 0.1
+    # Binomial(100, 0.1): sd 3; 6 sd either side fails once in 10^9 runs.
+    assert abs(logged - 10) <= 18
+    assert abs(sum(second("m", 100, 1000) for _ in range(20)) - 200) < 6 * 13.5
+    ticks.now += 5  # quiet seconds: the estimate starts again
+    assert second("m", 10, 1) == 10
+    assert second("half", 100, 1000) in range(20, 81)  # rate 0.5, the cap not yet known
+    assert abs(sum(second("half", 100, 1000) for _ in range(20)) - 100) < 6 * 9.8
+    assert second("free", 100, 1000) == 100
+    assert second("free", 100, 1000) == 100  # no cap: every request
+    with pytest.raises(ValueError, match="max_rows must be more than 0"):
+        PredictionLog({"m": 1.0}, {}, Store(), max_rows={"m": 0})
+
+
+def test_the_cap_is_a_setting_with_a_default() -> None:
+    spec = SETTINGS.models["rainfall"]
+    assert spec.serving.log_max_rows_per_second == 10_000
+    plog = PredictionLog.for_settings(SETTINGS, Store())
+    assert plog.max_rows == dict.fromkeys(SETTINGS.models, 10_000)
 
 
 def test_a_store_outage_keeps_everything_up_to_the_bound_then_drops_the_oldest(
