@@ -284,8 +284,12 @@ def _kind(value: Any) -> str:
     return f"{names.get(type(value), type(value).__name__)} {text}"
 
 
-def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
-    """Load ``model.joblib`` and ``metadata.json`` from ``directory`` and warm the estimator.
+def load_model(
+    version: ModelVersion, directory: Path, *, small_batches: bool = True
+) -> LoadedModel:
+    """Load ``model.joblib`` and ``metadata.json`` from ``directory`` and warm the estimator;
+    with ``small_batches``, also its treelite import for small batches where it answers as
+    the estimator does (:mod:`serving.small_batches`).
 
     If the estimator remembers the DataFrame column names it was fitted on, and they are the
     metadata's features in order, the names are dropped here, once, so that the hot path can
@@ -328,7 +332,7 @@ def load_model(version: ModelVersion, directory: Path) -> LoadedModel:
         directory=directory,
     )
     model = _warm(model, where)
-    if model.needs_frame:
+    if model.needs_frame or not small_batches:
         return model
     return replace(model, small=small_batch_predictor(estimator, len(features), allow_nan))
 

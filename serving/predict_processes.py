@@ -80,7 +80,8 @@ def _child_probabilities(
     """In a predict process: ``version`` (loaded from ``directory`` once) on ``x``."""
     loaded = _loaded.get(directory)
     if loaded is None:
-        loaded = load_model(version, Path(directory))
+        # Only large batches come here: scikit-learn predicts them all.
+        loaded = load_model(version, Path(directory), small_batches=False)
         _loaded[directory] = loaded
         while len(_loaded) > _VERSIONS_KEPT:
             _loaded.popitem(last=False)
