@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["record_of", "same_start", "since_boot"]
+__all__ = ["record_of", "same_start", "since_boot", "started_since_boot"]
 
 _SAME = 0.5  # seconds: psutil's create time is in clock ticks (10 ms) plus float rounding
 

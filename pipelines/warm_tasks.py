@@ -72,12 +72,13 @@ def _read(state_dir: Path) -> dict[str, Any] | None:
 
 
 class _Zygote:
-    """The zygote process of a record; ``create_time`` guards against a recycled pid.
+    """The zygote process of a record; its start (:mod:`pipelines.process_starts`) guards
+    against a recycled pid.
     (psutil directly, not retrain.localstack: the cloud functions' source holds this
     module, through the launchers, and no local-stack code.)"""
 
     def __init__(self, record: Mapping[str, Any]) -> None:
-        self.pid, self.create_time = int(record["pid"]), float(record["create_time"])
+        self.pid = int(record["pid"])
         self.record = dict(record)
 
     def process(self) -> Any:

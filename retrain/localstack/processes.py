@@ -19,6 +19,8 @@ from typing import Any
 
 import psutil
 
+from pipelines.process_starts import record_of, same_start
+
 __all__ = [
     "ProcessRecord",
     "free_ports",
@@ -86,10 +88,7 @@ def _same_process(pid: int, create_time: float, boot_time: float | None) -> psut
     system's boot time was ``boot_time``), else None."""
     try:
         proc = psutil.Process(pid)
-        now = proc.create_time()
-        if boot_time is not None:  # both counted from boot: no clock step in between
-            now, create_time = now - psutil.boot_time(), create_time - boot_time
-        if abs(now - create_time) > 0.5:
+        if not same_start(proc, {"create_time": create_time, "boot_time": boot_time}):
             return None
     except psutil.Error:
         return None
@@ -128,9 +127,7 @@ def spawn(argv: Sequence[str], log: Path, env: Mapping[str, str], cwd: Path) -> 
         )
     _reap_ended()
     _POPENS[proc.pid] = proc
-    return ProcessRecord(
-        proc.pid, psutil.Process(proc.pid).create_time(), boot_time=psutil.boot_time()
-    )
+    return ProcessRecord.from_json(record_of(psutil.Process(proc.pid)))
 
 
 def stop(record: ProcessRecord, timeout: float = 10.0, *, descendants: bool = True) -> list[int]:
