@@ -55,6 +55,7 @@ from serving.app import (
     predictions_for,
 )
 from serving.batching import Batchers, predict_threads
+from serving.collector import freeze_heap
 from serving.models import Downloader, LoadedModel, ModelLoadError, load_model
 from serving.predict_processes import PredictProcesses
 
@@ -228,6 +229,7 @@ def serve(settings: ContainerSettings, *, download: Downloader = blobstore.downl
             **UVICORN_OPTIONS,
         )
     )
+    freeze_heap()
     # One OpenMP thread per predict, as in `python -m serving`: requests are small, and an
     # idle OpenMP team that spins between requests takes the cores the event loop needs.
     with threadpool_limits(limits=1):
