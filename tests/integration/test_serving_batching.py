@@ -315,6 +315,11 @@ def test_large_batches_predict_in_processes_with_each_requests_own_version(
     batchers = Batchers(predict_threads(2), window=0.0, parallel=2, processes=processes)
     try:
 
+        async def by_process() -> npt.NDArray[np.float64]:
+            got = await processes.probabilities(v1, x)
+            assert got is not None
+            return got
+
         async def scenario() -> list[npt.NDArray[np.float64]]:
             # Before the processes have started: the thread answers, and starts them.
             first = await batchers.probabilities(v1, x)
@@ -323,7 +328,15 @@ def test_large_batches_predict_in_processes_with_each_requests_own_version(
             assert set(processes.pids).isdisjoint({os.getpid()})
             # Alternating versions, concurrently: every process serves both.
             calls = [batchers.probabilities(v1 if i % 2 else v2, x) for i in range(8)]
-            return [first, *await asyncio.gather(*calls)]
+            answers = await asyncio.gather(*calls)
+            # Alone, a batch is split between the idle processes; a second one that comes
+            # while both are busy stays whole.
+            parts = processes.parts
+            answers.append(await by_process())
+            alone, parts = processes.parts - parts, processes.parts
+            answers += await asyncio.gather(by_process(), by_process())
+            assert (alone, processes.parts - parts) == (2, 3)
+            return [first, *answers]
 
         first, *answers = asyncio.run(scenario())
     finally:
@@ -332,8 +345,10 @@ def test_large_batches_predict_in_processes_with_each_requests_own_version(
     assert processes.batches >= 1, "no batch went to a predict process"
     want = {1: v1.probabilities(x).tolist(), 0: v2.probabilities(x).tolist()}
     assert want[0] != want[1]
-    for i, got in enumerate(answers):
+    for i, got in enumerate(answers[:8]):
         assert got.tolist() == want[i % 2], f"call {i}"
+    for got in answers[8:]:
+        assert got.tolist() == want[1]
 
 
 def test_a_killed_predict_process_is_replaced_and_no_batch_fails(
