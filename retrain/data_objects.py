@@ -12,7 +12,15 @@ from retrain.messages import RetrainRequest
 if TYPE_CHECKING:
     from retrain.ledger import FirestoreLedger
 
-__all__ = ["MAX_OBJECTS", "RunInputs", "data_window", "gather", "newest_objects", "object_key"]
+__all__ = [
+    "MAX_OBJECTS",
+    "RunInputs",
+    "data_window",
+    "gather",
+    "newest_objects",
+    "object_key",
+    "window_left",
+]
 
 # A run looks at most at this many of the newest objects under the model's prefix.
 MAX_OBJECTS = 1000
@@ -99,6 +107,14 @@ class RunInputs:
         return self.requests[0].reason
 
 
+def window_left(window: float, since: float | None, now: float) -> float:
+    """What is left at ``now`` of a coalescing window of ``window`` seconds opened at
+    ``since`` (all of it if unknown; never more, whatever the clocks say)."""
+    if since is None:
+        return window
+    return min(window, max(0.0, since + window - now))
+
+
 def gather(
     settings: Settings,
     ledger: FirestoreLedger,
@@ -106,13 +122,19 @@ def gather(
     run_id: str,
     *,
     wait: float | None = None,
+    since: float | None = None,
 ) -> RunInputs:
     """Wait out the coalescing window, take every pending event of ``model`` into run
     ``run_id`` (which holds the model's lease), and mark the run started on its window.
 
+    The window (``wait``, default the model's ``coalesce_seconds``) is counted from
+    ``since``, when the run took the lease (its record's ``created_at``), if given: a
+    worker that took a second to start waits only the rest of it.
+
     Raises :class:`LookupError` if nothing is pending: another run covered the events.
     """
-    threading.Event().wait(settings.models[model].coalesce_seconds if wait is None else wait)
+    window = settings.models[model].coalesce_seconds if wait is None else wait
+    threading.Event().wait(window_left(window, since, ledger.clock()))
     requests = ledger.collect(model, run_id)
     if not requests:
         raise LookupError(f"no pending events for {model}; another run covered them")
