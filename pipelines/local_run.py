@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,6 +73,27 @@ def parse_progress(log_text: str) -> Iterator[StepEvent]:
             yield StepEvent(finished["task"], finished["status"])
 
 
+def prepare(settings: Settings, model: str, image: str, workdir: Path) -> Any:
+    """What a run needs before its data: the pipeline function of ``model``, kfp.local's
+    runner keeping the artifacts under ``workdir``, and the tasks sent to the task zygote
+    (started at the first task if none runs). About a second of imports, so the worker
+    does this while the coalescing window passes."""
+    from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
+
+    from components import runs  # noqa: F401, PLC0415 (imported now: the run reads its report)
+    from pipelines import warm_tasks  # noqa: PLC0415
+    from pipelines.byo import pipeline_for  # noqa: PLC0415
+
+    pipeline = pipeline_for(settings, model, image, local_run=True)
+    warm_tasks.install(settings.local.state_dir, settings.local.task_zygote_idle_seconds)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "outputs"),
+        raise_on_error=False,
+    )
+    return pipeline
+
+
 def run_locally(
     settings: Settings,
     config_text: str,
@@ -83,24 +105,16 @@ def run_locally(
     reason: str,
     workdir: Path,
     image: str,
+    prepared: Future[Any] | None = None,
 ) -> RunResult:
-    """Run the pipeline to its end under kfp.local and read back the report it published."""
-    from kfp import local  # noqa: PLC0415 (kfp import costs 0.5 s)
-
+    """Run the pipeline to its end under kfp.local and read back the report it published.
+    ``prepared``: :func:`prepare`'s result for the same model, image and workdir, if it
+    was started earlier."""
     from components.runs import RunContext, read_failure, read_report, report_uri  # noqa: PLC0415
-    from pipelines import warm_tasks  # noqa: PLC0415
-    from pipelines.byo import pipeline_for  # noqa: PLC0415
 
     run = RunContext.parse(model, run_id, request_id, reason)
-    pipeline = pipeline_for(settings, model, image, local_run=True)
+    pipeline = prepare(settings, model, image, workdir) if prepared is None else prepared.result()
     outputs = workdir / "outputs"
-    # The tasks fork from the task zygote (started now if none runs), else run cold.
-    warm_tasks.install(settings.local.state_dir, settings.local.task_zygote_idle_seconds)
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(outputs),
-        raise_on_error=False,
-    )
     started = time.monotonic()
     with warnings.catch_warnings():
         # kfp warns for any base_image without "python" in its name; ours is the project's
@@ -218,10 +232,14 @@ def _ledger(settings: Settings) -> Any:
 
 
 def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str], str, str]:
-    """Wait out the coalescing window, then take every waiting event of the model."""
+    """Wait out the rest of the coalescing window (it opened when the run took the lease),
+    then take every waiting event of the model."""
     from retrain.data_objects import gather  # noqa: PLC0415
 
-    inputs = gather(settings, _ledger(settings), model, run_id)
+    ledger = _ledger(settings)
+    record = ledger.run(model, run_id)
+    since = record.created_at if record is not None and record.created_at else None
+    inputs = gather(settings, ledger, model, run_id, since=since)
     return inputs.data_uris, inputs.request_id, inputs.reason
 
 
@@ -332,6 +350,7 @@ def main(
     """Worker: run one pipeline with kfp.local and write result.json into --workdir."""
     settings = load_settings(config)
     workdir.mkdir(parents=True, exist_ok=True)
+    prepared = ThreadPoolExecutor(1, "prepare").submit(prepare, settings, model, image, workdir)
     data_uris = list(data or [])
     if hold_lease and not from_ledger and not _keep_lease(settings, model, run_id):
         print(f"run {run_id} no longer holds the lease of {model}; nothing to do")  # noqa: T201
@@ -359,6 +378,7 @@ def main(
             reason=reason,
             workdir=workdir,
             image=image,
+            prepared=prepared,
         )
     except Exception as exc:
         result = RunResult(
