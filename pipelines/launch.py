@@ -104,7 +104,7 @@ def gather_or_end(
             RetrainRequest(model=model, **{k: e[k] for k in _EVENT_FIELDS}) for e in earlier.events
         ]
         return RunInputs(list(earlier.data_uris), sorted(requests, key=lambda r: r.time))
-    since = earlier.created_at if earlier is not None and earlier.created_at else None
+    since = earlier.created_at if earlier is not None else None
     try:
         return gather(settings, ledger, model, run_id, since=since)
     except LostLease as exc:

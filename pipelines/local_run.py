@@ -238,7 +238,7 @@ def _from_ledger(settings: Settings, model: str, run_id: str) -> tuple[list[str]
 
     ledger = _ledger(settings)
     record = ledger.run(model, run_id)
-    since = record.created_at if record is not None and record.created_at else None
+    since = record.created_at if record is not None else None
     inputs = gather(settings, ledger, model, run_id, since=since)
     return inputs.data_uris, inputs.request_id, inputs.reason
 

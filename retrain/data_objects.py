@@ -109,8 +109,9 @@ class RunInputs:
 
 def window_left(window: float, since: float | None, now: float) -> float:
     """What is left at ``now`` of a coalescing window of ``window`` seconds opened at
-    ``since`` (all of it if unknown; never more, whatever the clocks say)."""
-    if since is None:
+    ``since`` (all of it if unknown: None, or 0 from a run record older than its
+    ``created_at``; never more, whatever the clocks say)."""
+    if not since:
         return window
     return min(window, max(0.0, since + window - now))
 
@@ -121,19 +122,18 @@ def gather(
     model: str,
     run_id: str,
     *,
-    wait: float | None = None,
     since: float | None = None,
 ) -> RunInputs:
     """Wait out the coalescing window, take every pending event of ``model`` into run
     ``run_id`` (which holds the model's lease), and mark the run started on its window.
 
-    The window (``wait``, default the model's ``coalesce_seconds``) is counted from
-    ``since``, when the run took the lease (its record's ``created_at``), if given: a
-    worker that took a second to start waits only the rest of it.
+    The window (the model's ``coalesce_seconds``) is counted from ``since``, when the run
+    took the lease (its record's ``created_at``), if given: a worker that took a second to
+    start waits only the rest of it.
 
     Raises :class:`LookupError` if nothing is pending: another run covered the events.
     """
-    window = settings.models[model].coalesce_seconds if wait is None else wait
+    window = settings.models[model].coalesce_seconds
     threading.Event().wait(window_left(window, since, ledger.clock()))
     requests = ledger.collect(model, run_id)
     if not requests:
