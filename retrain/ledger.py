@@ -247,6 +247,33 @@ class FirestoreLedger:
             return self.record_arrival(request, **checked), self.claim(request)
         return Database.written(arrival, record, written), "new"
 
+    def queue_arrival(
+        self, request: RetrainRequest, head: Doc, outcome: str, **checked: Any
+    ) -> Lease | None:
+        """Record the arrival as settled (``outcome``) and claim it, in one commit, behind
+        the run whose lease ``head`` shows (the model's document, as read before the check,
+        :meth:`arrival_and_head`). The commit verifies that ``head`` is unchanged, so at
+        its instant that run held the lease: the state that :meth:`claim`, then a read of
+        the lease, would find, in one round trip instead of three (a run that collects later
+        covers the event; one that collected before holds the lease, and its trailing run
+        covers it). The lease queued behind; None, with nothing written, if ``head`` shows
+        no live lease, or the commit failed (the lease moved, or another delivery of this
+        arrival got there first): then the arrival takes :meth:`claim_arrival`'s path."""
+        held = _lease(head.get("lease"))
+        if held is None or held.expires_at <= self.clock():
+            return None
+        arrival, record = self._arrival_record(request, outcome, checked)
+        change = Change()
+        change.put(arrival, {**record, "settled_at": record["received_at"]})
+        change.put(Doc(self._event_doc(request.model, request.dedupe_key), None),
+                   self._claim_record(request))  # fmt: skip
+        change.verify(head, "lease")
+        try:
+            self.db.commit(change)
+        except Conflict:
+            return None
+        return held
+
     def settle_arrival(
         self, request: RetrainRequest, outcome: str, recorded: Doc | None = None, **extra: Any
     ) -> bool:
@@ -274,6 +301,13 @@ class FirestoreLedger:
 
     def arrival(self, model: str, dedupe_key: str) -> dict[str, Any] | None:
         return self.db.read(self._arrival_doc(model, dedupe_key)).data
+
+    def arrival_and_head(self, model: str, dedupe_key: str) -> tuple[dict[str, Any] | None, Doc]:
+        """The arrival's record (None if absent) and the model's document (its lease), in
+        one round trip; the document is what :meth:`queue_arrival` queues behind."""
+        arrival, head = self._arrival_doc(model, dedupe_key), self._model_doc(model)
+        found = {doc.ref.path: doc for doc in self.db.read_many([arrival, head])}
+        return found[arrival.path].data, found[head.path]
 
     def arrivals(self, model: str, dedupe_keys: list[str]) -> dict[str, dict[str, Any]]:
         """The recorded arrivals among ``dedupe_keys``, by key (one batched read)."""

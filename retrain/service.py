@@ -267,10 +267,10 @@ class RetrainService:
             dedupe_key=event.dedupe_key,
             trigger_event_id=event.event_id,
         )
-        seen = self.ledger.arrival(name, request.dedupe_key)
+        seen, head = self.ledger.arrival_and_head(name, request.dedupe_key)
         if seen is not None and seen.get("outcome") is not None:
             return Outcome("duplicate", name, detail=f"{event.dedupe_key} {seen['outcome']}")
-        return self._check_arrival(request, self.settings.models[name], event)
+        return self._check_arrival(request, self.settings.models[name], event, head)
 
     def drift_alert(self, message: PubsubMessage) -> Outcome:
         payload = json_object(message)
@@ -503,13 +503,19 @@ class RetrainService:
     # -- every arrival is checked; some policies look for drift ---------------------
 
     def _check_arrival(
-        self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent
+        self, request: RetrainRequest, model: ModelSettings, event: ObjectEvent, head: Doc
     ) -> Outcome:
         """Check the object against the rules (``components.preprocess.validation``): one
         that breaks one is quarantined; one that passes is recorded with its rows (the data
         window counts them) and handled as the model's arrival policy says. A duplicate
         delivery during the check checks again and finds the same: the first record and
-        the first settlement stand."""
+        the first settlement stand.
+
+        An arrival that is to run while a run holds the model's lease (``head``, the
+        model's document as read with the arrival's record) is recorded, settled and claimed
+        behind that run in one commit (:meth:`~retrain.ledger.FirestoreLedger.queue_arrival`);
+        otherwise it is recorded and claimed, a run is started if none holds the lease, and
+        then it is settled."""
         from components.preprocess.validation import ValidationError  # noqa: PLC0415
 
         try:
@@ -527,12 +533,8 @@ class RetrainService:
         every = model.arrival_policy == "every_arrival"
         champion = None if every else self.registry.champion(request.model)
         if champion is None:  # every arrival runs; or the first model needs this data
-            check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
-            recorded, claim = self.ledger.claim_arrival(request, **fields)  # one commit
-            result = self._claimed(request, model, claim)[1]
-            self.ledger.settle_arrival(request, "accepted" if every else "first_model",
-                                       recorded, run_id=result.run_id)  # fmt: skip
-            return result
+            settled = "accepted" if every else "first_model"
+            return self._run_arrival(request, model, head, settled, fields)
         try:
             kind, reasons, details = self._drift(request.model, model, champion, frame, features)
         except ValueError as exc:  # e.g. labels the champion does not know
@@ -545,6 +547,24 @@ class RetrainService:
             self.ledger.settle_arrival(request, "no_drift", recorded, summary=summary)
             return Outcome("checked", request.model, detail=f"no drift: {summary}")
         return self._alert(request, event, kind, reasons, details, champion.version, recorded)
+
+    def _run_arrival(
+        self, request: RetrainRequest, model: ModelSettings, head: Doc, settled: str,
+        fields: dict[str, Any],
+    ) -> Outcome:  # fmt: skip
+        """Claim a checked arrival's run: behind the lease that ``head`` shows, in the one
+        commit that also records and settles the arrival; else record and claim it, start a
+        run if none holds the lease, then settle it (``settled``: its outcome)."""
+        check_data_uris(self.settings, request.model, request.data_uris, "data_uris")
+        held = self.ledger.queue_arrival(request, head, settled, **fields)  # one commit
+        if held is not None:
+            if held.expires_at > self.ledger.clock():
+                return Outcome("queued", request.model, detail=f"run {held.run_id} is in flight")
+            return self.kick(request.model, model)  # it expired since: look at it
+        recorded, claim = self.ledger.claim_arrival(request, **fields)  # one commit
+        result = self._claimed(request, model, claim)[1]
+        self.ledger.settle_arrival(request, settled, recorded, run_id=result.run_id)
+        return result
 
     def _read_checked(self, event: ObjectEvent, model: ModelSettings) -> Any:
         """(frame, features, bytes, rows) of the object's generation if it passes the rules;

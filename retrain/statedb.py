@@ -76,6 +76,17 @@ class Change:
         """Delete ``doc`` if it is unchanged since it was read."""
         self.writes.append(("delete", doc, None))
 
+    def verify(self, doc: Doc, field_name: str) -> None:
+        """Make the commit fail if ``doc`` changed since it was read, without changing it:
+        ``field_name`` is written back with the value read. A write that changes nothing
+        leaves the document's update time as it was (Firestore's ``WriteResult.update_time``:
+        "if the write did not actually change the document, this will be the previous
+        update_time"), so changes guarded by that time, or verifying it too, still commit.
+        ``doc`` must exist and hold ``field_name``."""
+        if doc.data is None or field_name not in doc.data:
+            raise ValueError(f"cannot verify {doc.ref.path}: it has no field {field_name!r}")
+        self.put(doc, {field_name: doc.data[field_name]})
+
     def guard(self, doc: Doc, now: float) -> None:
         """Make the commit fail if ``doc`` changed since it was read (a write of one field)."""
         self.put(doc, {"guarded_at": now})

@@ -8,24 +8,32 @@ settles the world and checks every invariant and a replay.
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from tests.reliability.world import Delivery, Plan, World, check, replay
+from tests.reliability.world import Delivery, Plan, World, a_run_is_coming, check, replay
 
 __all__ = ["SCENARIOS", "race"]
 
 T = TypeVar("T")
 
+# How long a race in which one operation takes much longer than the others spreads their
+# starts (seconds), so that trials land at every point of the long one.
+SPREAD = 0.3
 
-def race(*operations: Callable[[], T]) -> list[T]:
-    """Run ``operations`` at once (released together); return what each returned."""
+
+def race(*operations: Callable[[], T], spread: float = 0.0) -> list[T]:
+    """Run ``operations`` at once (released together, then each after a random delay of up
+    to ``spread`` seconds); return what each returned."""
     barrier = threading.Barrier(len(operations))
 
     def run(operation: Callable[[], T]) -> T:
         barrier.wait()
+        time.sleep(random.uniform(0, spread))  # noqa: S311 (an interleaving, not a secret)
         return operation()
 
     with ThreadPoolExecutor(len(operations)) as pool:
@@ -105,10 +113,53 @@ def abandon_and_duplicate(world: World) -> None:
     assert lease is not None
     world.launcher.jobs.clear()
 
-    def abandon() -> None:
+    def abandon() -> None:  # the failed launch raises: its delivery comes again
         world.ledger.abandon(world.model, lease.run_id, "launch failed")
+        world.inbox.queue.append(Delivery("event", request))
 
     race(abandon, _deliver(world, Delivery("event", request)))
+
+
+def arrivals(world: World) -> None:
+    """Four objects land at once, with a sweep: one arrival starts the run, and the others
+    are claimed before its collect (which takes them), or after it, behind its lease
+    (checked in the commit), or find the lease moved and take the general path."""
+    events = [world.arrival(i) for i in range(1, 5)]
+    world.inbox.queue.clear()
+    race(*[_deliver(world, Delivery("arrival", e)) for e in events], _sweep(world))
+
+
+def arrivals_at_release(world: World) -> None:
+    """A run's report is delivered (its decision releases the lease, then a trailing run
+    starts if events wait) while an object lands, slow to read: it is queued behind the
+    run's lease only if the lease is still as read when it commits; else it is claimed
+    after the release, and starts a run itself. Without that check (a mutant of
+    ``queue_arrival``), about half the trials leave it waiting with no run to come."""
+    world.arrival(1)
+    world.step()
+    job = world.launcher.running()[0]
+    world.inbox.lost.add(job.run_id)
+    world.finish_job(job)
+    report = next(m for _, m in world.inbox.published if getattr(m, "run_id", None) == job.run_id)
+    event = world.arrival(2)
+    world.inbox.queue.clear()
+    slow_reads(world)
+    # The decision takes a while (register, then decide): the arrival lands anywhere in it.
+    race(_deliver(world, Delivery("report", report)),
+         _deliver(world, Delivery("arrival", event)), spread=SPREAD)  # fmt: skip
+
+
+def slow_reads(world: World) -> None:
+    """The world's arriving objects take up to SPREAD seconds to read: an arrival's check
+    then spans other operations' commits (its read of the lease before them, its own
+    commit after)."""
+    read = world.service._read_checked
+
+    def slow(*args: Any) -> Any:
+        time.sleep(random.uniform(0, SPREAD))  # noqa: S311
+        return read(*args)
+
+    world.service._read_checked = slow  # type: ignore[method-assign,assignment]
 
 
 SCENARIOS: dict[str, Callable[[World], None]] = {
@@ -117,12 +168,20 @@ SCENARIOS: dict[str, Callable[[World], None]] = {
     "racing_reports": racing_reports,
     "takeovers": takeovers,
     "abandon_and_duplicate": abandon_and_duplicate,
+    "arrivals": arrivals,
+    "arrivals_at_release": arrivals_at_release,
+}
+# The settings of a scenario's world, where not the shipped model's.
+WORLDS: dict[str, dict[str, object]] = {
+    "arrivals": {"arrival_policy": "every_arrival"},
+    "arrivals_at_release": {"arrival_policy": "every_arrival"},
 }
 
 
 def trial(make_world: Callable[..., World], name: str) -> None:
-    world = make_world(plan=Plan())
+    world = make_world(plan=Plan(), **WORLDS.get(name, {}))
     SCENARIOS[name](world)
+    a_run_is_coming(world)
     world.settle()
     check(world)
     replay(world)

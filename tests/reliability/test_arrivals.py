@@ -234,3 +234,73 @@ def test_an_arrival_notified_with_its_size_is_read_in_one_request(
     outcome = world.service.data_arrival(dataclasses.replace(gone, size=size))
     assert outcome.action == "ignored", outcome
     assert "no longer exists" in outcome.detail
+
+
+def test_an_arrival_behind_a_held_lease_is_recorded_settled_and_claimed_in_one_commit(
+    make_world: Callable[..., World],
+) -> None:
+    """While a run holds the lease, an arrival's first delivery makes one commit: its
+    record (settled), its claim, and a check that the lease is as read, which leaves the
+    model's document untouched (its update time too: nothing racing it has to retry)."""
+    world = make_world(arrival_policy="every_arrival")
+    assert world.ledger.acquire(world.model, "holder", ttl=600).acquired
+    head = world.db.read_path("ledger", world.model)
+    event = put(world, "queued.csv", RAINFALL.iloc[:600])
+    writes = len(world.faults.log)
+
+    outcome = world.service.data_arrival(event)
+
+    assert (outcome.action, outcome.detail) == ("queued", "run holder is in flight"), outcome
+    assert world.faults.log[writes:] == ["commit arrivals, events, ledger"]
+    after = world.db.read_path("ledger", world.model)
+    assert (after.data, after.update_time) == (head.data, head.update_time)
+    arrival = world.ledger.arrival(world.model, event.dedupe_key)
+    assert arrival is not None
+    assert (arrival["outcome"], arrival["rows"]) == ("accepted", 600)
+    assert [r.dedupe_key for r in world.ledger.pending(world.model)] == [event.dedupe_key]
+    assert world.service.data_arrival(event).action == "duplicate"
+
+
+def test_a_lease_that_moved_after_the_read_fails_the_one_commit_and_writes_nothing(
+    make_world: Callable[..., World],
+) -> None:
+    """The lease is released between the read and the commit: the commit fails as a whole
+    (no record, no claim), and the arrival takes the general path, which starts a run."""
+    world = make_world(arrival_policy="every_arrival")
+    assert world.ledger.acquire(world.model, "holder", ttl=600).acquired
+    event = put(world, "moved.csv", RAINFALL.iloc[:600])
+    head = world.db.read_path("ledger", world.model)
+    world.ledger.finish(world.model, "holder", "succeeded")
+
+    held = world.ledger.queue_arrival(request_of(world, event), head, "accepted", rows=600)
+
+    assert held is None
+    assert world.ledger.arrival(world.model, event.dedupe_key) is None
+    assert world.ledger.event(world.model, event.dedupe_key) is None
+
+    # Through the service: the same move between its read and its commit.
+    assert world.ledger.acquire(world.model, "holder-2", ttl=600).acquired
+    read = world.ledger.arrival_and_head
+
+    def released_after_the_read(model: str, key: str) -> Any:
+        found = read(model, key)
+        world.ledger.finish(model, "holder-2", "succeeded")
+        return found
+
+    world.ledger.arrival_and_head = released_after_the_read  # type: ignore[method-assign,assignment]
+    writes = len(world.faults.log)
+
+    outcome = world.service.data_arrival(event)
+
+    assert outcome.action == "launched", outcome
+    log = world.faults.log[writes:]
+    assert log[:2] == ["commit ledger, runs", "commit arrivals, events"], log  # finish; claim
+    arrival = world.ledger.arrival(world.model, event.dedupe_key)
+    assert arrival is not None
+    assert (arrival["outcome"], arrival["run_id"]) == ("accepted", outcome.run_id)
+
+
+def request_of(world: World, event: ObjectEvent) -> RetrainRequest:
+    """The request that ``event``'s arrival claims."""
+    return RetrainRequest(model=world.model, reason="data", data_uris=[event.uri],
+                          dedupe_key=event.dedupe_key, trigger_event_id=event.event_id)  # fmt: skip

@@ -36,8 +36,9 @@ def event_to_decision(world: World) -> None:
 
 
 def arrivals(world: World) -> None:
-    """Three objects land, each checked on arrival (record, claim, lease, settle): the
-    first starts a run; two arrive while it runs and share the trailing run."""
+    """Three objects land, each checked on arrival: the first starts a run (record and
+    claim, lease, settle); two arrive while it runs (record, settle and claim behind its
+    lease, in one commit) and share the trailing run."""
     world.arrival(1)
     world.step()
     world.arrival(2)
@@ -141,8 +142,11 @@ SCENARIOS: dict[str, tuple[Scenario, Scenario]] = {
 # The settings of a scenario's world, where not the shipped model's.
 WORLDS: dict[str, dict[str, Any]] = {"arrivals": {"arrival_policy": "every_arrival"}}
 # Writes a scenario must make (so that it is crashed right after each): a first delivery
-# records the arrival and claims its event in one commit.
-MUST_WRITE: dict[str, tuple[str, ...]] = {"arrivals": ("commit arrivals, events",)}
+# records the arrival and claims its event in one commit; one behind the run's lease also
+# settles it there, checking the lease (the model's document) as read.
+MUST_WRITE: dict[str, tuple[str, ...]] = {
+    "arrivals": ("commit arrivals, events", "commit arrivals, events, ledger"),
+}
 
 
 def run_scenario(

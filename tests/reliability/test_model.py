@@ -1,7 +1,8 @@
 """A model of the protocol, explored by hypothesis: random interleavings of events,
-duplicates, deliveries, pipelines that succeed, fail, die or lose their report, sweeps at
-any time, operators who roll back or promote, and crashes after any write, all driving
-the real ledger, gatekeeper and service on the emulators.
+objects that land (checked on arrival), duplicates, deliveries, pipelines that succeed,
+fail, die or lose their report, sweeps at any time, operators who roll back or promote,
+and crashes after any write, all driving the real ledger, gatekeeper and service on the
+emulators.
 
 Single flight is checked after every step; at the end the world settles (everything
 delivered, every job ended, swept until quiet) and every invariant and a replay are
@@ -19,7 +20,16 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from tests.reliability.world import Crash, Delivery, Faults, Plan, World, check, replay
+from tests.reliability.world import (
+    Crash,
+    Delivery,
+    Faults,
+    Plan,
+    World,
+    a_run_is_coming,
+    check,
+    replay,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +46,8 @@ class Protocol(RuleBasedStateMachine):
     @initialize()
     def start(self) -> None:
         self.world = self.make_world(Faults(), Plan(scores=[0.8, 0.85, 0.83, 0.9, 0.9, 0.95]),
-                                     lease_seconds=300.0)  # fmt: skip
+                                     lease_seconds=300.0,
+                                     arrival_policy="every_arrival")  # fmt: skip
         self.sent = 0
 
     def _survive(self, act: Callable[[], Any], crash: int | None = None) -> None:
@@ -55,11 +66,20 @@ class Protocol(RuleBasedStateMachine):
         self.sent += 1
         self.world.event(self.sent)
 
+    @rule()
+    def new_arrival(self) -> None:
+        """An object lands in the data bucket: its notification is checked on arrival."""
+        self.sent += 1
+        self.world.arrival(self.sent)
+
     @precondition(lambda self: self.sent > 0)
     @rule(data=st.data())
     def duplicate_event(self, data: st.DataObject) -> None:
         i = data.draw(st.integers(1, self.sent), label="event")
-        self.world.inbox.queue.append(Delivery("event", self.world.events[i - 1]))
+        request = self.world.events[i - 1]
+        landed = [e for e in self.world.arrivals if e.dedupe_key == request.dedupe_key]
+        again = Delivery("arrival", landed[0]) if landed else Delivery("event", request)
+        self.world.inbox.queue.append(again)
 
     @precondition(lambda self: bool(self.world.inbox.queue))
     @rule(crash=CRASH)
@@ -97,6 +117,10 @@ class Protocol(RuleBasedStateMachine):
     @invariant()
     def one_pipeline_per_model(self) -> None:
         assert self.world.launcher.overlaps == [], self.world.launcher.overlaps
+
+    @invariant()
+    def what_waits_has_a_run_coming(self) -> None:
+        a_run_is_coming(self.world)
 
     def teardown(self) -> None:
         if not hasattr(self, "world"):

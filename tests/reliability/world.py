@@ -448,6 +448,17 @@ def check(world: World, *, quiet: bool = True) -> None:
             assert arrival.get("outcome") == "accepted", (event.uri, arrival.get("outcome"))
 
 
+def a_run_is_coming(world: World) -> None:
+    """Right after a race, before any sweep: events that wait have a run to come, from the
+    lease's holder (it collects them, or its trailing run does) or from a delivery still to
+    be made. The sweep would start a run for any other, but only minutes later."""
+    model = world.model
+    if world.inbox.queue or world.ledger.lease(model) is not None:
+        return
+    waiting = [r.dedupe_key for r in world.ledger.pending(model)]
+    assert not waiting, f"{waiting} wait, with no lease held and nothing to deliver"
+
+
 def replay(world: World) -> None:
     """(f): every event and every report delivered again changes nothing."""
     model = world.model
