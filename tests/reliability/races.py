@@ -73,16 +73,21 @@ def burst(world: World) -> None:
          _sweep(world), _sweep(world))  # fmt: skip
 
 
+def _held_report(world: World) -> Any:
+    """The running job ends and reports; its report, not delivered (the race delivers it)."""
+    job = world.launcher.running()[0]
+    world.inbox.lost.add(job.run_id)
+    world.finish_job(job)
+    return next(m for _, m in world.inbox.published if getattr(m, "run_id", None) == job.run_id)
+
+
 def racing_reports(world: World) -> None:
     """v1 serves; run 2's report is delivered twice at once while an operator rolls back."""
     world.event(1)
     world.settle()
     world.event(2)
     world.step()
-    job = world.launcher.running()[0]
-    world.inbox.lost.add(job.run_id)
-    world.finish_job(job)
-    report = next(m for _, m in world.inbox.published if getattr(m, "run_id", None) == job.run_id)
+    report = _held_report(world)
 
     def rollback() -> None:
         pointer = world.registry.pointer(world.model)
@@ -137,10 +142,7 @@ def arrivals_at_release(world: World) -> None:
     ``queue_arrival``), about half the trials leave it waiting with no run to come."""
     world.arrival(1)
     world.step()
-    job = world.launcher.running()[0]
-    world.inbox.lost.add(job.run_id)
-    world.finish_job(job)
-    report = next(m for _, m in world.inbox.published if getattr(m, "run_id", None) == job.run_id)
+    report = _held_report(world)
     event = world.arrival(2)
     world.inbox.queue.clear()
     slow_reads(world)
