@@ -4,9 +4,9 @@ fail, die or lose their report, sweeps at any time, operators who roll back or p
 and crashes after any write, all driving the real ledger, gatekeeper and service on the
 emulators.
 
-Single flight is checked after every step; at the end the world settles (everything
-delivered, every job ended, swept until quiet) and every invariant and a replay are
-checked (tests/reliability/world.py).
+Single flight, and that what waits has a run to come, are checked after every step; at
+the end the world settles (everything delivered, every job ended, swept until quiet) and
+every invariant and a replay are checked (tests/reliability/world.py).
 """
 
 from __future__ import annotations
