@@ -40,16 +40,15 @@ def put(world: World, name: str, frame: pd.DataFrame) -> ObjectEvent:
     return ObjectEvent(f"e-{name}", "OBJECT_FINALIZE", bucket, blob.name, str(blob.generation))
 
 
+def request_of(world: World, event: ObjectEvent) -> RetrainRequest:
+    """The request that ``event``'s arrival claims."""
+    return RetrainRequest(model=world.model, reason="data", data_uris=[event.uri],
+                          dedupe_key=event.dedupe_key, trigger_event_id=event.event_id)  # fmt: skip
+
+
 def recorded(world: World, event: ObjectEvent, rows: int) -> None:
     """The arrival of ``event`` recorded as checked (``rows``), and nothing more done."""
-    request = RetrainRequest(
-        model=world.model,
-        reason="data",
-        data_uris=[event.uri],
-        dedupe_key=event.dedupe_key,
-        trigger_event_id=event.event_id,
-    )
-    world.ledger.record_arrival(request, rows=rows)  # fmt: skip
+    world.ledger.record_arrival(request_of(world, event), rows=rows)
 
 
 def champion(world: World, tmp_path: Path, rows: pd.DataFrame) -> str:
@@ -298,9 +297,3 @@ def test_a_lease_that_moved_after_the_read_fails_the_one_commit_and_writes_nothi
     arrival = world.ledger.arrival(world.model, event.dedupe_key)
     assert arrival is not None
     assert (arrival["outcome"], arrival["run_id"]) == ("accepted", outcome.run_id)
-
-
-def request_of(world: World, event: ObjectEvent) -> RetrainRequest:
-    """The request that ``event``'s arrival claims."""
-    return RetrainRequest(model=world.model, reason="data", data_uris=[event.uri],
-                          dedupe_key=event.dedupe_key, trigger_event_id=event.event_id)  # fmt: skip
